@@ -1,0 +1,71 @@
+# apull-deploy. `make all` deploys to what config.txt names (the local lab as shipped);
+# `make test` runs every test. Both install what they need first. `make help` lists the rest.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := all
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APULL := $(BIN)/apull
+CONFIG ?= config.txt
+export APULL_CONFIG := $(abspath $(CONFIG))
+export ANSIBLE_CONFIG := $(abspath ansible.cfg)
+export PATH := $(abspath $(BIN)):$(PATH)
+# Debian packages the controller needs: the lab (QEMU, debootstrap, VDE switch, registry,
+# the test image's busybox, socat for the registry forward), sshpass for password logins.
+HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2fsprogs \
+	sshpass busybox-static socat openssh-client python3-venv ca-certificates
+
+.PHONY: help all deps venv config-check lab-up lab-down lab-status preflight site \
+	test lint unit integration
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+all: deps venv ## deploy to the nodes config.txt names (builds and boots the lab for TARGET=lab)
+	$(APULL) run site
+
+deps: $(VENV)/.host-packages ## install the Debian packages the controller needs
+$(VENV)/.host-packages: Makefile
+	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+venv: $(VENV)/.installed ## create the Python venv with the suite and its tools
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+config-check: venv ## validate config.txt and list the nodes
+	$(APULL) config check
+
+lab-up: deps venv ## build (once) and boot the local lab
+	$(APULL) lab up
+
+lab-down: venv ## stop the lab and remove its nodes (built images stay cached)
+	$(APULL) lab down
+
+lab-status: venv ## show the lab's nodes and registry
+	$(APULL) lab status
+
+preflight: deps venv ## report what each node is, change nothing
+	$(APULL) run preflight
+
+lint: venv ## ruff, mypy and ansible-lint
+	$(BIN)/ruff check src tests tools collections
+	$(BIN)/ruff format --check src tests tools
+	$(BIN)/mypy
+	$(BIN)/ansible-lint -q playbooks roles
+
+unit: venv ## fast tests, no nodes
+	$(BIN)/pytest -q tests/unit
+
+integration: deps venv lab-up ## tests against the lab's real nodes
+	$(BIN)/pytest -q tests/integration
+
+test: lint unit integration ## everything CI runs

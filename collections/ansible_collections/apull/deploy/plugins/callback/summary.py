@@ -1,0 +1,133 @@
+# Copyright: apull-deploy contributors
+# Apache License 2.0
+"""Ends every run with one table per node: what the node is and what the run changed."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: summary
+type: aggregate
+short_description: Per-node status table and JSON report at the end of a run
+description:
+  - Collects C(apull_node) facts (from M(apull.deploy.node_facts)) and the names of the tasks
+    that changed something on each host, prints a table after the recap and writes the same
+    data as JSON.
+requirements:
+  - enable in ansible.cfg (C(callbacks_enabled))
+options:
+  report_path:
+    description: Where the JSON report is written; a directory gets C(<playbook>-last.json).
+    default: .apull/reports
+    env:
+      - name: APULL_REPORT_DIR
+    type: path
+"""
+
+import json
+import os
+import time
+
+from ansible.plugins.callback import CallbackBase
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "apull.deploy.summary"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def __init__(self):
+        super().__init__()
+        self.nodes = {}
+        self.changed = {}
+        self.failed = {}
+        self.playbook = "run"
+        self.check_mode = False
+        self.started = time.time()
+
+    def v2_playbook_on_start(self, playbook):
+        self.playbook = os.path.splitext(os.path.basename(playbook._file_name))[0]
+
+    def v2_playbook_on_play_start(self, play):
+        self.check_mode = bool(play.check_mode) or self.check_mode
+
+    def _host(self, result):
+        return result._host.get_name()
+
+    def v2_runner_on_ok(self, result):
+        host = self._host(result)
+        facts = result._result.get("ansible_facts", {})
+        if "apull_node" in facts:
+            self.nodes[host] = facts["apull_node"]
+        self.changed.setdefault(host, [])
+        if result._result.get("changed") and not result._task.no_log:
+            self.changed[host].append(result._task.get_name())
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        if not ignore_errors:
+            self.failed[self._host(result)] = result._task.get_name()
+
+    def v2_runner_on_unreachable(self, result):
+        self.failed[self._host(result)] = "unreachable"
+
+    def _rows(self):
+        hosts = sorted(set(self.nodes) | set(self.changed) | set(self.failed))
+        for host in hosts:
+            node = self.nodes.get(host, {})
+            fs_ctl = node.get("fs_ctl") or {}
+            changed = self.changed.get(host, [])
+            if host in self.failed:
+                outcome = "FAILED at: " + self.failed[host]
+            elif changed:
+                verb = "would change" if self.check_mode else "changed"
+                outcome = "%s %d: %s" % (verb, len(changed), ", ".join(changed))
+            else:
+                outcome = "no change"
+            yield {
+                "host": host,
+                "kernel": node.get("kernel", "-"),
+                "erofs": node.get("erofs", "-")
+                + (" fs_ctl=" + fs_ctl["erofs_enabled"] if fs_ctl.get("erofs_enabled") else ""),
+                "ondemand": node.get("ondemand", "-"),
+                "containerd": node.get("containerd") or "-",
+                "outcome": outcome,
+            }
+
+    def v2_playbook_on_stats(self, stats):
+        rows = list(self._rows())
+        if not rows:
+            return
+        columns = ("host", "kernel", "erofs", "ondemand", "containerd", "outcome")
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+        lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+        lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+        self._display.banner("APULL NODE STATUS")
+        for line in lines:
+            self._display.display(line.rstrip())
+        self._write_report(rows)
+
+    def _write_report(self, rows):
+        target = self.get_option("report_path")
+        if not target:
+            return
+        if not target.endswith(".json"):
+            target = os.path.join(target, "%s-last.json" % self.playbook)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            with open(target, "w") as handle:
+                json.dump(
+                    {
+                        "playbook": self.playbook,
+                        "check_mode": self.check_mode,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "seconds": round(time.time() - self.started, 1),
+                        "nodes": {h: self.nodes.get(h) for h in sorted(self.nodes)},
+                        "rows": rows,
+                    },
+                    handle,
+                    indent=2,
+                    sort_keys=True,
+                )
+            self._display.display("report: %s" % target)
+        except OSError as exc:
+            self._display.warning("could not write the run report %s: %s" % (target, exc))

@@ -1,0 +1,169 @@
+"""`apull`: the suite's command line (config check, the lab, playbook runs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from apull.config import ClusterConfig, ConfigError, default_config_path, load_config
+from apull.lab import layout
+from apull.lab.run import LabError
+from apull.paths import suite_root
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _log(message: str) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}")
+
+
+def _load(path: Path) -> ClusterConfig:
+    cfg = load_config(path)
+    for warning in cfg.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    return cfg
+
+
+def lab_nodes(cfg: ClusterConfig) -> list[layout.LabNode]:
+    return [
+        layout.LabNode(node.port - layout.SSH_PORT_BASE, node.lab_variant or "ondemand")
+        for node in cfg.nodes
+    ]
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    out.print(f"{cfg.path}: TARGET={cfg.target}, {len(cfg.nodes)} node(s), registry {cfg.registry}")
+    for node in cfg.nodes:
+        variant = f" ({node.lab_variant})" if node.lab_variant else ""
+        out.print(f"  {node.name}: {node.user}@{node.host}:{node.port}{variant}")
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from apull.lab import lab
+
+    if args.action == "down":
+        lab.down(_log)
+        return 0
+    if args.action == "status":
+        return _print_lab_status()
+    cfg = _load(args.config)
+    if cfg.target != "lab":
+        console.print(f"[red]{cfg.path}: TARGET={cfg.target}: the lab is only for TARGET=lab")
+        return 2
+    report = lab.up(lab_nodes(cfg), _log)
+    _log(
+        f"lab up: images ready in {report.build_seconds:.0f} s, "
+        f"booted {len(report.booted)} node(s) in {report.boot_seconds:.0f} s, "
+        f"{len(report.kept)} already running"
+    )
+    return _print_lab_status()
+
+
+def _print_lab_status() -> int:
+    from apull.lab import lab
+
+    rows, registry_up = lab.status()
+    table = Table(title="apull lab", title_justify="left")
+    for column in ("node", "variant", "qemu", "ssh", "kernel", "containerd", "uptime"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.name, row.variant,
+            "running" if row.running else "[red]stopped",
+            f"127.0.0.1:{row.ssh_port}" + ("" if row.reachable else " [red](no answer)"),
+            row.kernel, row.containerd, row.uptime,
+        )  # fmt: skip
+    out.print(table)
+    out.print(
+        f"registry {layout.host_registry()} (nodes: {layout.guest_registry()}): "
+        + ("up" if registry_up else "down")
+    )
+    healthy = registry_up and rows and all(r.reachable for r in rows)
+    return 0 if healthy else 1
+
+
+def run_playbook(cfg: ClusterConfig, playbook: str, extra: Sequence[str]) -> int:
+    root = suite_root()
+    env = dict(os.environ)
+    env["APULL_CONFIG"] = str(cfg.path)
+    env.setdefault("ANSIBLE_CONFIG", str(root / "ansible.cfg"))
+    venv_bin = Path(sys.executable).parent
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
+    name = playbook if playbook.endswith(".yml") else f"{playbook}.yml"
+    cmd = [str(venv_bin / "ansible-playbook"), str(root / "playbooks" / name), *extra]
+    _log(f"ansible-playbook playbooks/{name} {' '.join(extra)}".rstrip())
+    started = time.monotonic()
+    rc = subprocess.run(cmd, cwd=root, env=env, check=False).returncode
+    _log(f"playbook {name} finished in {time.monotonic() - started:.1f} s (exit {rc})")
+    return rc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg.target == "lab" and not args.no_lab:
+        from apull.lab import lab
+
+        lab.up(lab_nodes(cfg), _log)
+    return run_playbook(cfg, args.playbook, args.ansible_args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apull", description=__doc__)
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $APULL_CONFIG or ./config.txt)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("config", help="check config.txt and show the nodes it names")
+    c.add_argument("action", choices=["check"])
+    c.set_defaults(func=cmd_config_check)
+    lab_p = sub.add_parser("lab", help="the local lab of QEMU nodes")
+    lab_p.add_argument("action", choices=["up", "down", "status"])
+    lab_p.set_defaults(func=cmd_lab)
+    r = sub.add_parser(
+        "run",
+        help="run a playbook against the configured nodes; other options go to ansible-playbook",
+    )
+    r.add_argument("playbook", help="playbook name under playbooks/ (e.g. site)")
+    r.add_argument("--no-lab", action="store_true", help="do not bring the lab up first")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, unknown = parser().parse_known_args(argv)
+    if unknown and args.command != "run":
+        parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    # Whatever `apull run` does not know goes to ansible-playbook (--check, --diff, -l ...).
+    args.ansible_args = [a for a in unknown if a != "--"]
+    if args.config is None:
+        args.config = default_config_path()
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {args.config} is not valid:")
+        console.print(str(err), markup=False)
+        return 2
+    except LabError as err:
+        console.print("[red]lab error:[/red]", end=" ")
+        console.print(str(err), markup=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

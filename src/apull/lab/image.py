@@ -1,0 +1,209 @@
+"""Build the lab's node images: a Debian 12 root file system made once by debootstrap,
+then two bootable disk images from it, "stock" (Debian's own kernel modules) and
+"ondemand" (cachefiles/erofs rebuilt with on-demand support, plus the fs_ctl gate).
+
+Everything lands in the lab cache (layout.cache_dir()) and is rebuilt only when its inputs
+change. Nodes boot from copy-on-write overlays of these images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from apull.lab import layout
+from apull.lab.modules import build_ondemand_modules
+from apull.lab.run import LabError, Log, run_logged
+
+SUITE = "bookworm"
+#: What every node has: systemd, sshd, containerd + runc, Python for Ansible, EROFS tools.
+PACKAGES = (
+    "systemd,systemd-sysv,dbus,udev,kmod,openssh-server,containerd,runc,linux-image-amd64,"
+    "initramfs-tools,iproute2,procps,netbase,erofs-utils,ca-certificates,python3,psmisc,"
+    "fuse3,iputils-ping"
+)
+DISK_SIZE = "6G"
+FILES = Path(__file__).with_name("files")
+#: Units a lab node does not need; they only slow a software-emulated boot.
+MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer")
+
+
+@dataclass(frozen=True)
+class LabImages:
+    """The bootable artefacts of one lab build."""
+
+    directory: Path
+    kernel: Path
+    initrd: Path
+    abi: str
+
+    def disk(self, variant: str) -> Path:
+        return self.directory / f"{variant}.raw"
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this machine is configured with (read, never hard-coded)."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb":
+                return parts[1]
+    raise LabError("no Debian mirror found in /etc/apt/sources.list.d/debian.sources")
+
+
+def ensure_rootfs(log: Log) -> Path:
+    """Debootstrap the base root file system once; it is kept in the cache."""
+    cache = layout.cache_dir()
+    rootfs = cache / "rootfs"
+    stamp = cache / "rootfs.packages"
+    if rootfs.is_dir() and stamp.exists() and stamp.read_text() == PACKAGES:
+        return rootfs
+    tmp = cache / "rootfs.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(rootfs, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"debootstrap {SUITE} into {rootfs} (a few minutes, once)")
+    run_logged(
+        ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, tmp, debian_mirror()],
+        cache / "debootstrap.log",
+        "debootstrap",
+    )
+    run_logged(["chroot", tmp, "apt-get", "clean"], cache / "debootstrap.log", "apt-get clean")
+    tmp.rename(rootfs)
+    stamp.write_text(PACKAGES)
+    return rootfs
+
+
+def ensure_ssh_key() -> Path:
+    key = layout.ssh_key_path()
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "apull-lab", "-f", str(key)],
+            check=True,
+        )
+    return key
+
+
+def kernel_abi(rootfs: Path) -> str:
+    abis = sorted(p.name for p in (rootfs / "lib/modules").iterdir() if p.is_dir())
+    if len(abis) != 1:
+        raise LabError(f"expected one kernel in {rootfs}/lib/modules, found {abis}")
+    return abis[0]
+
+
+def _tree_digest(*roots: Path) -> str:
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(oct(path.stat().st_mode).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _hosts_file() -> str:
+    lines = ["127.0.0.1\tlocalhost", f"{layout.GUEST_REGISTRY_ADDR}\t{layout.REGISTRY_NAME}"]
+    for index in range(1, layout.MAX_NODES + 1):
+        lines.append(f"{layout.node_lan_addr(index)}\t{layout.node_name(index)}")
+    return "\n".join(lines) + "\n"
+
+
+def _customise(stage: Path, pubkey: Path, log_path: Path) -> None:
+    """Turn a copy of the base root file system into a lab node image tree."""
+    shutil.copytree(FILES / "rootfs", stage, symlinks=True, dirs_exist_ok=True)
+    (stage / "etc/hosts").write_text(_hosts_file())
+    (stage / "etc/hostname").write_text("apull-lab\n")
+    ssh_dir = stage / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(pubkey.read_text())
+    (ssh_dir / "authorized_keys").chmod(0o600)
+    for key in (stage / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (stage / "etc/machine-id").write_text("")
+    (stage / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    run_logged(
+        ["systemctl", f"--root={stage}", "enable", "apull-lab-init.service",
+         "systemd-networkd.service", "ssh.service", "containerd.service"],
+        log_path, "enable lab units",
+    )  # fmt: skip
+    run_logged(["systemctl", f"--root={stage}", "mask", *MASKED_UNITS], log_path, "mask units")
+
+
+def _add_ondemand_modules(stage: Path, abi: str, modules: Path, log_path: Path) -> None:
+    updates = stage / "lib/modules" / abi / "updates"
+    updates.mkdir(parents=True, exist_ok=True)
+    for ko in ("cachefiles.ko", "erofs.ko", "fs_ctl.ko"):
+        shutil.copy2(modules / ko, updates / ko)
+    # fs_ctl is built into EulerOS kernels; loading it at boot reproduces that.
+    (stage / "etc/modules-load.d/fs_ctl.conf").write_text("fs_ctl\n")
+    run_logged(["depmod", "-b", stage, abi], log_path, "depmod")
+
+
+def _make_disk(stage: Path, disk: Path, log_path: Path) -> None:
+    tmp = disk.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    run_logged(["truncate", "-s", DISK_SIZE, tmp], log_path, "truncate")
+    run_logged(
+        ["mkfs.ext4", "-q", "-F", "-L", "apull-root", "-d", stage, tmp], log_path, "mkfs.ext4"
+    )
+    tmp.rename(disk)
+
+
+def build_images(log: Log) -> LabImages:
+    """Make sure the node images exist for the current inputs; return where they are."""
+    cache = layout.cache_dir()
+    rootfs = ensure_rootfs(log)
+    key = ensure_ssh_key()
+    abi = kernel_abi(rootfs)
+    modules = build_ondemand_modules(rootfs, cache / "buildroot", cache / "modules", log)
+    build_id = hashlib.sha256(
+        "\n".join(
+            [PACKAGES, _tree_digest(FILES / "rootfs", modules), key.with_suffix(".pub").read_text()]
+        ).encode()
+    ).hexdigest()[:16]
+    out = cache / "images" / build_id
+    images = LabImages(out, out / "vmlinuz", out / "initrd.img", abi)
+    if (out / "complete").exists():
+        return images
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log_path = out / "build.log"
+    stage = cache / "stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    log(f"building node images {build_id} (kernel {abi})")
+    try:
+        run_logged(["cp", "-a", "--reflink=auto", rootfs, stage], log_path, "copy rootfs")
+        _customise(stage, key.with_suffix(".pub"), log_path)
+        shutil.copy2(stage / "boot" / f"vmlinuz-{abi}", images.kernel)
+        shutil.copy2(stage / "boot" / f"initrd.img-{abi}", images.initrd)
+        _make_disk(stage, images.disk("stock"), log_path)
+        _add_ondemand_modules(stage, abi, modules, log_path)
+        _make_disk(stage, images.disk("ondemand"), log_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    (out / "complete").write_text(build_id + "\n")
+    _prune_old_builds(out)
+    return images
+
+
+def _prune_old_builds(keep: Path) -> None:
+    """Old builds are removed unless a running node's overlay still uses them."""
+    in_use = {
+        Path(os.readlink(link)).resolve()
+        for link in layout.state_dir().glob("nodes/*/image")
+        if link.is_symlink()
+    }
+    for build in keep.parent.iterdir():
+        if build != keep and build.resolve() not in in_use:
+            shutil.rmtree(build, ignore_errors=True)

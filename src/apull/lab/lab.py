@@ -1,0 +1,141 @@
+"""The lab as a whole: `up` builds what is missing and boots the nodes, `down` removes
+everything that runs, `status` tells what is there."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from apull.lab import layout, nodes, registry, test_image
+from apull.lab.image import build_images
+from apull.lab.run import Log
+from apull.registry.client import RegistryClient
+
+BOOT_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class UpReport:
+    """What `up` did, with the wall times the closing notes quote."""
+
+    build_seconds: float
+    boot_seconds: float
+    booted: tuple[str, ...]
+    kept: tuple[str, ...]
+    image_digest: str
+
+
+def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
+    started = time.monotonic()
+    images = build_images(log)
+    build_seconds = time.monotonic() - started
+    layout.state_dir().mkdir(parents=True, exist_ok=True)
+    nodes.ensure_switch()
+    client = registry.ensure_registry()
+    digest = test_image.push(client)
+    log(f"registry {layout.host_registry()} serves {test_image.REPO}:{test_image.TAG} ({digest})")
+
+    wanted_names = {n.name for n in wanted}
+    for stale in _known_nodes():
+        if stale.node.name not in wanted_names:
+            log(f"{stale.node.name}: not in the config any more, removing")
+            remove_node(stale)
+
+    booted: list[nodes.NodeDir] = []
+    kept: list[str] = []
+    boot_start = time.monotonic()
+    for node in wanted:
+        nd = nodes.NodeDir(node)
+        if nd.running() and nd.matches(images):
+            kept.append(node.name)
+            continue
+        fresh = not nd.matches(images)
+        if nd.running():
+            log(f"{node.name}: image or variant changed, re-creating")
+            nodes.stop_node(nd)
+        log(f"{node.name}: booting ({node.variant}, ssh 127.0.0.1:{node.ssh_port})")
+        nodes.start_node(nd, images, fresh=fresh)
+        booted.append(nd)
+    if booted:
+        log(f"waiting for ssh on {', '.join(nd.node.name for nd in booted)}")
+        took = nodes.wait_for_ssh(booted, BOOT_TIMEOUT)
+        for name, seconds in sorted(took.items()):
+            log(f"{name}: ssh answered after {seconds:.0f} s")
+    return UpReport(
+        build_seconds=build_seconds,
+        boot_seconds=time.monotonic() - boot_start,
+        booted=tuple(nd.node.name for nd in booted),
+        kept=tuple(kept),
+        image_digest=digest,
+    )
+
+
+def _known_nodes() -> list[nodes.NodeDir]:
+    base = layout.state_dir() / "nodes"
+    if not base.is_dir():
+        return []
+    found = []
+    for path in sorted(base.iterdir()):
+        if path.name.startswith("node") and path.name[4:].isdigit():
+            variant_file = path / "variant"
+            variant = variant_file.read_text().strip() if variant_file.exists() else "stock"
+            found.append(nodes.NodeDir(layout.LabNode(int(path.name[4:]), variant)))
+    return found
+
+
+def remove_node(nd: nodes.NodeDir) -> None:
+    nodes.stop_node(nd)
+    shutil.rmtree(nd.path, ignore_errors=True)
+
+
+def down(log: Log) -> None:
+    for nd in _known_nodes():
+        if nodes.stop_node(nd):
+            log(f"{nd.node.name}: stopped")
+        shutil.rmtree(nd.path, ignore_errors=True)
+    registry.stop_registry()
+    nodes.stop_switch()
+    shutil.rmtree(layout.state_dir(), ignore_errors=True)
+    log(f"lab removed (images stay cached in {layout.cache_dir()})")
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    variant: str
+    running: bool
+    ssh_port: int
+    reachable: bool
+    kernel: str
+    uptime: str
+    containerd: str
+
+
+def _probe(nd: nodes.NodeDir) -> NodeStatus:
+    reachable, kernel, uptime, containerd = False, "-", "-", "-"
+    if nd.running():
+        try:
+            res = nodes.ssh(
+                nd.node, "uname -r; uptime -p; systemctl is-active containerd", timeout=20
+            )
+        except Exception:
+            res = None
+        if res is not None and res.returncode in (0, 3):
+            reachable = True
+            lines = [*res.stdout.splitlines(), "-", "-", "-"]
+            kernel, uptime, containerd = lines[0], lines[1], lines[2]
+    return NodeStatus(
+        nd.node.name, nd.node.variant, nd.running(), nd.node.ssh_port, reachable,
+        kernel, uptime, containerd,
+    )  # fmt: skip
+
+
+def status() -> tuple[list[NodeStatus], bool]:
+    """Per-node status and whether the registry answers."""
+    known = _known_nodes()
+    with ThreadPoolExecutor(max_workers=max(1, len(known))) as pool:
+        rows = list(pool.map(_probe, known))
+    reg_up = RegistryClient(layout.host_registry()).ping()
+    return rows, reg_up

@@ -1,0 +1,81 @@
+"""Where the local lab keeps its files, and the fixed addresses its nodes use.
+
+The lab's addresses are constants so that the inventory can be produced from config.txt
+alone, without asking a running lab anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Host-side loopback port of node i's sshd is SSH_PORT_BASE + i (node1 -> 2221).
+SSH_PORT_BASE = 2220
+#: Address of node i on the private lab network (the second NIC) is LAN_PREFIX + (10 + i).
+LAN_PREFIX = "10.10.0."
+LAN_MASK_BITS = 24
+#: The registry as the nodes see it (QEMU forwards this address to the host's registry).
+GUEST_REGISTRY_ADDR = "10.0.2.100"
+REGISTRY_PORT = 5000
+#: The registry as the host sees it.
+HOST_REGISTRY_ADDR = "127.0.0.1"
+#: Name of the lab registry inside every node's /etc/hosts.
+REGISTRY_NAME = "registry.lab"
+MAX_NODES = 8
+#: Lab node image variants: with rebuilt on-demand modules + fs_ctl, or Debian's stock modules.
+VARIANTS = ("ondemand", "stock")
+
+
+def cache_dir() -> Path:
+    """Built artefacts kept across labs (base image, modules, lab key)."""
+    return Path(os.environ.get("APULL_LAB_CACHE", "/var/cache/apull-lab"))
+
+
+def state_dir() -> Path:
+    """Runtime state of the running lab (node overlays, pid files, logs, registry data)."""
+    return Path(os.environ.get("APULL_LAB_STATE", "/var/lib/apull-lab"))
+
+
+def ssh_key_path() -> Path:
+    return cache_dir() / "lab_ed25519"
+
+
+def node_name(index: int) -> str:
+    return f"node{index}"
+
+
+def node_ssh_port(index: int) -> int:
+    return SSH_PORT_BASE + index
+
+
+def node_lan_addr(index: int) -> str:
+    return f"{LAN_PREFIX}{10 + index}"
+
+
+@dataclass(frozen=True)
+class LabNode:
+    """One lab node as the lab and the inventory both see it."""
+
+    index: int
+    variant: str
+
+    @property
+    def name(self) -> str:
+        return node_name(self.index)
+
+    @property
+    def ssh_port(self) -> int:
+        return node_ssh_port(self.index)
+
+    @property
+    def lan_addr(self) -> str:
+        return node_lan_addr(self.index)
+
+
+def guest_registry() -> str:
+    return f"{REGISTRY_NAME}:{REGISTRY_PORT}"
+
+
+def host_registry() -> str:
+    return f"{HOST_REGISTRY_ADDR}:{REGISTRY_PORT}"

@@ -1,0 +1,208 @@
+"""Lab nodes: QEMU software-emulated VMs booted from copy-on-write overlays of the lab images.
+
+Each node has two NICs: a user-mode one (ssh from the host on 127.0.0.1:PORT, the registry
+forwarded to it, nothing else reachable) and one on the lab's VDE switch (the private network
+the nodes share).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apull.lab import layout, processes
+from apull.lab.image import LabImages
+from apull.lab.run import LabError, run_logged
+
+MEMORY_MB = 1024
+SSH_OPTIONS = (
+    "-o", "BatchMode=yes",
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR",
+    "-o", "ConnectTimeout=5",
+)  # fmt: skip
+
+
+def switch_dir() -> Path:
+    return layout.state_dir() / "switch"
+
+
+def ensure_switch() -> None:
+    """Start the lab's VDE switch (a Unix socket; no host network changes)."""
+    sw = switch_dir()
+    pidfile = layout.state_dir() / "switch.pid"
+    if processes.is_alive(pidfile):
+        return
+    sw.parent.mkdir(parents=True, exist_ok=True)
+    run_logged(
+        ["vde_switch", "--sock", sw, "--mode", "600", "--daemon", "--pidfile", pidfile],
+        layout.state_dir() / "switch.log",
+        "vde_switch",
+    )
+
+
+def stop_switch() -> None:
+    processes.stop(layout.state_dir() / "switch.pid")
+
+
+@dataclass(frozen=True)
+class NodeDir:
+    """The files of one running (or stopped) node."""
+
+    node: layout.LabNode
+
+    @property
+    def path(self) -> Path:
+        return layout.state_dir() / "nodes" / self.node.name
+
+    @property
+    def pidfile(self) -> Path:
+        return self.path / "qemu.pid"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.path / "serial.log"
+
+    @property
+    def image_link(self) -> Path:
+        return self.path / "image"
+
+    @property
+    def variant_file(self) -> Path:
+        return self.path / "variant"
+
+    def running(self) -> bool:
+        return processes.is_alive(self.pidfile)
+
+    def matches(self, images: LabImages) -> bool:
+        """True if the node was made from these images in the wanted variant."""
+        try:
+            return (
+                self.image_link.resolve() == images.directory.resolve()
+                and self.variant_file.read_text().strip() == self.node.variant
+            )
+        except FileNotFoundError:
+            return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((layout.HOST_REGISTRY_ADDR, port))
+        except OSError:
+            return False
+    return True
+
+
+def qemu_command(nd: NodeDir, images: LabImages) -> list[str]:
+    node = nd.node
+    append = " ".join(
+        [
+            "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet",
+            f"apull_lab.hostname={node.name}",
+            f"apull_lab.addr={node.lan_addr}/{layout.LAN_MASK_BITS}",
+        ]
+    )
+    registry_fwd = (
+        f"guestfwd=tcp:{layout.GUEST_REGISTRY_ADDR}:{layout.REGISTRY_PORT}"
+        f"-cmd:socat - TCP:{layout.HOST_REGISTRY_ADDR}:{layout.REGISTRY_PORT}"
+    )
+    wan = f"user,id=wan,restrict=on,hostfwd=tcp:127.0.0.1:{node.ssh_port}-:22,{registry_fwd}"
+    return [
+        "qemu-system-x86_64",
+        "-name", node.name,
+        "-accel", "tcg,thread=multi,tb-size=128",
+        "-cpu", "max",
+        "-m", str(MEMORY_MB),
+        "-smp", "1",
+        "-kernel", str(images.kernel),
+        "-initrd", str(images.initrd),
+        "-append", append,
+        "-drive", f"file={nd.disk},if=virtio,format=qcow2,discard=unmap",
+        "-netdev", wan,
+        "-device", "virtio-net-pci,netdev=wan",
+        "-netdev", f"vde,id=lan,sock={switch_dir()}",
+        "-device", f"virtio-net-pci,netdev=lan,mac=52:54:00:0a:00:{node.index:02x}",
+        "-display", "none",
+        "-serial", f"file:{nd.serial_log}",
+        "-pidfile", str(nd.pidfile),
+        "-daemonize",
+    ]  # fmt: skip
+
+
+def start_node(nd: NodeDir, images: LabImages, fresh: bool) -> None:
+    """Boot a node; with fresh=True its disk overlay is created anew first."""
+    if not _port_free(nd.node.ssh_port):
+        raise LabError(
+            f"{nd.node.name}: port 127.0.0.1:{nd.node.ssh_port} is taken by another process"
+        )
+    nd.path.mkdir(parents=True, exist_ok=True)
+    if fresh or not nd.disk.exists():
+        nd.disk.unlink(missing_ok=True)
+        run_logged(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+             "-b", images.disk(nd.node.variant), nd.disk],
+            nd.path / "qemu.log", "qemu-img create",
+        )  # fmt: skip
+        nd.image_link.unlink(missing_ok=True)
+        nd.image_link.symlink_to(images.directory)
+        nd.variant_file.write_text(nd.node.variant + "\n")
+    nd.serial_log.unlink(missing_ok=True)
+    run_logged(qemu_command(nd, images), nd.path / "qemu.log", f"start {nd.node.name}")
+
+
+def stop_node(nd: NodeDir) -> bool:
+    return processes.stop(nd.pidfile)
+
+
+def ssh_command(node: layout.LabNode, *remote: str) -> list[str]:
+    return [
+        "ssh", *SSH_OPTIONS, "-i", str(layout.ssh_key_path()),
+        "-p", str(node.ssh_port), "root@127.0.0.1", *remote,
+    ]  # fmt: skip
+
+
+def ssh(
+    node: layout.LabNode, command: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ssh_command(node, command),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def wait_for_ssh(nodes: list[NodeDir], timeout: float, tick: float = 3.0) -> dict[str, float]:
+    """Wait until every node answers ssh; return the seconds each one took."""
+    start = time.monotonic()
+    ready: dict[str, float] = {}
+    while len(ready) < len(nodes):
+        for nd in nodes:
+            if nd.node.name in ready:
+                continue
+            if not nd.running():
+                raise LabError(
+                    f"{nd.node.name}: qemu exited; see {nd.path / 'qemu.log'} and {nd.serial_log}"
+                )
+            try:
+                if ssh(nd.node, "true", timeout=20).returncode == 0:
+                    ready[nd.node.name] = time.monotonic() - start
+            except subprocess.TimeoutExpired:
+                pass
+        if len(ready) < len(nodes):
+            if time.monotonic() - start > timeout:
+                missing = sorted({nd.node.name for nd in nodes} - set(ready))
+                raise LabError(f"no ssh after {timeout:.0f} s from {', '.join(missing)}")
+            time.sleep(tick)
+    return ready

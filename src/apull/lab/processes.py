@@ -1,0 +1,51 @@
+"""Background processes of the lab (QEMU nodes, the switch, the registry) tracked by pid files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def is_alive(pidfile: Path) -> bool:
+    pid = read_pid(pidfile)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); look at its state.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stop(pidfile: Path, timeout: float = 10.0) -> bool:
+    """Stop the process behind pidfile (TERM, then KILL); True if one was running."""
+    pid = read_pid(pidfile)
+    if pid is None or not is_alive(pidfile):
+        pidfile.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and is_alive(pidfile):
+        time.sleep(0.2)
+    if is_alive(pidfile):
+        os.kill(pid, signal.SIGKILL)
+        while is_alive(pidfile):
+            time.sleep(0.1)
+    pidfile.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,1 @@
+"""Talking to registries that speak the OCI distribution (registry v2) protocol."""

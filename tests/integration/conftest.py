@@ -1,0 +1,64 @@
+"""Integration tests run against the lab's real QEMU nodes (`make lab-up` first)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import testinfra
+
+from apull.cli import lab_nodes
+from apull.config import default_config_path, load_config
+from apull.lab import layout, nodes
+
+SSH_ARGS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+
+
+def _lab() -> list[layout.LabNode]:
+    cfg = load_config(default_config_path())
+    if cfg.target != "lab":
+        pytest.skip("integration tests need TARGET=lab in config.txt")
+    return lab_nodes(cfg)
+
+
+@pytest.fixture(scope="session")
+def lab() -> list[layout.LabNode]:
+    found = _lab()
+    down = [n.name for n in found if not nodes.NodeDir(n).running()]
+    if down:
+        pytest.fail(f"lab nodes not running: {', '.join(down)} (run: make lab-up)")
+    return found
+
+
+def host_for(node: layout.LabNode) -> testinfra.host.Host:
+    return testinfra.get_host(
+        f"ssh://root@127.0.0.1:{node.ssh_port}",
+        ssh_identity_file=str(layout.ssh_key_path()),
+        ssh_extra_args=SSH_ARGS,
+        controlpersist=120,
+    )
+
+
+@pytest.fixture(scope="session")
+def hosts(lab: list[layout.LabNode]) -> dict[str, testinfra.host.Host]:
+    return {n.name: host_for(n) for n in lab}
+
+
+@pytest.fixture(scope="session")
+def ondemand_nodes(lab: list[layout.LabNode]) -> list[layout.LabNode]:
+    found = [n for n in lab if n.variant == "ondemand"]
+    if not found:
+        pytest.skip("no lab node in the ondemand variant")
+    return found
+
+
+@pytest.fixture(scope="session")
+def stock_nodes(lab: list[layout.LabNode]) -> list[layout.LabNode]:
+    found = [n for n in lab if n.variant == "stock"]
+    if not found:
+        pytest.skip("no lab node in the stock variant (LAB_STOCK_NODES)")
+    return found
+
+
+def run_on(node: layout.LabNode, command: str) -> subprocess.CompletedProcess[str]:
+    return nodes.ssh(node, command, timeout=120)
