@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(format_problems(e), file=sys.stderr)
         return 1
-    for warning in cfg.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    # `apull run` has shown the warnings already; Ansible would repeat them as [ERROR] lines.
+    if not os.environ.get("APULL_WARNINGS_SHOWN"):
+        for warning in cfg.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     json.dump(build_inventory(cfg), sys.stdout, indent=2, sort_keys=True)
     print()
     return 0

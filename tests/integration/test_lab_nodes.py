@@ -68,6 +68,8 @@ def test_fs_ctl_gate_is_on_only_once(ondemand_nodes, param):
     assert turn_off.returncode != 0
     assert "busy" in turn_off.stderr.lower()
     assert run_on(node, f"cat {path}").stdout.strip() == "Y"
+    # Leave the gate as a boot leaves it.
+    assert run_on(node, "modprobe -r fs_ctl && modprobe fs_ctl").returncode == 0
 
 
 def test_fs_ctl_is_loaded_at_boot_like_a_builtin(ondemand_nodes, stock_nodes):
@@ -77,7 +79,7 @@ def test_fs_ctl_is_loaded_at_boot_like_a_builtin(ondemand_nodes, stock_nodes):
 
 BIND_PROBE = r"""
 modprobe cachefiles && python3 - <<'PY'
-import errno, os, tempfile
+import errno, os, shutil, tempfile
 fd = os.open("/dev/cachefiles", os.O_RDWR)
 cache = tempfile.mkdtemp(dir="/var/tmp", prefix="probe-")
 os.write(fd, ("dir " + cache).encode())
@@ -86,6 +88,8 @@ try:
     print("accepted")
 except OSError as exc:
     print("rejected", errno.errorcode[exc.errno])
+os.close(fd)
+shutil.rmtree(cache)
 PY
 """
 

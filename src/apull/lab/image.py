@@ -147,7 +147,7 @@ def _add_ondemand_modules(stage: Path, abi: str, modules: Path, log_path: Path) 
         shutil.copy2(modules / ko, updates / ko)
     # fs_ctl is built into EulerOS kernels; loading it at boot reproduces that.
     (stage / "etc/modules-load.d/fs_ctl.conf").write_text("fs_ctl\n")
-    run_logged(["depmod", "-b", stage, abi], log_path, "depmod")
+    run_logged(["chroot", stage, "depmod", abi], log_path, "depmod")
 
 
 def _make_disk(stage: Path, disk: Path, log_path: Path) -> None:

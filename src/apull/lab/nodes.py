@@ -165,8 +165,11 @@ def stop_node(nd: NodeDir) -> bool:
 
 
 def ssh_command(node: layout.LabNode, *remote: str) -> list[str]:
+    """ssh to a node, sharing one connection per node: a handshake costs seconds under TCG."""
+    control = layout.state_dir() / "ssh-%p.sock"
     return [
         "ssh", *SSH_OPTIONS, "-i", str(layout.ssh_key_path()),
+        "-o", "ControlMaster=auto", "-o", f"ControlPath={control}", "-o", "ControlPersist=60",
         "-p", str(node.ssh_port), "root@127.0.0.1", *remote,
     ]  # fmt: skip
 
