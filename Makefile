@@ -16,7 +16,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2fsprogs \
 	sshpass busybox-static socat openssh-client python3-venv ca-certificates
 
-.PHONY: help all deps venv config-check lab-up lab-down lab-status preflight site \
+.PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight site \
 	test lint unit integration
 
 help: ## list the targets
@@ -52,6 +52,9 @@ lab-down: venv ## stop the lab and remove its nodes (built images stay cached)
 
 lab-status: venv ## show the lab's nodes and registry
 	$(APULL) lab status
+
+lab-ssh: venv ## shell on a lab node: make lab-ssh NODE=node2
+	$(APULL) ssh $(or $(NODE),node1)
 
 preflight: deps venv ## report what each node is, change nothing
 	$(APULL) run preflight

@@ -57,6 +57,21 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ssh(args: argparse.Namespace) -> int:
+    from apull.lab import nodes
+
+    cfg = _load(args.config)
+    by_name = {n.name: n for n in lab_nodes(cfg)} if cfg.target == "lab" else {}
+    if args.node not in by_name:
+        known = ", ".join(sorted(by_name)) or "none (TARGET is not lab)"
+        console.print(f"[red]no lab node {args.node!r}[/red]; lab nodes: {known}")
+        return 2
+    cmd = nodes.ssh_command(by_name[args.node], *args.remote)
+    if not args.remote:
+        cmd.insert(1, "-t")
+    os.execvp(cmd[0], cmd)
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from apull.lab import lab
 
@@ -156,6 +171,10 @@ def parser() -> argparse.ArgumentParser:
     lab_p = sub.add_parser("lab", help="the local lab of QEMU nodes")
     lab_p.add_argument("action", choices=["up", "down", "status"])
     lab_p.set_defaults(func=cmd_lab)
+    ssh_p = sub.add_parser("ssh", help="open a shell (or run a command) on a lab node")
+    ssh_p.add_argument("node", help="node name, e.g. node1")
+    ssh_p.add_argument("remote", nargs=argparse.REMAINDER, help="command to run instead of a shell")
+    ssh_p.set_defaults(func=cmd_ssh)
     r = sub.add_parser(
         "run",
         help="run a playbook against the configured nodes; other options go to ansible-playbook",

@@ -43,6 +43,9 @@ def _hostvars(cfg: ClusterConfig, node: Node) -> dict[str, Any]:
     }
     if cfg.ssh_key is not None:
         hostvars["ansible_ssh_private_key_file"] = str(cfg.ssh_key)
+    if node.user != "root":
+        # Everything the suite does on a node needs root.
+        hostvars["ansible_become"] = True
     if cfg.ssh_password is not None:
         hostvars["ansible_password"] = PASSWORD_LOOKUP
         if node.user != "root":

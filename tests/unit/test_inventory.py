@@ -113,10 +113,12 @@ def test_servers_inventory(tmp_path: Path) -> None:
         "ansible_ssh_private_key_file": str(tmp_path / "id_ed25519"),
         "ansible_ssh_common_args": SERVERS_SSH_ARGS,
         "ansible_password": PASSWORD_LOOKUP,
+        "ansible_become": True,
         "ansible_become_password": PASSWORD_LOOKUP,
     }
     assert (b["ansible_port"], b["ansible_user"]) == (2222, "root")
     assert "ansible_become_password" not in b
+    assert "ansible_become" not in b
 
 
 def test_servers_inventory_without_key_or_password(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ SUITE = "bookworm"
 PACKAGES = (
     "systemd,systemd-sysv,dbus,udev,kmod,openssh-server,containerd,runc,linux-image-amd64,"
     "initramfs-tools,iproute2,procps,netbase,erofs-utils,ca-certificates,python3,psmisc,"
-    "fuse3,iputils-ping"
+    "fuse3,iputils-ping,sudo"
 )
 DISK_SIZE = "6G"
 FILES = Path(__file__).with_name("files")
