@@ -43,8 +43,7 @@ def _load(path: Path) -> ClusterConfig:
 
 def lab_nodes(cfg: ClusterConfig) -> list[layout.LabNode]:
     return [
-        layout.LabNode(node.port - layout.SSH_PORT_BASE, node.lab_variant or "ondemand")
-        for node in cfg.nodes
+        layout.LabNode.from_name(node.name, node.lab_variant or "ondemand") for node in cfg.nodes
     ]
 
 

@@ -47,10 +47,9 @@ def test_nodes_see_nothing_but_the_lab(lab):
     """restrict=on: the user-mode NIC reaches only what the lab forwards (the registry), not
     the host behind the gateway, where the same registry listens on loopback."""
     probe = "timeout 10 bash -c 'echo > /dev/tcp/{}/{}' && echo open || echo closed"
-    port = layout.REGISTRY_PORT
-    forwarded = run_on(lab[0], probe.format(layout.GUEST_REGISTRY_ADDR, port))
+    forwarded = run_on(lab[0], probe.format(layout.GUEST_REGISTRY_ADDR, layout.REGISTRY_PORT))
     assert forwarded.stdout.strip() == "open"
-    gateway = run_on(lab[0], probe.format("10.0.2.2", port))
+    gateway = run_on(lab[0], probe.format("10.0.2.2", layout.HOST_REGISTRY_PORT))
     assert gateway.stdout.strip() == "closed"
 
 

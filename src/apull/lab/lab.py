@@ -81,7 +81,7 @@ def _known_nodes() -> list[nodes.NodeDir]:
         if path.name.startswith("node") and path.name[4:].isdigit():
             variant_file = path / "variant"
             variant = variant_file.read_text().strip() if variant_file.exists() else "stock"
-            found.append(nodes.NodeDir(layout.LabNode(int(path.name[4:]), variant)))
+            found.append(nodes.NodeDir(layout.LabNode.from_name(path.name, variant)))
     return found
 
 

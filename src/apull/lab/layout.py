@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Host-side loopback port of node i's sshd is SSH_PORT_BASE + i (node1 -> 2221).
-SSH_PORT_BASE = 2220
+#: A second lab on the same host needs other ports (and its own APULL_LAB_STATE).
+SSH_PORT_BASE = int(os.environ.get("APULL_LAB_SSH_PORT_BASE", "2220"))
 #: Address of node i on the private lab network (the second NIC) is LAN_PREFIX + (10 + i).
 LAN_PREFIX = "10.10.0."
 LAN_MASK_BITS = 24
@@ -20,6 +21,7 @@ GUEST_REGISTRY_ADDR = "10.0.2.100"
 REGISTRY_PORT = 5000
 #: The registry as the host sees it.
 HOST_REGISTRY_ADDR = "127.0.0.1"
+HOST_REGISTRY_PORT = int(os.environ.get("APULL_LAB_REGISTRY_PORT", str(REGISTRY_PORT)))
 #: Name of the lab registry inside every node's /etc/hosts.
 REGISTRY_NAME = "registry.lab"
 MAX_NODES = 8
@@ -60,6 +62,12 @@ class LabNode:
     index: int
     variant: str
 
+    @classmethod
+    def from_name(cls, name: str, variant: str) -> LabNode:
+        if not (name.startswith("node") and name[4:].isdigit()):
+            raise ValueError(f"not a lab node name: {name!r}")
+        return cls(int(name[4:]), variant)
+
     @property
     def name(self) -> str:
         return node_name(self.index)
@@ -78,4 +86,4 @@ def guest_registry() -> str:
 
 
 def host_registry() -> str:
-    return f"{HOST_REGISTRY_ADDR}:{REGISTRY_PORT}"
+    return f"{HOST_REGISTRY_ADDR}:{HOST_REGISTRY_PORT}"

@@ -114,7 +114,7 @@ def qemu_command(nd: NodeDir, images: LabImages) -> list[str]:
     )
     registry_fwd = (
         f"guestfwd=tcp:{layout.GUEST_REGISTRY_ADDR}:{layout.REGISTRY_PORT}"
-        f"-cmd:socat - TCP:{layout.HOST_REGISTRY_ADDR}:{layout.REGISTRY_PORT}"
+        f"-cmd:socat - TCP:{layout.host_registry()}"
     )
     wan = f"user,id=wan,restrict=on,hostfwd=tcp:127.0.0.1:{node.ssh_port}-:22,{registry_fwd}"
     return [
