@@ -16,7 +16,9 @@ requirements:
   - enable in ansible.cfg (C(callbacks_enabled))
 options:
   report_path:
-    description: Where the JSON report is written; a directory gets C(<playbook>-last.json).
+    description: >-
+      Directory for the JSON reports, C(<playbook>-<time>.json) per run and
+      C(<playbook>-last.json).
     default: .apull/reports
     env:
       - name: APULL_REPORT_DIR
@@ -61,7 +63,7 @@ class CallbackModule(CallbackBase):
             self.nodes[host] = facts["apull_node"]
         self.changed.setdefault(host, [])
         if result._result.get("changed") and not result._task.no_log:
-            self.changed[host].append(result._task.get_name())
+            self.changed[host].append(result._task.name or result._task.action)
 
     def v2_runner_on_failed(self, result, ignore_errors=False):
         if not ignore_errors:
@@ -74,7 +76,7 @@ class CallbackModule(CallbackBase):
         hosts = sorted(set(self.nodes) | set(self.changed) | set(self.failed))
         for host in hosts:
             node = self.nodes.get(host, {})
-            fs_ctl = node.get("fs_ctl") or {}
+            fs_ctl = node.get("fs_ctl")
             changed = self.changed.get(host, [])
             if host in self.failed:
                 outcome = "FAILED at: " + self.failed[host]
@@ -83,13 +85,15 @@ class CallbackModule(CallbackBase):
                 outcome = "%s %d: %s" % (verb, len(changed), ", ".join(changed))
             else:
                 outcome = "no change"
+            problems = node.get("problems") or []
             yield {
                 "host": host,
                 "kernel": node.get("kernel", "-"),
-                "erofs": node.get("erofs", "-")
-                + (" fs_ctl=" + fs_ctl["erofs_enabled"] if fs_ctl.get("erofs_enabled") else ""),
-                "ondemand": node.get("ondemand", "-"),
                 "containerd": node.get("containerd") or "-",
+                "backend": node.get("backend", "-"),
+                "ondemand": node.get("ondemand", "-"),
+                "fs_ctl": "/".join(fs_ctl.get(k) or "?" for k in sorted(fs_ctl)) if fs_ctl else "-",
+                "problems": "; ".join(p["what"] for p in problems) if problems else "none",
                 "outcome": outcome,
             }
 
@@ -97,7 +101,8 @@ class CallbackModule(CallbackBase):
         rows = list(self._rows())
         if not rows:
             return
-        columns = ("host", "kernel", "erofs", "ondemand", "containerd", "outcome")
+        columns = ("host", "kernel", "containerd", "backend", "ondemand", "fs_ctl", "problems",
+                   "outcome")
         widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
         lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
         lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
@@ -107,27 +112,25 @@ class CallbackModule(CallbackBase):
         self._write_report(rows)
 
     def _write_report(self, rows):
+        """<dir>/<playbook>-<UTC time>.json for every run, and <playbook>-last.json."""
         target = self.get_option("report_path")
         if not target:
             return
-        if not target.endswith(".json"):
-            target = os.path.join(target, "%s-last.json" % self.playbook)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        report = {
+            "playbook": self.playbook,
+            "check_mode": self.check_mode,
+            "finished": stamp,
+            "seconds": round(time.time() - self.started, 1),
+            "nodes": dict((h, self.nodes.get(h)) for h in sorted(self.nodes)),
+            "rows": rows,
+        }
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            with open(target, "w") as handle:
-                json.dump(
-                    {
-                        "playbook": self.playbook,
-                        "check_mode": self.check_mode,
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "seconds": round(time.time() - self.started, 1),
-                        "nodes": {h: self.nodes.get(h) for h in sorted(self.nodes)},
-                        "rows": rows,
-                    },
-                    handle,
-                    indent=2,
-                    sort_keys=True,
-                )
-            self._display.display("report: %s" % target)
+            os.makedirs(target, exist_ok=True)
+            path = os.path.join(target, "%s-%s.json" % (self.playbook, stamp))
+            for name in (path, os.path.join(target, "%s-last.json" % self.playbook)):
+                with open(name, "w") as handle:
+                    json.dump(report, handle, indent=2, sort_keys=True)
+            self._display.display("report: %s" % path)
         except OSError as exc:
-            self._display.warning("could not write the run report %s: %s" % (target, exc))
+            self._display.warning("could not write the run report in %s: %s" % (target, exc))
