@@ -17,7 +17,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 	sshpass busybox-static socat openssh-client python3-venv ca-certificates
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight site \
-	test lint unit integration
+	test lint unit integration molecule
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -71,4 +71,10 @@ unit: venv ## fast tests, no nodes
 integration: deps venv lab-up ## tests against the lab's real nodes
 	$(BIN)/pytest -q tests/integration
 
-test: lint unit integration ## everything CI runs
+ROLES_WITH_SCENARIOS := $(patsubst roles/%/molecule/default/molecule.yml,%,\
+	$(wildcard roles/*/molecule/default/molecule.yml))
+molecule: deps venv lab-up ## each role's molecule scenario on the lab's nodes
+	@set -e; for role in $(ROLES_WITH_SCENARIOS); do \
+		echo "== molecule: role $$role"; (cd roles/$$role && molecule test); done
+
+test: lint unit integration molecule ## everything CI runs
