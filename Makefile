@@ -71,8 +71,9 @@ unit: venv ## fast tests, no nodes
 integration: deps venv lab-up ## tests against the lab's real nodes
 	$(BIN)/pytest -q tests/integration
 
-ROLES_WITH_SCENARIOS := $(patsubst roles/%/molecule/default/molecule.yml,%,\
-	$(wildcard roles/*/molecule/default/molecule.yml))
+# In this order: preflight reads the stock node before kernel upgrades it (and kernel's
+# cleanup makes it stock again).
+ROLES_WITH_SCENARIOS := preflight fscache kernel
 molecule: deps venv lab-up ## each role's molecule scenario on the lab's nodes
 	@set -e; for role in $(ROLES_WITH_SCENARIOS); do \
 		echo "== molecule: role $$role"; (cd roles/$$role && molecule test); done

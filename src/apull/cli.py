@@ -74,6 +74,9 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     from apull.lab import lab
 
+    if args.action != "reset" and args.nodes:
+        console.print(f"[red]apull lab {args.action} takes no node names")
+        return 2
     if args.action == "down":
         lab.down(_log)
         return 0
@@ -83,6 +86,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if cfg.target != "lab":
         console.print(f"[red]{cfg.path}: TARGET={cfg.target}: the lab is only for TARGET=lab")
         return 2
+    if args.action == "reset":
+        return _reset(lab_nodes(cfg), args.nodes, args.if_changed)
     report = lab.up(lab_nodes(cfg), _log)
     _log(
         f"lab up: images ready in {report.build_seconds:.0f} s, "
@@ -90,6 +95,28 @@ def cmd_lab(args: argparse.Namespace) -> int:
         f"{len(report.kept)} already running"
     )
     return _print_lab_status()
+
+
+def _reset(configured: list[layout.LabNode], names: list[str], if_changed: bool) -> int:
+    from apull.lab import lab
+
+    by_name = {n.name: n for n in configured}
+    unknown = [name for name in names if name not in by_name]
+    if not names or unknown:
+        known = ", ".join(sorted(by_name)) or "none"
+        what = f"no lab node {', '.join(unknown)}" if unknown else "name the nodes to reset"
+        console.print(f"[red]{what}[/red]; lab nodes: {known}")
+        return 2
+    started = time.monotonic()
+    targets = [by_name[name] for name in dict.fromkeys(names)]
+    if if_changed:
+        targets = [n for n in targets if lab.diverged(n)]
+        if not targets:
+            _log("nothing to reset: every node is as its variant boots")
+            return 0
+    lab.reset(targets, _log)
+    _log(f"reset {len(targets)} node(s) in {time.monotonic() - started:.0f} s")
+    return 0
 
 
 def _print_lab_status() -> int:
@@ -168,7 +195,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["check"])
     c.set_defaults(func=cmd_config_check)
     lab_p = sub.add_parser("lab", help="the local lab of QEMU nodes")
-    lab_p.add_argument("action", choices=["up", "down", "status"])
+    lab_p.add_argument("action", choices=["up", "down", "status", "reset"])
+    lab_p.add_argument(
+        "nodes",
+        nargs="*",
+        metavar="NODE",
+        help="reset: the nodes to boot afresh from their variant's image (all at once)",
+    )
+    lab_p.add_argument(
+        "--if-changed",
+        action="store_true",
+        help="reset: only the nodes no longer in their variant's state (e.g. upgraded)",
+    )
     lab_p.set_defaults(func=cmd_lab)
     ssh_p = sub.add_parser("ssh", help="open a shell (or run a command) on a lab node")
     ssh_p.add_argument("node", help="node name, e.g. node1")

@@ -27,6 +27,9 @@ def lab() -> list[layout.LabNode]:
     down = [n.name for n in found if not nodes.NodeDir(n).running()]
     if down:
         pytest.fail(f"lab nodes not running: {', '.join(down)} (run: make lab-up)")
+    # `make all` or an earlier session may have upgraded the stock nodes: start from the
+    # lab config.txt describes.
+    restore_configured_state(found)
     return found
 
 
@@ -62,3 +65,23 @@ def stock_nodes(lab: list[layout.LabNode]) -> list[layout.LabNode]:
 
 def run_on(node: layout.LabNode, command: str) -> subprocess.CompletedProcess[str]:
     return nodes.ssh(node, command, timeout=120)
+
+
+def _log(message: str) -> None:
+    print(f"[lab] {message}")
+
+
+def reset_nodes(wanted: list[layout.LabNode]) -> None:
+    """Boot these nodes fresh from their variant's image (all at once)."""
+    from apull.lab import lab as lab_control
+
+    lab_control.reset(wanted, _log)
+
+
+def restore_configured_state(lab: list[layout.LabNode], force: bool = False) -> None:
+    """Reset the nodes that an earlier test or `make all` moved away from their variant."""
+    from apull.lab import lab as lab_control
+
+    stale = [n for n in lab if force or lab_control.diverged(n)]
+    if stale:
+        reset_nodes(stale)

@@ -113,7 +113,11 @@ def _tree_digest(*roots: Path) -> str:
 
 
 def _hosts_file() -> str:
-    lines = ["127.0.0.1\tlocalhost", f"{layout.GUEST_REGISTRY_ADDR}\t{layout.REGISTRY_NAME}"]
+    lines = [
+        "127.0.0.1\tlocalhost",
+        f"{layout.GUEST_REGISTRY_ADDR}\t{layout.REGISTRY_NAME}",
+        f"{layout.GUEST_REPO_ADDR}\t{layout.REPO_NAME}",
+    ]
     for index in range(1, layout.MAX_NODES + 1):
         lines.append(f"{layout.node_lan_addr(index)}\t{layout.node_name(index)}")
     return "\n".join(lines) + "\n"
@@ -169,7 +173,12 @@ def build_images(log: Log) -> LabImages:
     modules = build_ondemand_modules(rootfs, cache / "buildroot", cache / "modules", log)
     build_id = hashlib.sha256(
         "\n".join(
-            [PACKAGES, _tree_digest(FILES / "rootfs", modules), key.with_suffix(".pub").read_text()]
+            [
+                PACKAGES,
+                _tree_digest(FILES / "rootfs", modules),
+                key.with_suffix(".pub").read_text(),
+                _hosts_file(),
+            ]
         ).encode()
     ).hexdigest()[:16]
     out = cache / "images" / build_id
@@ -179,7 +188,7 @@ def build_images(log: Log) -> LabImages:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log_path = out / "build.log"
-    stage = cache / "stage"
+    stage = out.with_name(out.name + ".stage")
     shutil.rmtree(stage, ignore_errors=True)
     log(f"building node images {build_id} (kernel {abi})")
     try:
@@ -197,13 +206,23 @@ def build_images(log: Log) -> LabImages:
     return images
 
 
+#: Builds kept besides the current one: another lab sharing the cache may still boot from
+#: them (this lab only knows its own nodes).
+KEEP_OLD_BUILDS = 2
+
+
 def _prune_old_builds(keep: Path) -> None:
-    """Old builds are removed unless a running node's overlay still uses them."""
+    """Remove old builds beyond the newest few, unless this lab's nodes still use them."""
     in_use = {
         Path(os.readlink(link)).resolve()
         for link in layout.state_dir().glob("nodes/*/image")
         if link.is_symlink()
     }
-    for build in keep.parent.iterdir():
-        if build != keep and build.resolve() not in in_use:
+    builds = sorted(
+        (b for b in keep.parent.iterdir() if b.is_dir() and (b / "complete").exists()),
+        key=lambda b: (b / "complete").stat().st_mtime,
+        reverse=True,
+    )
+    for build in builds[1 + KEEP_OLD_BUILDS :]:
+        if build.resolve() not in in_use and build != keep:
             shutil.rmtree(build, ignore_errors=True)

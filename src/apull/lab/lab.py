@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from apull.lab import layout, nodes, registry, test_image
-from apull.lab.image import build_images
-from apull.lab.run import Log
+from apull.lab import layout, nodes, package_repo, registry, test_image
+from apull.lab.image import LabImages, build_images, ensure_rootfs
+from apull.lab.modules import node_kernel
+from apull.lab.run import LabError, Log
 from apull.registry.client import RegistryClient
 
 BOOT_TIMEOUT = 600.0
@@ -30,12 +32,15 @@ class UpReport:
 def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
     started = time.monotonic()
     images = build_images(log)
+    build_package_repo(images, log)
     build_seconds = time.monotonic() - started
     layout.state_dir().mkdir(parents=True, exist_ok=True)
     nodes.ensure_switch()
     client = registry.ensure_registry()
     digest = test_image.push(client)
     log(f"registry {layout.host_registry()} serves {test_image.REPO}:{test_image.TAG} ({digest})")
+    package_repo.ensure_repo_server()
+    log(f"package repository {layout.host_repo()} (nodes: {layout.guest_repo_url()}) is up")
 
     wanted_names = {n.name for n in wanted}
     for stale in _known_nodes():
@@ -72,6 +77,64 @@ def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
     )
 
 
+def build_package_repo(images: LabImages, log: Log) -> None:
+    """The on-demand modules of these images as a package in the lab's repository (and ISO)."""
+    cache = layout.cache_dir()
+    _, source_version = node_kernel(ensure_rootfs(log))
+    package_repo.build_repo(
+        cache / "buildroot",
+        cache / "modules" / images.abi,
+        images.abi,
+        source_version,
+        layout.repo_dir(),
+        log,
+    )
+
+
+def reset(wanted: layout.LabNode | Sequence[layout.LabNode], log: Log) -> dict[str, float]:
+    """Boot nodes afresh from their variant's image: stop each, drop its disk overlay, start
+    it anew (all of them at once), then wait for ssh on all. Returns the seconds each took
+    to answer ssh. Whatever was installed or changed on the nodes is gone."""
+    targets = [wanted] if isinstance(wanted, layout.LabNode) else list(wanted)
+    if not targets:
+        return {}
+    images = build_images(log)
+    layout.state_dir().mkdir(parents=True, exist_ok=True)
+    nodes.ensure_switch()
+    started: list[nodes.NodeDir] = []
+    for node in targets:
+        nd = nodes.NodeDir(node)
+        if nodes.stop_node(nd):
+            log(f"{node.name}: stopped")
+        nd.disk.unlink(missing_ok=True)
+        log(f"{node.name}: booting fresh ({node.variant}, ssh 127.0.0.1:{node.ssh_port})")
+        nodes.start_node(nd, images, fresh=True)
+        started.append(nd)
+    took = nodes.wait_for_ssh(started, BOOT_TIMEOUT)
+    for name, seconds in sorted(took.items()):
+        log(f"{name}: ssh answered after {seconds:.0f} s")
+    return took
+
+
+#: What the lab's kernel upgrade installs (roles/kernel in the lab).
+MODULES_PACKAGE = "apull-ondemand-modules-$(uname -r)"
+_STATE_PROBE = (
+    f"dpkg-query -W -f='${{Status}}\\n' {MODULES_PACKAGE} 2>/dev/null; "
+    "test -e /lib/modules/$(uname -r)/updates/fs_ctl.ko && echo updates"
+)
+
+
+def diverged(node: layout.LabNode) -> bool:
+    """True if the node is no longer what its variant boots as: a stock node that got the
+    on-demand modules package, or an ondemand node without its rebuilt modules."""
+    res = nodes.ssh(node, _STATE_PROBE, timeout=120)
+    if res.returncode not in (0, 1):
+        raise LabError(f"{node.name}: cannot read its state: {res.stderr.strip()}")
+    installed = "install ok installed" in res.stdout
+    has_updates = "updates" in res.stdout.split()
+    return installed or (node.variant == "ondemand" and not has_updates)
+
+
 def _known_nodes() -> list[nodes.NodeDir]:
     base = layout.state_dir() / "nodes"
     if not base.is_dir():
@@ -96,6 +159,7 @@ def down(log: Log) -> None:
             log(f"{nd.node.name}: stopped")
         shutil.rmtree(nd.path, ignore_errors=True)
     registry.stop_registry()
+    package_repo.stop_repo_server()
     nodes.stop_switch()
     shutil.rmtree(layout.state_dir(), ignore_errors=True)
     log(f"lab removed (images stay cached in {layout.cache_dir()})")

@@ -24,6 +24,11 @@ HOST_REGISTRY_ADDR = "127.0.0.1"
 HOST_REGISTRY_PORT = int(os.environ.get("APULL_LAB_REGISTRY_PORT", str(REGISTRY_PORT)))
 #: Name of the lab registry inside every node's /etc/hosts.
 REGISTRY_NAME = "registry.lab"
+#: The lab's package repository as the nodes see it (QEMU forwards ADDR:80 to the host's
+#: repository server), its name in every node's /etc/hosts, and its port on the host's loopback.
+GUEST_REPO_ADDR = "10.0.2.101"
+REPO_NAME = "repo.lab"
+HOST_REPO_PORT = int(os.environ.get("APULL_LAB_REPO_PORT", "8081"))
 MAX_NODES = 8
 #: Lab node image variants: with rebuilt on-demand modules + fs_ctl, or Debian's stock modules.
 VARIANTS = ("ondemand", "stock")
@@ -37,6 +42,11 @@ def cache_dir() -> Path:
 def state_dir() -> Path:
     """Runtime state of the running lab (node overlays, pid files, logs, registry data)."""
     return Path(os.environ.get("APULL_LAB_STATE", "/var/lib/apull-lab"))
+
+
+def repo_dir() -> Path:
+    """The lab's package repository build: repo/ (a flat apt repository) and its ISO image."""
+    return cache_dir() / "package-repo"
 
 
 def ssh_key_path() -> Path:
@@ -87,3 +97,13 @@ def guest_registry() -> str:
 
 def host_registry() -> str:
     return f"{HOST_REGISTRY_ADDR}:{HOST_REGISTRY_PORT}"
+
+
+def guest_repo_url() -> str:
+    """The package repository as the nodes' apt sees it."""
+    return f"http://{REPO_NAME}/"
+
+
+def host_repo() -> str:
+    """The package repository server as the host sees it (the host's loopback)."""
+    return f"{HOST_REGISTRY_ADDR}:{HOST_REPO_PORT}"

@@ -1,8 +1,8 @@
 """Lab nodes: QEMU software-emulated VMs booted from copy-on-write overlays of the lab images.
 
-Each node has two NICs: a user-mode one (ssh from the host on 127.0.0.1:PORT, the registry
-forwarded to it, nothing else reachable) and one on the lab's VDE switch (the private network
-the nodes share).
+Each node has two NICs: a user-mode one (ssh from the host on 127.0.0.1:PORT, the registry and
+the package repository forwarded to it, nothing else reachable) and one on the lab's VDE switch
+(the private network the nodes share).
 """
 
 from __future__ import annotations
@@ -116,7 +116,11 @@ def qemu_command(nd: NodeDir, images: LabImages) -> list[str]:
         f"guestfwd=tcp:{layout.GUEST_REGISTRY_ADDR}:{layout.REGISTRY_PORT}"
         f"-cmd:socat - TCP:{layout.host_registry()}"
     )
-    wan = f"user,id=wan,restrict=on,hostfwd=tcp:127.0.0.1:{node.ssh_port}-:22,{registry_fwd}"
+    repo_fwd = f"guestfwd=tcp:{layout.GUEST_REPO_ADDR}:80-cmd:socat - TCP:{layout.host_repo()}"
+    wan = (
+        f"user,id=wan,restrict=on,hostfwd=tcp:127.0.0.1:{node.ssh_port}-:22,"
+        f"{registry_fwd},{repo_fwd}"
+    )
     return [
         "qemu-system-x86_64",
         "-name", node.name,

@@ -1,0 +1,163 @@
+"""Node preparation end to end on the lab: preflight names what the stock node lacks, check
+mode changes nothing, `make all`'s playbook upgrades the stock node through the real path
+(apt from the lab's repository, one reboot), a second run changes and reboots nothing, and the
+gate and modules survive a plain reboot.
+
+The tests run in file order and build on each other's effect on the lab."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import restore_configured_state, run_on
+
+from apull.lab import layout
+
+ROOT = Path(__file__).resolve().parents[2]
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+MODULES_PKG = "apull-ondemand-modules-$(uname -r)"
+boot_ids: dict[str, str] = {}
+
+
+def apull(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "apull.cli", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def recap(output: str) -> dict[str, tuple[int, int, int, int]]:
+    return {m[1]: (int(m[2]), int(m[3]), int(m[4]), int(m[5])) for m in RECAP.finditer(output)}
+
+
+def boot_id(node: layout.LabNode) -> str:
+    return run_on(node, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
+
+
+def package_installed(node: layout.LabNode) -> bool:
+    res = run_on(node, f"dpkg-query -W -f='${{Status}}' {MODULES_PKG} 2>/dev/null")
+    return res.stdout.strip() == "install ok installed"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def configured_lab(lab):
+    """Start from the lab as config.txt describes it (stock nodes really stock)."""
+    restore_configured_state(lab)
+    return lab
+
+
+@pytest.fixture(scope="module")
+def stock(configured_lab, stock_nodes):
+    return stock_nodes[0]
+
+
+def test_preflight_names_what_the_stock_node_lacks_and_the_fix(configured_lab, stock):
+    result = apull("run", "preflight", "--no-lab")
+    out = result.stdout
+    assert result.returncode == 2, out[-2000:]
+    assert (
+        f"{stock.name} does not qualify: [1] no usable backend: fscache on-demand unsupported "
+        "(rejected: EINVAL), no EROFS file-backed mounts -> fix: ansible-playbook "
+        "playbooks/kernel.yml (part of make all)."
+    ) in out
+    hosts = recap(out)
+    for node in configured_lab:
+        failed = hosts[node.name][3]
+        assert failed == (1 if node.variant == "stock" else 0), node.name
+    report = json.loads((ROOT / ".apull/reports/preflight-last.json").read_text())
+    for node in configured_lab:
+        facts = report["nodes"][node.name]
+        expected = "none" if node.variant == "stock" else "fscache"
+        assert facts["backend"] == expected
+
+
+def test_check_diff_reports_the_upgrade_and_changes_nothing(configured_lab, stock):
+    before = {n.name: boot_id(n) for n in configured_lab}
+    result = apull("run", "site", "--no-lab", "--check", "--diff")
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:]
+    assert (
+        "would install ['apull-ondemand-modules-6.1.0-50-amd64'] from the repo source with apt, "
+        "then reboot"
+    ) in out
+    assert re.search(rf"^{stock.name}\s.*would change", out, re.M)
+    assert {n.name: boot_id(n) for n in configured_lab} == before
+    assert not package_installed(stock)
+    assert run_on(stock, "ls /etc/apt/sources.list.d/").stdout.strip() == ""
+
+
+def test_site_upgrades_the_stock_node_with_one_reboot(configured_lab, stock):
+    before = {n.name: boot_id(n) for n in configured_lab}
+    started = time.monotonic()
+    result = apull("run", "site", "--no-lab")
+    took = time.monotonic() - started
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:]
+    print(f"first site run with the upgrade: {took:.0f} s")
+    for node in configured_lab:
+        boot_ids[node.name] = boot_id(node)
+        rebooted = boot_ids[node.name] != before[node.name]
+        assert rebooted == (node is stock), node.name
+    assert package_installed(stock)
+    assert "/updates/" in run_on(stock, "modinfo -F filename cachefiles").stdout
+    for param in ("erofs_enabled", "cachefiles_ondemand_enabled"):
+        assert run_on(stock, f"cat /sys/module/fs_ctl/parameters/{param}").stdout.strip() == "Y"
+    report = json.loads((ROOT / ".apull/reports/site-last.json").read_text())
+    assert report["nodes"][stock.name]["backend"] == "fscache"
+    assert report["nodes"][stock.name]["probe"] == "accepted"
+
+
+def test_second_site_run_changes_nothing_and_reboots_nothing(configured_lab, stock):
+    uptime = float(run_on(stock, "cut -d' ' -f1 /proc/uptime").stdout)
+    result = apull("run", "site", "--no-lab")
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:]
+    for host, (_, changed, unreachable, failed) in recap(out).items():
+        assert (changed, unreachable, failed) == (0, 0, 0), host
+    for node in configured_lab:
+        assert boot_id(node) == boot_ids[node.name], f"{node.name} rebooted"
+        assert re.search(rf"^{node.name}\s.*no change$", out, re.M)
+    assert float(run_on(stock, "cut -d' ' -f1 /proc/uptime").stdout) > uptime
+
+
+def test_prepared_nodes_pass_preflight(configured_lab):
+    result = apull("run", "preflight", "--no-lab")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert all(v[3] == 0 for v in recap(result.stdout).values())
+
+
+def test_gate_and_modules_survive_a_plain_reboot(configured_lab, stock):
+    node = stock
+    old = boot_id(node)
+    run_on(node, "systemctl reboot")
+    deadline = time.monotonic() + 600
+    while True:
+        time.sleep(5)
+        try:
+            current = boot_id(node)
+        except subprocess.TimeoutExpired:
+            current = ""
+        if current and current != old:
+            break
+        assert time.monotonic() < deadline, f"{node.name} did not come back"
+    for param in ("erofs_enabled", "cachefiles_ondemand_enabled"):
+        assert run_on(node, f"cat /sys/module/fs_ctl/parameters/{param}").stdout.strip() == "Y"
+    for module in ("cachefiles", "erofs"):
+        assert run_on(node, f"test -d /sys/module/{module}/sections").returncode == 0
+    times = run_on(
+        node,
+        "systemctl show -p ActiveEnterTimestampMonotonic --value apull-fs-ctl.service "
+        "systemd-modules-load.service containerd.service",
+    ).stdout.split()
+    gate, modules, containerd = (int(t) for t in times)
+    assert 0 < modules <= gate <= containerd
+    before = run_on(node, "systemctl show -p Before --value apull-fs-ctl.service").stdout
+    assert {"containerd.service", "apulld.service", "apull-snapshotter.service"} <= set(
+        before.split()
+    )
