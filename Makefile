@@ -61,7 +61,7 @@ preflight: deps venv ## report what each node is, change nothing
 
 lint: venv ## ruff, mypy and ansible-lint
 	$(BIN)/ruff check src tests tools collections
-	$(BIN)/ruff format --check src tests tools
+	$(BIN)/ruff format --check src tests tools collections
 	$(BIN)/mypy
 	$(BIN)/ansible-lint -q playbooks roles
 

@@ -101,8 +101,16 @@ class CallbackModule(CallbackBase):
         rows = list(self._rows())
         if not rows:
             return
-        columns = ("host", "kernel", "containerd", "backend", "ondemand", "fs_ctl", "problems",
-                   "outcome")
+        columns = (
+            "host",
+            "kernel",
+            "containerd",
+            "backend",
+            "ondemand",
+            "fs_ctl",
+            "problems",
+            "outcome",
+        )
         widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
         lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
         lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]

@@ -62,8 +62,11 @@ def read(name):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            params=dict(type="list", elements="str",
-                        default=["erofs_enabled", "cachefiles_ondemand_enabled"]),
+            params=dict(
+                type="list",
+                elements="str",
+                default=["erofs_enabled", "cachefiles_ondemand_enabled"],
+            ),
         ),
         supports_check_mode=True,
     )
@@ -85,8 +88,9 @@ def main():
     if not module.check_mode:
         still = [n for n in names if values[n] != "Y"]
         if still:
-            module.fail_json(msg="fs_ctl %s still not Y after writing 1" % ", ".join(still),
-                             values=values)
+            module.fail_json(
+                msg="fs_ctl %s still not Y after writing 1" % ", ".join(still), values=values
+            )
     module.exit_json(changed=bool(closed), present=True, values=values, opened=closed)
 
 

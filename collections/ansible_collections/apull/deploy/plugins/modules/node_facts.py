@@ -100,7 +100,11 @@ from ansible.module_utils.basic import AnsibleModule
 
 FS_CTL = "/sys/module/fs_ctl/parameters"
 FS_CTL_PARAMS = ("erofs_enabled", "cachefiles_ondemand_enabled")
-KCONFIG = ("CONFIG_CACHEFILES_ONDEMAND", "CONFIG_EROFS_FS_ONDEMAND", "CONFIG_EROFS_FS_BACKED_BY_FILE")
+KCONFIG = (
+    "CONFIG_CACHEFILES_ONDEMAND",
+    "CONFIG_EROFS_FS_ONDEMAND",
+    "CONFIG_EROFS_FS_BACKED_BY_FILE",
+)
 FIX_KERNEL = "ansible-playbook playbooks/kernel.yml (part of make all)"
 FIX_FSCACHE = "ansible-playbook playbooks/fscache.yml (part of make all)"
 
@@ -148,8 +152,11 @@ def kernel_config():
 def containerd_version():
     try:
         out = subprocess.run(
-            ["containerd", "--version"], stdout=subprocess.PIPE, universal_newlines=True,
-            timeout=30, check=False,
+            ["containerd", "--version"],
+            stdout=subprocess.PIPE,
+            universal_newlines=True,
+            timeout=30,
+            check=False,
         ).stdout
     except OSError:
         return None
@@ -162,8 +169,12 @@ def os_release():
     for line in (read("/etc/os-release") or "").splitlines():
         key, _, value = line.partition("=")
         data[key] = value.strip('"')
-    return {"id": data.get("ID"), "version": data.get("VERSION_ID"),
-            "pretty": data.get("PRETTY_NAME"), "like": data.get("ID_LIKE", "")}
+    return {
+        "id": data.get("ID"),
+        "version": data.get("VERSION_ID"),
+        "pretty": data.get("PRETTY_NAME"),
+        "like": data.get("ID_LIKE", ""),
+    }
 
 
 def device_holder(device="/dev/cachefiles"):
@@ -186,7 +197,10 @@ def device_holder(device="/dev/cachefiles"):
 
 def modprobe(name, remove=False):
     cmd = ["modprobe", "-r", name] if remove else ["modprobe", name]
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False).returncode == 0
+    return (
+        subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False).returncode
+        == 0
+    )
 
 
 def bind_probe():
@@ -262,7 +276,10 @@ def detect(params):
         elif not facts["dev_cachefiles"]:
             facts["probe"] = "skipped: no /dev/cachefiles"
         elif facts["holder"]:
-            facts["probe"] = "skipped: held by %s[%s]" % (facts["holder"]["comm"], facts["holder"]["pid"])
+            facts["probe"] = "skipped: held by %s[%s]" % (
+                facts["holder"]["comm"],
+                facts["holder"]["pid"],
+            )
         else:
             facts["probe"] = bind_probe()
     finally:
@@ -270,7 +287,9 @@ def detect(params):
             modprobe(name, remove=True)
 
     facts["backend"], facts["ondemand"] = backend(facts, params["block_size"])
-    facts["disk"] = [dict(zip(("path", "free_mb"), free_mb(d)), wanted=d) for d in params["data_dirs"]]
+    facts["disk"] = [
+        dict(zip(("path", "free_mb"), free_mb(d)), wanted=d) for d in params["data_dirs"]
+    ]
     facts["registry"] = registry_check(params["registry"], params["registry_insecure"])
     facts["problems"] = problems(facts, params)
     return facts
@@ -293,12 +312,19 @@ def backend(facts, block_size):
         ondemand = "held by " + str(holder.get("comm"))
     elif facts["probe"].startswith("rejected"):
         ondemand = "unsupported"
-    elif kconfig.get("CONFIG_CACHEFILES_ONDEMAND") == "y" and kconfig.get("CONFIG_EROFS_FS_ONDEMAND") == "y":
+    elif (
+        kconfig.get("CONFIG_CACHEFILES_ONDEMAND") == "y"
+        and kconfig.get("CONFIG_EROFS_FS_ONDEMAND") == "y"
+    ):
         ondemand = "supported (kernel config)"
     else:
         ondemand = "unsupported"
     fscache_ok = ondemand in (
-        "enabled", "gated", "supported", "in use by apulld", "supported (kernel config)"
+        "enabled",
+        "gated",
+        "supported",
+        "in use by apulld",
+        "supported (kernel config)",
     )
     if fscache_ok and page_ok and facts["erofs"] != "missing" and facts["cachefiles"] != "missing":
         return "fscache", ondemand
@@ -316,14 +342,22 @@ def problems(facts, params):
     if version_tuple(facts["kernel"]) < version_tuple(params["kernel_min"]):
         add("kernel %s is older than %s" % (facts["kernel"], params["kernel_min"]), FIX_KERNEL)
     if facts["holder"] and facts["holder"].get("comm") == "cachefilesd":
-        add("cachefilesd holds /dev/cachefiles (pid %s)" % facts["holder"]["pid"],
-            "systemctl disable --now cachefilesd")
+        add(
+            "cachefilesd holds /dev/cachefiles (pid %s)" % facts["holder"]["pid"],
+            "systemctl disable --now cachefilesd",
+        )
     elif facts["backend"] == "none":
         detail = facts["probe"]
         if facts["page_size"] != params["block_size"] and facts["ondemand"] != "unsupported":
-            detail = "page size %s != EROFS block size %s" % (facts["page_size"], params["block_size"])
-        add("no usable backend: fscache on-demand %s (%s), no EROFS file-backed mounts"
-            % (facts["ondemand"], detail), FIX_KERNEL)
+            detail = "page size %s != EROFS block size %s" % (
+                facts["page_size"],
+                params["block_size"],
+            )
+        add(
+            "no usable backend: fscache on-demand %s (%s), no EROFS file-backed mounts"
+            % (facts["ondemand"], detail),
+            FIX_KERNEL,
+        )
     if params["require_enabled"] and facts["backend"] == "fscache":
         closed = [p for p, v in (facts["fs_ctl"] or {}).items() if v != "Y"]
         if closed:
@@ -334,15 +368,23 @@ def problems(facts, params):
     if facts["containerd"] is None:
         add("containerd is not installed", "install containerd >= %s" % params["containerd_min"])
     elif version_tuple(facts["containerd"]) < version_tuple(params["containerd_min"]):
-        add("containerd %s is older than %s" % (facts["containerd"], params["containerd_min"]),
-            "upgrade containerd to >= %s" % params["containerd_min"])
+        add(
+            "containerd %s is older than %s" % (facts["containerd"], params["containerd_min"]),
+            "upgrade containerd to >= %s" % params["containerd_min"],
+        )
     for disk in facts["disk"]:
         if disk["free_mb"] < params["min_free_mb"]:
-            add("%s MiB free under %s (< %s MiB)" % (disk["free_mb"], disk["path"], params["min_free_mb"]),
-                "free space under " + disk["path"])
+            add(
+                "%s MiB free under %s (< %s MiB)"
+                % (disk["free_mb"], disk["path"], params["min_free_mb"]),
+                "free space under " + disk["path"],
+            )
     if facts["registry"]["reachable"] is False:
-        add("registry %s unreachable: %s" % (facts["registry"]["address"], facts["registry"]["detail"]),
-            "check REGISTRY in config.txt and the node's route/firewall to it")
+        add(
+            "registry %s unreachable: %s"
+            % (facts["registry"]["address"], facts["registry"]["detail"]),
+            "check REGISTRY in config.txt and the node's route/firewall to it",
+        )
     return found
 
 
@@ -351,8 +393,11 @@ def main():
         argument_spec=dict(
             registry=dict(type="str", default=""),
             registry_insecure=dict(type="bool", default=False),
-            data_dirs=dict(type="list", elements="path",
-                           default=["/var/lib/containerd-apull", "/var/lib/containerd"]),
+            data_dirs=dict(
+                type="list",
+                elements="path",
+                default=["/var/lib/containerd-apull", "/var/lib/containerd"],
+            ),
             block_size=dict(type="int", default=4096),
             probe=dict(type="bool", default=True),
             kernel_min=dict(type="str", default="5.10"),
