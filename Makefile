@@ -16,7 +16,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2fsprogs \
 	sshpass busybox-static socat openssh-client python3-venv ca-certificates
 
-.PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight site \
+.PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test lint unit integration molecule
 
 help: ## list the targets
@@ -56,8 +56,14 @@ lab-status: venv ## show the lab's nodes and registry
 lab-ssh: venv ## shell on a lab node: make lab-ssh NODE=node2
 	$(APULL) ssh $(or $(NODE),node1)
 
-preflight: deps venv ## report what each node is, change nothing
+preflight: deps venv ## report what each node is and lacks, change nothing
 	$(APULL) run preflight
+
+check: deps venv ## what `make all` would change (--check --diff), changing nothing
+	$(APULL) run site --check --diff
+
+kernel: deps venv ## rolling kernel upgrade of the nodes that need it (SERIAL=1)
+	$(APULL) run kernel -e apull_kernel_serial=$(or $(SERIAL),1)
 
 lint: venv ## ruff, mypy and ansible-lint
 	$(BIN)/ruff check src tests tools collections

@@ -20,11 +20,12 @@ from apull.lab.modules import build_ondemand_modules
 from apull.lab.run import LabError, Log, run_logged
 
 SUITE = "bookworm"
-#: What every node has: systemd, sshd, containerd + runc, Python for Ansible, EROFS tools.
+#: What every node has: systemd, sshd, containerd + runc, Python (and python3-apt) for
+#: Ansible, EROFS tools, sudo for non-root operators.
 PACKAGES = (
     "systemd,systemd-sysv,dbus,udev,kmod,openssh-server,containerd,runc,linux-image-amd64,"
     "initramfs-tools,iproute2,procps,netbase,erofs-utils,ca-certificates,python3,psmisc,"
-    "fuse3,iputils-ping,sudo"
+    "fuse3,iputils-ping,sudo,python3-apt"
 )
 DISK_SIZE = "6G"
 FILES = Path(__file__).with_name("files")
