@@ -131,7 +131,8 @@ def test_second_site_run_changes_nothing_and_reboots_nothing(configured_lab, sto
         facts = report["nodes"][node.name]
         assert facts["kernel"] == hosts[node.name].sysctl("kernel.osrelease")
         assert facts["containerd"].startswith("1.6.")
-        assert (facts["backend"], facts["ondemand"], facts["problems"]) == ("fscache", "enabled", [])
+        state = (facts["backend"], facts["ondemand"], facts["problems"])
+        assert state == ("fscache", "enabled", [])
 
 
 def test_prepared_nodes_pass_preflight(configured_lab):

@@ -135,7 +135,7 @@ def test_disk_and_registry_problems():
 class _Handler(BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         self.send_response(self.server.status)  # type: ignore[attr-defined]
         self.end_headers()
 
