@@ -68,8 +68,8 @@ def test_a_failing_node_stops_the_rollout(lab, tmp_path):
         assert result.returncode != 0, out[-3000:]
 
         hosts = recap(out)
-        assert hosts[first.name][3] == 0 and hosts[first.name][1] > 0
-        assert hosts[failing.name][3] == 1
+        assert hosts[first.name][3] == 0 and hosts[first.name][1] > 0, out[-4000:]
+        assert hosts[failing.name][3] == 1, out[-4000:]
         assert untouched.name not in hosts
         assert f"[{untouched.name}]" not in out
 
