@@ -50,10 +50,14 @@ def test_password_login_and_sudo_work_and_the_password_is_never_printed(password
         **os.environ,
         "APULL_CONFIG": str(cfg),
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-        "HOME": str(tmp_path),  # a known_hosts of its own
+        "HOME": str(tmp_path),
     }
+    # ssh reads ~/.ssh of the passwd entry, not $HOME: give this run a known_hosts of its own,
+    # empty, so accept-new meets an unknown host as on a first deployment.
+    known_hosts = f"-o UserKnownHostsFile={tmp_path / 'known_hosts'}"
     result = subprocess.run(
         [str(Path(sys.executable).parent / "ansible"), "apull_nodes", "-vvvv",
+         "-e", f"ansible_ssh_extra_args='{known_hosts}'",
          "-m", "ansible.builtin.command", "-a", "id -un"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
