@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import testinfra
@@ -11,6 +14,8 @@ from apull.cli import lab_nodes
 from apull.config import default_config_path, load_config
 from apull.lab import layout, nodes
 
+ROOT = Path(__file__).resolve().parents[2]
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 SSH_ARGS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
 
 
@@ -78,10 +83,35 @@ def reset_nodes(wanted: list[layout.LabNode]) -> None:
     lab_control.reset(wanted, _log)
 
 
-def restore_configured_state(lab: list[layout.LabNode], force: bool = False) -> None:
+def restore_configured_state(lab: list[layout.LabNode]) -> None:
     """Reset the nodes that an earlier test or `make all` moved away from their variant."""
     from apull.lab import lab as lab_control
 
-    stale = [n for n in lab if force or lab_control.diverged(n)]
+    stale = [n for n in lab if lab_control.diverged(n)]
     if stale:
         reset_nodes(stale)
+
+
+def apull(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    """Run the suite's CLI as an operator would, from the checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "apull.cli", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def recap(output: str) -> dict[str, tuple[int, int, int, int]]:
+    """PLAY RECAP per host: (ok, changed, unreachable, failed)."""
+    return {m[1]: (int(m[2]), int(m[3]), int(m[4]), int(m[5])) for m in RECAP.finditer(output)}
+
+
+def boot_id(node: layout.LabNode) -> str:
+    return run_on(node, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
+
+
+def package_installed(node: layout.LabNode) -> bool:
+    """Whether the lab's kernel upgrade (the on-demand modules package) is installed."""
+    from apull.lab.lab import MODULES_PACKAGE
+
+    res = run_on(node, f"dpkg-query -W -f='${{Status}}' {MODULES_PACKAGE} 2>/dev/null")
+    return res.stdout.strip() == "install ok installed"

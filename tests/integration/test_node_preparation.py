@@ -10,54 +10,21 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import restore_configured_state, run_on
+from conftest import ROOT, apull, boot_id, package_installed, recap, run_on
 
-from apull.lab import layout
-
-ROOT = Path(__file__).resolve().parents[2]
-RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
-MODULES_PKG = "apull-ondemand-modules-$(uname -r)"
 boot_ids: dict[str, str] = {}
 
 
-def apull(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "apull.cli", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
-
-
-def recap(output: str) -> dict[str, tuple[int, int, int, int]]:
-    return {m[1]: (int(m[2]), int(m[3]), int(m[4]), int(m[5])) for m in RECAP.finditer(output)}
-
-
-def boot_id(node: layout.LabNode) -> str:
-    return run_on(node, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
-
-
-def package_installed(node: layout.LabNode) -> bool:
-    res = run_on(node, f"dpkg-query -W -f='${{Status}}' {MODULES_PKG} 2>/dev/null")
-    return res.stdout.strip() == "install ok installed"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def configured_lab(lab):
-    """Start from the lab as config.txt describes it (stock nodes really stock)."""
-    restore_configured_state(lab)
-    return lab
-
-
 @pytest.fixture(scope="module")
-def stock(configured_lab, stock_nodes):
+def stock(lab, stock_nodes):
+    """The stock node; the session's `lab` fixture made sure it really is stock."""
     return stock_nodes[0]
 
 
-def test_preflight_names_what_the_stock_node_lacks_and_the_fix(configured_lab, stock):
+def test_preflight_names_what_the_stock_node_lacks_and_the_fix(lab, stock):
     result = apull("run", "preflight", "--no-lab")
     out = result.stdout
     assert result.returncode == 2, out[-2000:]
@@ -67,18 +34,18 @@ def test_preflight_names_what_the_stock_node_lacks_and_the_fix(configured_lab, s
         "playbooks/kernel.yml (part of make all)."
     ) in out
     hosts = recap(out)
-    for node in configured_lab:
+    for node in lab:
         failed = hosts[node.name][3]
         assert failed == (1 if node.variant == "stock" else 0), node.name
     report = json.loads((ROOT / ".apull/reports/preflight-last.json").read_text())
-    for node in configured_lab:
+    for node in lab:
         facts = report["nodes"][node.name]
         expected = "none" if node.variant == "stock" else "fscache"
         assert facts["backend"] == expected
 
 
-def test_check_diff_reports_the_upgrade_and_changes_nothing(configured_lab, stock):
-    before = {n.name: boot_id(n) for n in configured_lab}
+def test_check_diff_reports_the_upgrade_and_changes_nothing(lab, stock):
+    before = {n.name: boot_id(n) for n in lab}
     result = apull("run", "site", "--no-lab", "--check", "--diff")
     out = result.stdout
     assert result.returncode == 0, out[-3000:]
@@ -87,20 +54,20 @@ def test_check_diff_reports_the_upgrade_and_changes_nothing(configured_lab, stoc
         "then reboot"
     ) in out
     assert re.search(rf"^{stock.name}\s.*would change", out, re.M)
-    assert {n.name: boot_id(n) for n in configured_lab} == before
+    assert {n.name: boot_id(n) for n in lab} == before
     assert not package_installed(stock)
     assert run_on(stock, "ls /etc/apt/sources.list.d/").stdout.strip() == ""
 
 
-def test_site_upgrades_the_stock_node_with_one_reboot(configured_lab, stock):
-    before = {n.name: boot_id(n) for n in configured_lab}
+def test_site_upgrades_the_stock_node_with_one_reboot(lab, stock):
+    before = {n.name: boot_id(n) for n in lab}
     started = time.monotonic()
     result = apull("run", "site", "--no-lab")
     took = time.monotonic() - started
     out = result.stdout
     assert result.returncode == 0, out[-4000:]
     print(f"first site run with the upgrade: {took:.0f} s")
-    for node in configured_lab:
+    for node in lab:
         boot_ids[node.name] = boot_id(node)
         rebooted = boot_ids[node.name] != before[node.name]
         assert rebooted == (node is stock), node.name
@@ -113,7 +80,7 @@ def test_site_upgrades_the_stock_node_with_one_reboot(configured_lab, stock):
     assert report["nodes"][stock.name]["probe"] == "accepted"
 
 
-def test_second_site_run_changes_nothing_and_reboots_nothing(configured_lab, stock, hosts):
+def test_second_site_run_changes_nothing_and_reboots_nothing(lab, stock, hosts):
     uptime = float(run_on(stock, "cut -d' ' -f1 /proc/uptime").stdout)
     started = time.monotonic()
     result = apull("run", "site", "--no-lab")
@@ -122,12 +89,12 @@ def test_second_site_run_changes_nothing_and_reboots_nothing(configured_lab, sto
     assert result.returncode == 0, out[-3000:]
     for host, (_, changed, unreachable, failed) in recap(out).items():
         assert (changed, unreachable, failed) == (0, 0, 0), host
-    for node in configured_lab:
+    for node in lab:
         assert boot_id(node) == boot_ids[node.name], f"{node.name} rebooted"
         assert re.search(rf"^{node.name}\s.*no change$", out, re.M)
     assert float(run_on(stock, "cut -d' ' -f1 /proc/uptime").stdout) > uptime
     report = json.loads((ROOT / ".apull/reports/site-last.json").read_text())
-    for node in configured_lab:
+    for node in lab:
         facts = report["nodes"][node.name]
         assert facts["kernel"] == hosts[node.name].sysctl("kernel.osrelease")
         assert facts["containerd"].startswith("1.6.")
@@ -135,13 +102,13 @@ def test_second_site_run_changes_nothing_and_reboots_nothing(configured_lab, sto
         assert state == ("fscache", "enabled", [])
 
 
-def test_prepared_nodes_pass_preflight(configured_lab):
+def test_prepared_nodes_pass_preflight(lab):
     result = apull("run", "preflight", "--no-lab")
     assert result.returncode == 0, result.stdout[-2000:]
     assert all(v[3] == 0 for v in recap(result.stdout).values())
 
 
-def test_gate_and_modules_survive_a_plain_reboot(configured_lab, stock):
+def test_gate_and_modules_survive_a_plain_reboot(lab, stock):
     node = stock
     old = boot_id(node)
     run_on(node, "systemctl reboot")

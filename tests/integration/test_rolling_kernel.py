@@ -9,17 +9,19 @@ recorded requests show which nodes were drained, evicted and uncordoned."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-from conftest import reset_nodes, restore_configured_state, run_on
-from test_node_preparation import boot_id, package_installed, recap
+from conftest import (
+    apull,
+    boot_id,
+    package_installed,
+    recap,
+    reset_nodes,
+    restore_configured_state,
+    run_on,
+)
 
 from apull.lab import layout
 from apull.testing.fake_kube_api import FakeKubeAPI
 
-ROOT = Path(__file__).resolve().parents[2]
 FAIL_HOOK = "/etc/apt/apt.conf.d/99apull-test-fail"
 
 
@@ -59,11 +61,7 @@ def test_a_failing_node_stops_the_rollout(lab, tmp_path):
         names = [first.name, failing.name, untouched.name]
         with FakeKubeAPI(names, pods={n: [_workload(n)] for n in names}) as api:
             kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-            result = subprocess.run(
-                [sys.executable, "-m", "apull.cli", "run", "kernel", "--no-lab",
-                 "-e", f"kernel_kubeconfig={kubeconfig}"],
-                cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False,
-            )  # fmt: skip
+            result = apull("run", "kernel", "--no-lab", "-e", f"kernel_kubeconfig={kubeconfig}")
         out = result.stdout
         assert result.returncode != 0, out[-3000:]
 
