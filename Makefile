@@ -12,12 +12,14 @@ export APULL_CONFIG := $(abspath $(CONFIG))
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 export PATH := $(abspath $(BIN)):$(PATH)
 # Debian packages the controller needs: the lab (QEMU, debootstrap, VDE switch, registry,
-# the test image's busybox, socat for the registry forward), sshpass for password logins.
+# the test image's busybox, socat for the registry forward), sshpass for password logins,
+# containerd and runc for the snapshotter's tests on this host.
 HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2fsprogs \
-	sshpass busybox-static socat openssh-client python3-venv ca-certificates
+	sshpass busybox-static socat openssh-client python3-venv ca-certificates \
+	containerd runc
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
-	test lint unit integration molecule
+	test lint unit integration molecule bundle sync-bin clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +41,7 @@ venv: $(VENV)/.installed ## create the Python venv with the suite and its tools
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m apull.snapshotter.api.generate >/dev/null
 	touch $@
 
 config-check: venv ## validate config.txt and list the nodes
@@ -65,10 +68,20 @@ check: deps venv ## what `make all` would change (--check --diff), changing noth
 kernel: deps venv ## rolling kernel upgrade of the nodes that need it (SERIAL=1)
 	$(APULL) run kernel -e apull_kernel_serial=$(or $(SERIAL),1)
 
+bundle: venv ## build the node binaries into build/bundle (reused when up to date)
+	$(APULL) bundle
+
+sync-bin: deps venv ## install the node binaries on every node (ROLLBACK=1 puts back the previous)
+	$(APULL) sync-bin $(if $(ROLLBACK),--rollback) $(if $(SERVERS),--servers $(SERVERS))
+
+clean: deps venv ## take the stack off the nodes: services, binaries, data; containerd's config restored
+	$(APULL) run uninstall
+
 lint: venv ## ruff, mypy and ansible-lint
-	$(BIN)/ruff check src tests tools collections
-	$(BIN)/ruff format --check src tests tools collections
+	$(BIN)/ruff check src tests tools collections fabfile.py
+	$(BIN)/ruff format --check src tests tools collections fabfile.py
 	$(BIN)/mypy
+	$(BIN)/mypy --strict fabfile.py
 	$(BIN)/ansible-lint -q playbooks roles
 
 unit: venv ## fast tests, no nodes
@@ -79,7 +92,7 @@ integration: deps venv lab-up ## tests against the lab's real nodes
 
 # In this order: preflight reads the stock node before kernel upgrades it (and kernel's
 # cleanup makes it stock again).
-ROLES_WITH_SCENARIOS := preflight fscache kernel
+ROLES_WITH_SCENARIOS := preflight fscache kernel containerd apull
 molecule: deps venv lab-up ## each role's molecule scenario on the lab's nodes
 	@set -e; for role in $(ROLES_WITH_SCENARIOS); do \
 		echo "== molecule: role $$role"; (cd roles/$$role && molecule test); done

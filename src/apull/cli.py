@@ -13,12 +13,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from apull.bundle.artefacts import BundleError
 from apull.config import (
     ClusterConfig,
     ConfigError,
     default_config_path,
     format_problems,
     load_config,
+    load_config_with_servers,
 )
 from apull.lab import layout
 from apull.lab.run import LabError
@@ -182,6 +184,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_playbook(cfg, args.playbook, args.ansible_args)
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from apull.bundle.builder import ensure_bundle
+
+    started = time.monotonic()
+    bundle, built = ensure_bundle(args.out, force=args.force)
+    took = time.monotonic() - started
+    _log(f"bundle {bundle.directory}: {'built' if built else 'up to date'} in {took:.1f} s")
+    for b in bundle.binaries:
+        out.print(f"  {b.name:24} {b.sha256}  {b.size / 1e6:5.1f} MB -> {b.install_path}")
+    return 0
+
+
+def cmd_sync_bin(args: argparse.Namespace) -> int:
+    from apull.tasks.sync_bin import sync_bin
+
+    if args.servers is not None:
+        cfg = load_config_with_servers(args.config, args.servers)
+    else:
+        cfg = _load(args.config)
+    if cfg.target == "lab" and not args.no_lab:
+        from apull.lab import lab
+
+        lab.up(lab_nodes(cfg), _log)
+    return sync_bin(
+        cfg,
+        rollback=args.rollback,
+        check=args.check,
+        only=args.nodes,
+        prebuilt=args.bundle,
+        console=out,
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apull", description=__doc__)
     p.add_argument(
@@ -219,6 +254,31 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("playbook", help="playbook name under playbooks/ (e.g. site)")
     r.add_argument("--no-lab", action="store_true", help="do not bring the lab up first")
     r.set_defaults(func=cmd_run)
+    b = sub.add_parser("bundle", help="build the node binaries (reused when up to date)")
+    b.add_argument("--out", type=Path, default=None, help="directory (default build/bundle)")
+    b.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    b.set_defaults(func=cmd_bundle)
+    sb = sub.add_parser(
+        "sync-bin",
+        help="install the node binaries on every node (replaces tools/sync_bin.sh)",
+    )
+    sb.add_argument("nodes", nargs="*", metavar="NODE", help="only these nodes (default: all)")
+    sb.add_argument("--rollback", action="store_true", help="put back the previous binaries")
+    sb.add_argument("--check", action="store_true", help="say what would change, change nothing")
+    sb.add_argument(
+        "--servers",
+        type=Path,
+        default=None,
+        help="a legacy servers.txt: sync to its hosts (SSH_* still from the config)",
+    )
+    sb.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="send this prebuilt bundle as it is (checked against its manifest)",
+    )
+    sb.add_argument("--no-lab", action="store_true", help="do not bring the lab up first")
+    sb.set_defaults(func=cmd_sync_bin)
     return p
 
 
@@ -235,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         console.print(format_problems(err), markup=False)
         console.print("nothing was run.")
+        return 2
+    except BundleError as err:
+        console.print(f"[red]bundle error:[/red] {err}")
         return 2
     except LabError as err:
         console.print("[red]lab error:[/red]", end=" ")

@@ -179,6 +179,22 @@ def load_config(path: Path) -> ClusterConfig:
     return cfg
 
 
+def load_config_with_servers(path: Path, servers_file: Path) -> ClusterConfig:
+    """The config at ``path`` aimed at the hosts of a legacy servers.txt instead of its own.
+
+    SSH_USER, SSH_PASSWORD, SSH_KEY and SSH_PORT still come from the config file; TARGET,
+    NODES and SERVERS_FILE are replaced (their lines are blanked, so line numbers still hold).
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([ConfigProblem(path, 0, "", f"cannot read config file: {e}")]) from e
+    replaced = ("TARGET", "NODES", "SERVERS_FILE", "LAB_NODES", "LAB_STOCK_NODES")
+    kept = ["" if line.split("=", 1)[0].strip() in replaced else line for line in text.splitlines()]
+    kept += ["TARGET=servers", f"SERVERS_FILE={servers_file.resolve()}"]
+    return parse_config("\n".join(kept) + "\n", path)
+
+
 def parse_config(text: str, path: Path) -> ClusterConfig:
     """Check config ``text`` read from ``path`` (used in messages and for relative paths)."""
     return _Parser(path).parse(text)

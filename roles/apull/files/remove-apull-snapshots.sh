@@ -1,0 +1,27 @@
+#!/bin/sh
+# Remove, in every containerd namespace, the containers whose snapshotter is apull and then
+# every apull snapshot (children before parents: repeat until a pass removes nothing).
+set -u
+command -v ctr >/dev/null || exit 0
+ctr version >/dev/null 2>&1 || { echo "containerd does not answer: nothing removed"; exit 0; }
+for ns in $(ctr namespaces ls -q); do
+    for c in $(ctr -n "$ns" containers ls -q); do
+        if ctr -n "$ns" containers info "$c" | grep -q '"Snapshotter": "apull"'; then
+            ctr -n "$ns" tasks kill -s SIGKILL "$c" >/dev/null 2>&1 || true
+            ctr -n "$ns" tasks rm -f "$c" >/dev/null 2>&1 || true
+            ctr -n "$ns" containers rm "$c" && echo "removed container $ns/$c"
+        fi
+    done
+    pass=0
+    while [ $pass -lt 64 ]; do
+        keys=$(ctr -n "$ns" snapshots --snapshotter apull ls 2>/dev/null | awk 'NR>1 {print $1}')
+        [ -n "$keys" ] || break
+        gone=0
+        for k in $keys; do
+            ctr -n "$ns" snapshots --snapshotter apull rm "$k" >/dev/null 2>&1 && gone=$((gone+1))
+        done
+        [ $gone -gt 0 ] || { echo "could not remove apull snapshots in $ns: $keys" >&2; exit 1; }
+        echo "removed $gone snapshot(s) in $ns"
+        pass=$((pass+1))
+    done
+done

@@ -1,0 +1,89 @@
+"""The POSIX sh scripts an installer runs on a node (fed on stdin to `sh -s`, run as root)."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable
+
+from apull.bundle.artefacts import BuiltBinary
+
+#: Printed first by every script, so output before it (motd, shell noise) is ignored.
+MARKER = "--apull--"
+
+
+def staging_path(binary: BuiltBinary) -> str:
+    """Where a new binary is put before its rename: next to it, so the rename is atomic."""
+    directory, _, name = binary.install_path.rpartition("/")
+    return f"{directory}/.{name}.apull-new"
+
+
+def state_script(binaries: Iterable[BuiltBinary]) -> str:
+    """Prints `name<TAB>sha256 of installed<TAB>sha256 of previous<TAB>service state`."""
+    lines = [
+        "set -u",
+        'sum() { if [ -f "$1" ]; then sha256sum "$1" | cut -d" " -f1; else echo -; fi; }',
+        'unit() { systemctl is-active "$1" 2>/dev/null || true; }',
+        f"echo {MARKER}",
+    ]
+    for b in binaries:
+        lines.append(
+            f"printf '%s\\t%s\\t%s\\t%s\\n' {shlex.quote(b.name)} "
+            f'"$(sum {shlex.quote(b.install_path)})" "$(sum {shlex.quote(b.previous_path)})" '
+            f'"$(unit {shlex.quote(b.service)})"'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def install_script(binary: BuiltBinary, uploaded: str) -> str:
+    """Verify the upload, keep the installed binary as previous, rename the new one in."""
+    q = shlex.quote
+    staging = staging_path(binary)
+    return f"""set -eu
+echo {MARKER}
+up={q(uploaded)}; new={q(staging)}; dst={q(binary.install_path)}; prev={q(binary.previous_path)}
+got=$(sha256sum "$up" | cut -d" " -f1)
+if [ "$got" != {q(binary.sha256)} ]; then
+  rm -f "$up"; echo "{binary.name}: upload corrupted (sha256 $got)" >&2; exit 1
+fi
+if [ "$up" != "$new" ]; then cp "$up" "$new"; rm -f "$up"; fi
+chown 0:0 "$new"; chmod {binary.mode} "$new"
+install -d -m 0700 {q(binary.previous_dir)}
+if [ -f "$dst" ]; then cp -p "$dst" "$prev.tmp"; mv -f "$prev.tmp" "$prev"; fi
+mv -f "$new" "$dst"
+echo installed
+"""
+
+
+def rollback_script(binary: BuiltBinary) -> str:
+    """Swap the installed and the previous binary (a second rollback rolls forward)."""
+    q = shlex.quote
+    staging = staging_path(binary)
+    return f"""set -eu
+echo {MARKER}
+new={q(staging)}; dst={q(binary.install_path)}; prev={q(binary.previous_path)}
+if [ ! -f "$prev" ]; then echo "{binary.name}: no previous version kept" >&2; exit 3; fi
+cp -p "$prev" "$new"
+if [ -f "$dst" ]; then cp -p "$dst" "$prev.tmp"; fi
+mv -f "$new" "$dst"
+if [ -f "$prev.tmp" ]; then mv -f "$prev.tmp" "$prev"; fi
+echo rolled-back
+"""
+
+
+def restart_script(services: Iterable[str]) -> str:
+    """Restart the given services that are running; say which were restarted."""
+    lines = ["set -u", f"echo {MARKER}"]
+    for service in services:
+        s = shlex.quote(service)
+        lines.append(
+            f"if systemctl is-active --quiet {s}; then systemctl restart {s} && echo {s}; fi"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def after_marker(output: str) -> list[str]:
+    """The script's own lines (what it printed after MARKER)."""
+    lines = output.splitlines()
+    if MARKER in lines:
+        lines = lines[lines.index(MARKER) + 1 :]
+    return [line for line in lines if line.strip()]

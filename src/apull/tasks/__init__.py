@@ -1,0 +1,1 @@
+"""Fabric tasks: operations run straight over SSH, in parallel, without Ansible."""
