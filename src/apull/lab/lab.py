@@ -120,19 +120,22 @@ def reset(wanted: layout.LabNode | Sequence[layout.LabNode], log: Log) -> dict[s
 MODULES_PACKAGE = "apull-ondemand-modules-$(uname -r)"
 _STATE_PROBE = (
     f"dpkg-query -W -f='${{Status}}\\n' {MODULES_PACKAGE} 2>/dev/null; "
-    "test -e /lib/modules/$(uname -r)/updates/fs_ctl.ko && echo updates"
+    "test -e /lib/modules/$(uname -r)/updates/fs_ctl.ko && echo updates; "
+    "test -e /etc/apull -o -e /usr/bin/apulld -o -e /var/lib/apull && echo deployed"
 )
 
 
 def diverged(node: layout.LabNode) -> bool:
     """True if the node is no longer what its variant boots as: a stock node that got the
-    on-demand modules package, or an ondemand node without its rebuilt modules."""
+    on-demand modules package, an ondemand node without its rebuilt modules, or any node
+    with (part of) the apull stack deployed."""
     res = nodes.ssh(node, _STATE_PROBE, timeout=120)
     if res.returncode not in (0, 1):
         raise LabError(f"{node.name}: cannot read its state: {res.stderr.strip()}")
     installed = "install ok installed" in res.stdout
     has_updates = "updates" in res.stdout.split()
-    return installed or (node.variant == "ondemand" and not has_updates)
+    deployed = "deployed" in res.stdout.split()
+    return installed or deployed or (node.variant == "ondemand" and not has_updates)
 
 
 def _known_nodes() -> list[nodes.NodeDir]:

@@ -1,0 +1,180 @@
+"""apulld: the node daemon. Chooses the cache backend, holds it, answers the HTTP API.
+
+    apulld [--config PATH] [--address SOCK] [--cache-dir DIR] [--backend B] [--log-level L]
+    apulld --check-backend    print the backend this node would get and why, then exit
+
+--check-backend binds no socket and keeps nothing open; to prove fscache it opens
+/dev/cachefiles, binds the cache dir on-demand and closes it again, so it reports the device
+busy while an apulld runs (ask that one with PUT /v1.0/apulld/ping instead).
+Exit status: 0 ok, 1 startup error (message on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from apull import __version__
+from apull.daemon.backend import (
+    BackendChoice,
+    BackendUnavailableError,
+    choose_backend,
+    make_private_dir,
+)
+from apull.daemon.blob_registry import BlobRegistry, BlobStoreError
+from apull.daemon.cachefiles_device import OnDemandServer, RefuseAllObjects
+from apull.daemon.http_api import ApiState, ApulldHttpServer
+from apull.service import sdnotify
+from apull.service.logs import setup_logging
+from apull.service.settings import (
+    BACKENDS,
+    DEFAULT_CONFIG_PATH,
+    LOG_LEVELS,
+    ApulldSettings,
+    SettingsError,
+    load_settings,
+)
+from apull.service.sockets import SocketInUseError, prepare_socket_path, restrict_socket
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apulld", description="apull node daemon")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="settings file")
+    parser.add_argument("--address", help="unix socket of the HTTP API")
+    parser.add_argument("--cache-dir", help="cachefiles cache directory")
+    parser.add_argument("--backend", choices=BACKENDS, help="cache backend (default: auto)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
+    parser.add_argument(
+        "--check-backend", action="store_true", help="print the backend and reasons, then exit"
+    )
+    parser.add_argument("--version", action="version", version=f"apulld {__version__}")
+    return parser
+
+
+def state_dir(cache_dir: str) -> Path:
+    """Where apulld keeps its own files: next to the cache dir (cachefiles owns that one)."""
+    return Path(cache_dir).parent / "apulld"
+
+
+def check_backend(settings: ApulldSettings) -> int:
+    try:
+        choice = choose_backend(
+            settings.backend, settings.cache_dir, settings.fscache_tag, hold=False
+        )
+    except BackendUnavailableError as err:
+        print(f"apulld: {err}", file=sys.stderr)
+        return 1
+    print(choice.name)
+    for reason in choice.reasons:
+        print(f"- {reason}")
+    return 0
+
+
+def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
+    os.umask(0o077)
+    try:
+        make_private_dir(settings.cache_dir)
+        blobs_dir = make_private_dir(state_dir(settings.cache_dir))
+        blobs = BlobRegistry.load(blobs_dir / "blobs.json")
+        choice = choose_backend(settings.backend, settings.cache_dir, settings.fscache_tag)
+        prepare_socket_path(settings.address)
+    except (OSError, BlobStoreError, BackendUnavailableError, SocketInUseError) as err:
+        log.error("cannot start: %s", err)
+        return 1
+    log.info("backend %s chosen: %s", choice.name, "; ".join(choice.reasons))
+
+    try:
+        server = ApulldHttpServer(settings.address, ApiState(backend=choice, blobs=blobs))
+        restrict_socket(settings.address)
+    except OSError as err:
+        log.error("cannot listen on %s: %s", settings.address, err)
+        return 1
+    ondemand = _start_ondemand(choice)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # A short poll interval only makes shutdown quicker; requests are served at once.
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
+    try:
+        sdnotify.ready(f"backend {choice.name}, {len(blobs)} blobs")
+    except OSError as err:
+        log.warning("cannot tell systemd we are ready: %s", err)
+    log.info(
+        "ready in %.2fs: backend %s, %d blobs (%s), listening on %s",
+        time.monotonic() - started,
+        choice.name,
+        len(blobs),
+        blobs.path,
+        settings.address,
+    )
+    stop.wait()
+
+    with contextlib.suppress(OSError):
+        sdnotify.stopping()
+    server.shutdown()
+    server.server_close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(settings.address)
+    if ondemand is not None:
+        ondemand.stop()
+    log.info("stopped")
+    return 0
+
+
+def _start_ondemand(choice: BackendChoice) -> OnDemandServer | None:
+    """Answer the kernel while the device is held (the fd itself stays open until exit)."""
+    if choice.device_fd is None:
+        return None
+    ondemand = OnDemandServer(choice.device_fd, RefuseAllObjects())
+    ondemand.start()
+    return ondemand
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(Path(args.config))
+    except SettingsError as err:
+        print(f"apulld: {err}", file=sys.stderr)
+        return 1
+    overrides = {
+        key: value
+        for key, value in (
+            ("address", args.address),
+            ("backend", args.backend),
+            ("cache_dir", args.cache_dir),
+        )
+        if value is not None
+    }
+    apulld = dataclasses.replace(settings.apulld, **overrides)
+    apulld = dataclasses.replace(apulld, cache_dir=os.path.abspath(apulld.cache_dir))
+    log = setup_logging("apulld", args.log_level or settings.global_.log_level)
+    if args.check_backend:
+        return check_backend(apulld)
+    log.info(
+        "apulld %s starting: backend=%s cache_dir=%s address=%s",
+        __version__,
+        apulld.backend,
+        apulld.cache_dir,
+        apulld.address,
+    )
+    return serve(apulld, log, started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
