@@ -1,0 +1,78 @@
+"""Generate the snapshotter's Python gRPC stubs from our .proto files (needs grpcio-tools).
+
+protoc runs with `-I <src>` so the generated modules import each other as
+`apull.snapshotter.api.*`. Files are written only when their content changes, so running it
+again is a no-op (and keeps mtimes stable for make).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+API_DIR = Path(__file__).resolve().parent
+SRC_ROOT = API_DIR.parents[2]
+PROTO_PACKAGE = API_DIR.relative_to(SRC_ROOT)  # apull/snapshotter/api
+PROTOS = ("mount.proto", "snapshots.proto")
+
+
+class GenerateError(Exception):
+    """protoc failed; the message carries its exit status."""
+
+
+def _well_known_include() -> str:
+    """grpc_tools' bundled google/protobuf/*.proto (Empty, Timestamp, FieldMask)."""
+    return str(resources.files("grpc_tools") / "_proto")
+
+
+def generate(out_root: Path | None = None) -> list[Path]:
+    """Write the stubs under `out_root` (default: next to the protos); return every output."""
+    from grpc_tools import protoc  # only the build needs grpcio-tools
+
+    target = (out_root or SRC_ROOT) / PROTO_PACKAGE
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="apull-protoc-") as tmp:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{SRC_ROOT}",
+            f"-I{_well_known_include()}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *(str(PROTO_PACKAGE / name) for name in PROTOS),
+        ]
+        status = protoc.main(args)
+        if status != 0:
+            raise GenerateError(f"protoc exited with status {status}: {' '.join(args)}")
+        outputs = []
+        for produced in sorted((Path(tmp) / PROTO_PACKAGE).iterdir()):
+            dest = target / produced.name
+            content = produced.read_bytes()
+            if not dest.exists() or dest.read_bytes() != content:
+                dest.write_bytes(content)
+            outputs.append(dest)
+    return outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out-root",
+        type=Path,
+        help="directory that receives apull/snapshotter/api/*_pb2*.py (default: the source tree)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        for path in generate(args.out_root):
+            print(path)
+    except GenerateError as err:
+        print(f"generate: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

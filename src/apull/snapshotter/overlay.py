@@ -1,0 +1,238 @@
+"""The snapshotter proper: containerd's overlay snapshotter semantics on our metadata store.
+
+Directories and metadata stay consistent across crashes: a new snapshot's directory is built
+under a temporary name, renamed to `snapshots/<id>` (and the rename made durable) before its
+record commits; removals commit the record first and delete the directory after. Whatever a
+crash leaves behind is a directory without a record, which Cleanup (and start-up, for
+temporary names) deletes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from apull.snapshotter.diskusage import Usage, disk_usage
+from apull.snapshotter.filters import Adaptor, Filter, parse_filters
+from apull.snapshotter.layout import REMOVING_PREFIX, TEMP_PREFIX, Layout
+from apull.snapshotter.mounts import Mount, overlay_options, snapshot_mounts
+from apull.snapshotter.store import Info, Kind, MetaStore, validate_labels
+
+log = logging.getLogger(__name__)
+
+#: Set by containerd's unpacker on Prepare: the name the layer will be committed as.
+SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    key: str
+    parent: str
+    labels: Mapping[str, str]
+
+    @property
+    def target(self) -> str:
+        """The committed name unpack wants (label containerd.io/snapshot.ref), or ""."""
+        return self.labels.get(SNAPSHOT_REF_LABEL, "")
+
+
+class PrepareHook(Protocol):
+    """Looks at a Prepare before the snapshotter creates an ordinary active snapshot.
+
+    A hook that can provide the layer itself (a remote snapshot served by apulld) creates
+    `request.key` and commits it as `request.target`, keeping the request's labels, through
+    the snapshotter's `create`/`commit`, then raises AlreadyExistsError: containerd looks the
+    target up (List, by label containerd.io/snapshot.ref and parent) and skips downloading
+    that layer. Returning None lets the next hook, and finally the ordinary Prepare, run.
+    """
+
+    def __call__(self, snapshotter: OverlaySnapshotter, request: PrepareRequest) -> None: ...
+
+
+def _adaptor(info: Info) -> Adaptor:
+    """The fields containerd's filters can name on a snapshot."""
+    return lambda fieldpath: _info_field(info, fieldpath)
+
+
+def _info_field(info: Info, fieldpath: Sequence[str]) -> tuple[str, bool]:
+    if not fieldpath:
+        return "", False
+    name = fieldpath[0]
+    if name == "kind":
+        return info.kind.name.lower(), info.kind != Kind.UNKNOWN
+    if name == "name":
+        return info.name, True
+    if name == "parent":
+        return info.parent, True
+    if name == "labels":
+        key = ".".join(fieldpath[1:])
+        return info.labels.get(key, ""), key in info.labels
+    return "", False
+
+
+class OverlaySnapshotter:
+    def __init__(self, root: Path, prepare_hooks: Iterable[PrepareHook] = ()) -> None:
+        self.layout = Layout(root)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        self.layout.snapshots.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.layout.snapshots, 0o700)
+        self.store = MetaStore(self.layout.metadata_db)
+        os.chmod(self.layout.metadata_db, 0o600)
+        self.prepare_hooks = list(prepare_hooks)
+        self._overlay_options = overlay_options()
+        self._reap_temporaries()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- creating
+
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        """A new active snapshot; hooks first (see PrepareHook)."""
+        validate_labels(labels)
+        request = PrepareRequest(key, parent, dict(labels))
+        for hook in self.prepare_hooks:
+            hook(self, request)
+        return self.create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        validate_labels(labels)
+        return self.create(Kind.VIEW, key, parent, labels)
+
+    def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        """Record the snapshot and build its directory, both or neither."""
+        temp: Path | None = None
+        final: Path | None = None
+        try:
+            with self.store.transaction() as tx:
+                # Inside the transaction: Cleanup, which holds it too, never sees this name.
+                temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.layout.snapshots))
+                # chmod as well: the modes must not depend on the service's umask.
+                (temp / "fs").mkdir()
+                os.chmod(temp / "fs", 0o755)
+                if kind == Kind.ACTIVE:
+                    (temp / "work").mkdir()
+                    os.chmod(temp / "work", 0o711)
+                snapshot = tx.create(kind, key, parent, labels)
+                if snapshot.parent_ids:
+                    # The new upper layer starts owned like the parent's root directory.
+                    st = os.stat(self.layout.fs_dir(snapshot.parent_ids[0]))
+                    os.lchown(temp / "fs", st.st_uid, st.st_gid)
+                final = self.layout.snapshot_dir(snapshot.id)
+                if os.path.lexists(final):
+                    # Left by a crash before its record committed: the id was never used.
+                    log.warning("removing stale snapshot directory %s", final)
+                    self._delete_tree(final)
+                os.rename(temp, final)
+                temp = None
+                _fsync_dir(self.layout.snapshots)
+        except BaseException:
+            for leftover in (temp, final):
+                if leftover is not None:
+                    self._delete_tree(leftover)
+            raise
+        return snapshot_mounts(self.layout, snapshot, self._overlay_options)
+
+    # -- reading
+
+    def mounts(self, key: str) -> list[Mount]:
+        with self.store.transaction() as tx:
+            snapshot = tx.snapshot(key)
+        return snapshot_mounts(self.layout, snapshot, self._overlay_options)
+
+    def stat(self, key: str) -> Info:
+        with self.store.transaction() as tx:
+            return tx.info(key)[1]
+
+    def walk(self, filters: Sequence[str] = ()) -> list[Info]:
+        selected: Filter = parse_filters(filters)
+        with self.store.transaction() as tx:
+            infos = tx.infos()
+        return [info for info in infos if selected.matches(_adaptor(info))]
+
+    def usage(self, key: str) -> Usage:
+        """Measured for active snapshots (may take a while), recorded at commit otherwise."""
+        with self.store.transaction() as tx:
+            snapshot_id, info, usage = tx.info(key)
+        if info.kind == Kind.ACTIVE:
+            return disk_usage(self.layout.fs_dir(snapshot_id))
+        return usage
+
+    # -- changing
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+        validate_labels(labels)
+        with self.store.transaction() as tx:
+            snapshot_id, info, _ = tx.info(key)
+        # Measured outside the transaction: other snapshots need not wait for the walk.
+        usage = disk_usage(self.layout.fs_dir(snapshot_id)) if info.kind == Kind.ACTIVE else Usage()
+        with self.store.transaction() as tx:
+            tx.commit_active(key, name, usage, labels, expect_id=snapshot_id)
+
+    def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Info:
+        validate_labels(labels)
+        with self.store.transaction() as tx:
+            return tx.update(name, labels, paths)
+
+    def remove(self, key: str) -> None:
+        with self.store.transaction() as tx:
+            snapshot_id, _ = tx.remove(key)
+        self._delete_tree(self.layout.snapshot_dir(snapshot_id))
+
+    def cleanup(self) -> list[Path]:
+        """Delete every directory under snapshots/ without a record; return what went."""
+        doomed = []
+        with self.store.transaction() as tx:
+            ids = tx.ids()
+            for entry in sorted(os.listdir(self.layout.snapshots)):
+                if entry in ids:
+                    continue
+                path = self.layout.snapshots / entry
+                if not entry.startswith(REMOVING_PREFIX):
+                    # Renamed while no Prepare can run, so a new snapshot never gets an id
+                    # whose stale directory we are still deleting.
+                    renamed = path.with_name(f"{REMOVING_PREFIX}{entry}-{uuid.uuid4().hex[:8]}")
+                    os.rename(path, renamed)
+                    path = renamed
+                doomed.append(path)
+        for path in doomed:
+            self._delete_tree(path)
+        return doomed
+
+    # -- housekeeping
+
+    def _reap_temporaries(self) -> None:
+        """Unfinished creations and removals from a previous run (nothing runs yet)."""
+        for entry in os.listdir(self.layout.snapshots):
+            if entry.startswith((TEMP_PREFIX, REMOVING_PREFIX)):
+                log.info("removing leftover %s", self.layout.snapshots / entry)
+                self._delete_tree(self.layout.snapshots / entry)
+
+    @staticmethod
+    def _delete_tree(path: Path) -> None:
+        """Best effort: a failure is logged and the orphan left for the next Cleanup."""
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("cannot remove %s: %s", path, err)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
