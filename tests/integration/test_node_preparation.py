@@ -1,7 +1,9 @@
-"""Node preparation end to end on the lab: preflight names what the stock node lacks, check
-mode changes nothing, `make all`'s playbook upgrades the stock node through the real path
-(apt from the lab's repository, one reboot), a second run changes and reboots nothing, and the
-gate and modules survive a plain reboot.
+"""`make all` end to end on the lab: preflight names what the stock node lacks, check mode
+changes nothing, the site playbook upgrades the stock node through the real path (apt from
+the lab's repository, one reboot) and deploys the stack on every node (containerd pulls and
+runs an image through the apull snapshotter), a second run changes, reboots and restarts
+nothing, everything survives a plain reboot, and `make clean` puts containerd's config back
+byte for byte.
 
 The tests run in file order and build on each other's effect on the lab."""
 
@@ -15,7 +17,40 @@ import time
 import pytest
 from conftest import ROOT, apull, boot_id, package_installed, recap, run_on
 
+from apull.lab import layout
+from apull.lab.test_image import REPO, TAG
+
 boot_ids: dict[str, str] = {}
+IMAGE = f"{layout.guest_registry()}/{REPO}:{TAG}"
+CONFIG = "/etc/containerd/config.toml"
+#: containerd's config before anything of ours ran: "inode sha256" or "absent".
+pristine: dict[str, str] = {}
+#: "MainPID ActiveEnterTimestampMonotonic" of containerd and both services after the deploy.
+service_starts: dict[str, str] = {}
+SERVICES = "containerd.service apulld.service apull-snapshotter.service"
+
+
+def config_state(node: layout.LabNode) -> str:
+    res = run_on(node, f"test -e {CONFIG} && stat -c %i {CONFIG} && sha256sum {CONFIG}")
+    return " ".join(res.stdout.split()[:2]) if res.returncode == 0 else "absent"
+
+
+def starts(node: layout.LabNode) -> str:
+    cmd = f"systemctl show -p MainPID -p ActiveEnterTimestampMonotonic {SERVICES}"
+    return run_on(node, cmd).stdout
+
+
+def runs_an_image_through_apull(node: layout.LabNode, name: str) -> None:
+    plugins = run_on(node, "ctr plugins ls").stdout
+    assert re.search(r"^io\.containerd\.snapshotter\.v1\s+apull\s+\S+\s+ok$", plugins, re.M), (
+        plugins
+    )
+    pull = run_on(node, f"ctr images pull --plain-http --snapshotter apull {IMAGE}")
+    assert pull.returncode == 0, pull.stderr
+    run = run_on(node, f"ctr run --rm --snapshotter apull {IMAGE} {name} echo hi")
+    assert run.stdout.strip() == "hi", run.stderr
+    snapshots = run_on(node, "ctr snapshots --snapshotter apull ls").stdout
+    assert "Committed" in snapshots, snapshots
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +60,7 @@ def stock(lab, stock_nodes):
 
 
 def test_preflight_names_what_the_stock_node_lacks_and_the_fix(lab, stock):
+    pristine.update({n.name: config_state(n) for n in lab})
     result = apull("run", "preflight", "--no-lab")
     out = result.stdout
     assert result.returncode == 2, out[-2000:]
@@ -78,6 +114,13 @@ def test_site_upgrades_the_stock_node_with_one_reboot(lab, stock):
     report = json.loads((ROOT / ".apull/reports/site-last.json").read_text())
     assert report["nodes"][stock.name]["backend"] == "fscache"
     assert report["nodes"][stock.name]["probe"] == "accepted"
+    for node in lab:
+        runs_an_image_through_apull(node, "hi-after-deploy")
+        state = config_state(node)
+        if pristine[node.name] != "absent":  # patched in place: same inode, new content
+            assert state.split()[0] == pristine[node.name].split()[0], node.name
+            assert state != pristine[node.name], node.name
+        service_starts[node.name] = starts(node)
 
 
 def test_second_site_run_changes_nothing_and_reboots_nothing(lab, stock, hosts):
@@ -93,6 +136,8 @@ def test_second_site_run_changes_nothing_and_reboots_nothing(lab, stock, hosts):
         assert boot_id(node) == boot_ids[node.name], f"{node.name} rebooted"
         assert re.search(rf"^{node.name}\s.*no change$", out, re.M)
     assert float(run_on(stock, "cut -d' ' -f1 /proc/uptime").stdout) > uptime
+    for node in lab:  # containerd and the services were not restarted
+        assert starts(node) == service_starts[node.name], node.name
     report = json.loads((ROOT / ".apull/reports/site-last.json").read_text())
     for node in lab:
         facts = report["nodes"][node.name]
@@ -137,3 +182,36 @@ def test_gate_and_modules_survive_a_plain_reboot(lab, stock):
     assert {"containerd.service", "apulld.service", "apull-snapshotter.service"} <= set(
         before.split()
     )
+    for service in ("apulld.service", "apull-snapshotter.service"):
+        assert run_on(node, f"systemctl is-active {service}").stdout.strip() == "active"
+    snapshotter_ready, containerd_up = (
+        int(t)
+        for t in run_on(
+            node,
+            "systemctl show -p ActiveEnterTimestampMonotonic --value "
+            "apull-snapshotter.service containerd.service",
+        ).stdout.split()
+    )
+    assert 0 < snapshotter_ready <= containerd_up
+    runs_an_image_through_apull(node, "hi-after-reboot")
+
+
+def test_clean_restores_containerd_config_byte_for_byte(lab):
+    result = apull("run", "uninstall", "--no-lab")
+    assert result.returncode == 0, result.stdout[-4000:]
+    for node in lab:
+        assert config_state(node) == pristine[node.name], node.name
+        assert run_on(node, "systemctl is-active containerd").stdout.strip() == "active"
+        assert "apull" not in run_on(node, "ctr plugins ls").stdout
+        leftovers = run_on(
+            node,
+            "ls -d /usr/bin/apulld /usr/bin/apull-containerd-grpc /etc/apull /var/lib/apull "
+            "/var/lib/containerd-apull /etc/systemd/system/apulld.service "
+            "/etc/systemd/system/apull-snapshotter.service 2>/dev/null; "
+            "grep containerd-apull /proc/mounts",
+        ).stdout
+        assert leftovers.strip() == "", f"{node.name}: {leftovers}"
+        # containerd still runs images, with its own snapshotter
+        assert run_on(node, f"ctr images pull --plain-http {IMAGE}").returncode == 0
+        run = run_on(node, f"ctr run --rm {IMAGE} hi-overlayfs echo hi")
+        assert run.stdout.strip() == "hi", run.stderr
