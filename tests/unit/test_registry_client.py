@@ -6,47 +6,14 @@ import gzip
 import hashlib
 import io
 import json
-import shutil
-import socket
-import subprocess
 import tarfile
-import time
 import urllib.request
 
 import pytest
+from conftest import free_port
 
 from apull.lab import test_image
 from apull.registry.client import OCI_MANIFEST, RegistryClient, RegistryError
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    binary = shutil.which("docker-registry")
-    assert binary, "docker-registry is missing: run `make deps`"
-    root = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog: {level: error}\n"
-        f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}}}\n"
-        f"http: {{addr: 127.0.0.1:{port}}}\n"
-    )
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    client = RegistryClient(f"127.0.0.1:{port}")
-    deadline = time.monotonic() + 20
-    while not client.ping():
-        assert time.monotonic() < deadline, "registry did not start"
-        time.sleep(0.1)
-    yield client
-    proc.terminate()
-    proc.wait(10)
 
 
 def test_test_image_is_reproducible():
@@ -92,7 +59,7 @@ def test_second_push_uploads_nothing_and_keeps_the_digest(registry):
 
 def test_unknown_manifest_and_unreachable_registry(registry):
     assert registry.manifest_digest("lab/none", "latest") is None
-    dead = RegistryClient(f"127.0.0.1:{_free_port()}", timeout=2)
+    dead = RegistryClient(f"127.0.0.1:{free_port()}", timeout=2)
     assert dead.ping() is False
     with pytest.raises(RegistryError, match=r"127\.0\.0\.1"):
         dead.has_blob("x/y", "sha256:00")

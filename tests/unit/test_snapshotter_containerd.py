@@ -2,7 +2,8 @@
 
 One snapshotter process (the real entry point) and one private containerd serve the whole
 module; both, every shim and every mount under their temporary directory go at the end.
-Needs the lab registry at 127.0.0.1:5000 (lab/busybox:latest); a missing registry fails.
+Images come from a registry v2 server of the module's own (conftest: docker-registry with the
+lab's busybox test image pushed).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -37,8 +37,6 @@ pytestmark = pytest.mark.skipif(
     "containerd through the snapshotter",
 )
 
-REGISTRY = "127.0.0.1:5000"
-BUSYBOX = f"{REGISTRY}/lab/busybox:latest"
 LAYERED = "apull.test/layered:latest"
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
@@ -125,13 +123,9 @@ def stack():
 
 
 @pytest.fixture(scope="module")
-def busybox(stack):
+def busybox(stack, busybox_ref):
     """Pull the lab's busybox through the snapshotter; its single layer's chain id."""
-    try:
-        urllib.request.urlopen(f"http://{REGISTRY}/v2/", timeout=5).close()
-    except OSError as err:
-        pytest.fail(f"the lab registry {REGISTRY} is not reachable ({err}); start it first")
-    stack.ctr("images", "pull", "--plain-http", "--snapshotter", "apull", BUSYBOX)
+    stack.ctr("images", "pull", "--plain-http", "--snapshotter", "apull", busybox_ref)
     committed = [k for k, (_, kind) in stack.snapshots().items() if kind == "Committed"]
     assert len(committed) == 1, stack.snapshots()
     return committed[0]
@@ -155,8 +149,8 @@ def test_pull_unpacks_through_our_prepare_and_commit(stack, busybox):
     assert binary.read_bytes()[:4] == b"\x7fELF"
 
 
-def test_ctr_run_prints_hi(stack, busybox):
-    assert stack.run(BUSYBOX, "apull-hi", "echo", "hi").stdout == "hi\n"
+def test_ctr_run_prints_hi(stack, busybox, busybox_ref):
+    assert stack.run(busybox_ref, "apull-hi", "echo", "hi").stdout == "hi\n"
     # --rm removed the container's active snapshot again.
     assert list(stack.snapshots()) == [busybox]
 
