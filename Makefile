@@ -95,6 +95,6 @@ integration: deps venv lab-up ## tests against the lab's real nodes
 ROLES_WITH_SCENARIOS := preflight fscache kernel containerd apull
 molecule: deps venv lab-up ## each role's molecule scenario on the lab's nodes
 	@set -e; for role in $(ROLES_WITH_SCENARIOS); do \
-		echo "== molecule: role $$role"; (cd roles/$$role && molecule test); done
+		echo "== molecule: role $$role"; (cd roles/$$role && molecule test --all); done
 
 test: lint unit integration molecule ## everything CI runs

@@ -193,8 +193,8 @@ def ensure_bundle(
 ) -> tuple[Bundle, bool]:
     """The bundle for the current sources; (bundle, built) where built says it was (re)made."""
     out_dir = out_dir or default_bundle_dir()
-    generate_protos()
-    with _locked(out_dir):
+    with _locked(out_dir):  # Ansible's forks all ask at once: one builds, the others reuse
+        generate_protos()
         parts = _members_by_binary(python)
         fingerprint = _fingerprint(parts, python)
         if not force:
