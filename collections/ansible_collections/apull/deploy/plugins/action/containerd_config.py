@@ -1,0 +1,389 @@
+# Copyright: apull-deploy contributors
+# Apache License 2.0
+"""Patch containerd's config.toml on a node for the apull proxy snapshotter.
+
+Runs on the controller: the node's file is read, patched with apull.containerd.config_patch
+(tomlkit, which the nodes do not have), checked by the node's own containerd and written back
+in place. Documentation: plugins/modules/containerd_config.py.
+
+Two shell round trips (read; check and write), no Python start on the node.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from ansible.errors import AnsibleError
+from ansible.plugins.action import ActionBase
+
+DEFAULT_PATH = "/etc/containerd/config.toml"
+# A file travels inside the write command (base64); Linux caps one argument at 128 KiB.
+MAX_ENCODED = 96 * 1024
+
+ARGUMENT_SPEC = dict(
+    state=dict(type="str", default="patched", choices=["patched", "original"]),
+    path=dict(type="str", default=DEFAULT_PATH),
+    backup_path=dict(type="str"),
+    proxy_address=dict(type="str", default="/run/containerd-apull-grpc.sock"),
+    set_default_snapshotter=dict(type="bool", default=False),
+    snapshotter_name=dict(type="str", default="apull"),
+    overrides=dict(type="dict", default={}),
+)
+
+# Prints what the plugin needs to know, one `@@name value` line each, then base64 sections
+# (`@@section NAME`): the file (or, when there is none, containerd's default config) and, when
+# asked, the backup. Reads only.
+READ_SCRIPT = r"""
+v=
+if command -v containerd >/dev/null 2>&1; then v=$(containerd --version 2>/dev/null); fi
+echo "@@version $v"
+if [ -e "$b" ]; then echo "@@backup 1"; else echo "@@backup 0"; fi
+if [ -e "$m" ]; then echo "@@marker 1"; else echo "@@marker 0"; fi
+if [ -e "$prev" ]; then echo "@@previous 1"; else echo "@@previous 0"; fi
+if [ -f "$p" ]; then
+  echo "@@exists 1"
+  echo "@@stat $(stat -L -c '%u %g %a %i' -- "$p")"
+  echo "@@section current"
+  base64 < "$p" || exit 3
+elif [ -e "$p" ]; then
+  echo "@@exists not-a-file"
+  exit 0
+else
+  echo "@@exists 0"
+  if [ "$want_default" = 1 ] && [ -n "$v" ]; then
+    if out=$(containerd config default 2>/dev/null); then
+      echo "@@section current"
+      printf '%s\n' "$out" | base64
+    else
+      echo "@@default-failed"
+    fi
+  fi
+fi
+if [ "$want_backup" = 1 ] && [ -f "$b" ]; then
+  echo "@@section backup"
+  base64 < "$b" || exit 3
+fi
+"""
+
+# Writes the new text: into a temporary file beside the config, checked with
+# `containerd config dump`; the original is copied to the backup once (or, for a file this
+# creates, a marker says there was none); the current text to the rollback copy; then the
+# new text goes into the file in place (same inode, owner and mode). Exit codes: 2 = refused
+# by containerd (its words on `@@refused` lines), 1 = anything else (an `@@error` line).
+# Messages go to stdout: over ssh with a tty, stderr arrives there anyway.
+WRITE_SCRIPT = r"""
+fail() { echo "@@error $*"; exit 1; }
+d=$(dirname -- "$p")
+if [ "$created" = 1 ]; then
+  [ -e "$p" ] && fail "$p appeared while it was being patched; run again"
+  mkdir -p -- "$d" || fail "cannot create $d"
+else
+  [ -f "$p" ] || fail "$p disappeared while it was being patched; run again"
+  now=$(sha256sum < "$p") || fail "cannot read $p"
+  [ "${now%% *}" = "$sum" ] || fail "$p changed while it was being patched; run again"
+fi
+t=$(mktemp -- "$d/.apull-config.XXXXXX") || fail "cannot create a temporary file in $d"
+trap 'rm -f -- "$t"' EXIT
+printf '%s' "$new" | base64 -d > "$t" || fail "cannot write $t"
+if ! err=$(containerd --config "$t" config dump 2>&1 >/dev/null); then
+  printf '%s\n' "$err" | sed 's/^/@@refused /'
+  exit 2
+fi
+if [ "$created" = 1 ]; then
+  if [ ! -e "$b" ] && [ ! -e "$m" ]; then
+    printf '%s\n' "$p did not exist before apull created it; uninstall removes it." > "$m" \
+      || fail "cannot write $m"
+    echo "@@marker-created"
+  fi
+  (umask 022 && cat -- "$t" > "$p") || { rm -f -- "$p"; fail "cannot write $p"; }
+else
+  if [ ! -e "$b" ] && [ ! -e "$m" ]; then
+    { cp -p -- "$p" "$b.tmp$$" && mv -f -- "$b.tmp$$" "$b"; } || fail "cannot back up $p to $b"
+    echo "@@backup-created"
+  fi
+  # A rollback copy left by a write never confirmed is older and known good: keep it.
+  [ -e "$prev" ] || cp -p -- "$p" "$prev" || fail "cannot copy $p to $prev"
+  if ! cat -- "$t" > "$p"; then
+    cat -- "$prev" > "$p"
+    fail "writing $p failed; its previous content was put back"
+  fi
+fi
+cmp -s -- "$t" "$p" || fail "$p does not read back as written"
+echo "@@written"
+"""
+
+# Puts the original back: the backup's bytes (and times) into the file in place (or a copy
+# with the backup's owner and mode when the file is gone), or, when apull created the file,
+# removes it.
+# Then the backup (or marker) and any rollback copy go.
+RESTORE_SCRIPT = r"""
+fail() { echo "@@error $*"; exit 1; }
+if [ -e "$m" ]; then
+  rm -f -- "$p" || fail "cannot remove $p"
+  rm -f -- "$m" "$prev"
+  echo "@@done"
+elif [ -f "$b" ]; then
+  if [ -f "$p" ]; then
+    cat -- "$b" > "$p" || fail "cannot write $p"
+    touch -r "$b" -- "$p" || true
+  else
+    cp -p -- "$b" "$p" || fail "cannot copy $b to $p"
+  fi
+  cmp -s -- "$b" "$p" || fail "$p does not read back as $b"
+  rm -f -- "$b" "$prev"
+  echo "@@done"
+fi
+"""
+
+
+def _import_patch():
+    """apull.containerd from the installed suite, else from this checkout's src/."""
+    try:
+        from apull.containerd import config_patch
+    except ImportError:
+        for parent in Path(__file__).resolve().parents:
+            if (parent / "src/apull/containerd/config_patch.py").is_file():
+                sys.path.insert(0, str(parent / "src"))
+                break
+        try:
+            from apull.containerd import config_patch
+        except ImportError as exc:
+            raise AnsibleError(
+                "containerd_config: cannot import apull.containerd (install the suite: "
+                "make venv): %s" % exc
+            ) from exc
+    return config_patch
+
+
+def _sh(script):
+    """One `sh -c` word: Ansible appends `&& sleep 0` to the command, which a multi-line
+    script would not take."""
+    return "/bin/sh -c " + shlex.quote(script)
+
+
+def _shell_vars(**values):
+    return "".join("%s=%s\n" % (name, shlex.quote(str(value))) for name, value in values.items())
+
+
+def _parse(stdout):
+    """`@@name value` lines, and the decoded bytes of each `@@section NAME`."""
+    fields, sections, current = {}, {}, None
+    for line in stdout.splitlines():
+        if line.startswith("@@section "):
+            current = line.split(" ", 1)[1]
+            sections[current] = []
+        elif line.startswith("@@"):
+            current = None
+            name, _, value = line[2:].partition(" ")
+            fields[name] = value
+        elif current is not None:
+            sections[current].append(line.strip())
+    return fields, dict((k, base64.b64decode("".join(v))) for k, v in sections.items())
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = True
+    _supports_check_mode = True
+    _supports_async = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        del tmp
+        _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
+        path = args["path"]
+        backup = args["backup_path"] or path + ".apull-orig"
+        self._paths = dict(p=path, b=backup, m=backup + ".absent", prev=path + ".apull-prev")
+        result.update(
+            path=path, backup_path=backup, previous_path=None, created=False, restart_pending=False
+        )
+        if args["state"] == "original":
+            return self._restore(result)
+        return self._patch(result, args)
+
+    def _read(self, result, want_default, want_backup):
+        """The read script's fields and sections, or None after filling in a failure."""
+        path = self._paths["p"]
+        res = self._run(
+            READ_SCRIPT,
+            want_default="1" if want_default else "0",
+            want_backup="1" if want_backup else "0",
+        )
+        try:
+            fields, sections = _parse(res["stdout"])
+        except ValueError as exc:
+            self._fail(result, "%s: unreadable answer from the node: %s" % (path, exc))
+            return None
+        if res["rc"] != 0 or "exists" not in fields:
+            self._fail(result, "%s: cannot read it on the node: %s" % (path, _tail(res)))
+            return None
+        if fields["exists"] == "not-a-file":
+            self._fail(result, "%s exists but is not a regular file" % path)
+            return None
+        result["containerd_version"] = _version(fields.get("version", ""))
+        result["backup_exists"] = fields.get("backup") == "1"
+        result["original_absent"] = fields.get("marker") == "1"
+        if fields["exists"] == "1" and fields.get("stat"):
+            uid, gid, mode, inode = [*fields["stat"].split(), "", "", "", ""][:4]
+            result["stat"] = dict(uid=uid, gid=gid, mode=mode, inode=inode)
+        return fields, sections, res
+
+    def _patch(self, result, args):
+        path = self._paths["p"]
+        read = self._read(result, want_default=True, want_backup=False)
+        if read is None:
+            return result
+        fields, sections, res = read
+        if not result["containerd_version"]:
+            return self._fail(result, "%s: containerd is not installed on the node" % path)
+        exists = fields["exists"] == "1"
+        if "current" not in sections or fields.get("default-failed") is not None:
+            return self._fail(result, "%s is missing and `containerd config default` failed" % path)
+        raw = sections["current"]
+        try:
+            current = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._fail(result, "%s is not UTF-8 text: %s" % (path, exc))
+
+        patch = _import_patch()
+        try:
+            patched = patch.patch_config(
+                current,
+                proxy_address=args["proxy_address"],
+                snapshotter_name=args["snapshotter_name"],
+                set_default_snapshotter=args["set_default_snapshotter"],
+                overrides=args["overrides"],
+                source=path if exists else "%s (containerd config default)" % path,
+            )
+        except patch.ConfigPatchError as exc:
+            return self._fail(result, str(exc), key=exc.key)
+        major = result["containerd_version"].split(".")[0]
+        if patched.version == 3 and int(major) < 2:
+            return self._fail(
+                result,
+                "%s is a version 3 config but containerd is %s, which reads versions 1 and 2 "
+                "only" % (path, result["containerd_version"]),
+                key="version",
+            )
+        result.update(
+            version=patched.version,
+            changes=[c.as_dict() for c in patched.changes],
+            grpc_address=patch.grpc_address(patched.text),
+            grpc_address_before=patch.grpc_address(current),
+        )
+        result["original_absent"] = result["original_absent"] or not exists
+        for note in patched.notes:
+            self._display.warning("%s: %s" % (path, note))
+        # A rollback copy still there means an earlier write was never confirmed by a
+        # containerd restart (the run stopped in between): containerd may still run on the
+        # text before it, so the caller restarts, and can roll back to that copy.
+        if exists and fields.get("previous") == "1":
+            result.update(restart_pending=True, previous_path=self._paths["prev"])
+        if exists and not patched.changed:
+            return result
+
+        result.update(changed=True, created=not exists)
+        if self._task.diff:
+            result["diff"] = dict(
+                before=current if exists else "",
+                after=patched.text,
+                before_header=path if exists else "%s (absent)" % path,
+                after_header=path,
+            )
+        if self._task.check_mode:
+            return result
+
+        encoded = base64.b64encode(patched.text.encode("utf-8")).decode("ascii")
+        if len(encoded) > MAX_ENCODED:
+            return self._fail(result, "%s: the patched file is too large to send" % path)
+        res = self._run(
+            WRITE_SCRIPT,
+            created="0" if exists else "1",
+            sum=hashlib.sha256(raw).hexdigest() if exists else "",
+            new=encoded,
+        )
+        if res["rc"] == 2:
+            return self._fail(
+                result,
+                "containerd refuses the patched %s (`containerd config dump`: %s); %s was not "
+                "changed" % (path, _tail(res), path),
+            )
+        if res["rc"] != 0 or "@@written" not in res["stdout"]:
+            return self._fail(result, "%s: %s" % (path, _tail(res)))
+        result["backup_created"] = "@@backup-created" in res["stdout"]
+        result["marker_created"] = "@@marker-created" in res["stdout"]
+        if exists:
+            result["previous_path"] = self._paths["prev"]
+        return result
+
+    def _restore(self, result):
+        path, backup = self._paths["p"], self._paths["b"]
+        read = self._read(result, want_default=False, want_backup=True)
+        if read is None:
+            return result
+        fields, sections, _res = read
+        exists = fields["exists"] == "1"
+        current = sections.get("current", b"")
+        if fields.get("marker") == "1":
+            after, after_header = None, "%s (absent: apull created it)" % path
+        elif fields.get("backup") == "1":
+            if "backup" not in sections:
+                return self._fail(result, "%s is not a regular file" % backup)
+            after, after_header = sections["backup"], "%s (from %s)" % (path, backup)
+        else:
+            # Never patched (or already restored): nothing to do.
+            return result
+        # The file's content changes (containerd must be restarted) unless it already is
+        # the original; the backup or marker goes either way.
+        patch = _import_patch()
+        original = after.decode("utf-8", "replace") if after is not None else ""
+        result["grpc_address"] = patch.grpc_address(original)
+        result["changed"] = True
+        result["config_changed"] = (after is None and exists) or (
+            after is not None and (not exists or after != current)
+        )
+        if self._task.diff:
+            result["diff"] = dict(
+                before=current.decode("utf-8", "replace") if exists else "",
+                after=original,
+                before_header=path if exists else "%s (absent)" % path,
+                after_header=after_header,
+            )
+        if self._task.check_mode:
+            return result
+        res = self._run(RESTORE_SCRIPT)
+        if res["rc"] != 0 or "@@done" not in res["stdout"]:
+            return self._fail(result, "%s: restoring the original failed: %s" % (path, _tail(res)))
+        return result
+
+    def _run(self, script, **values):
+        variables = dict(self._paths, **values)
+        return self._low_level_execute_command(_sh(_shell_vars(**variables) + script))
+
+    def _fail(self, result, msg, key=None):
+        result.update(failed=True, changed=False, msg=msg)
+        if key:
+            result["key"] = key
+        return result
+
+
+def _version(line):
+    """1.6.20 from `containerd github.com/containerd/containerd 1.6.20~ds1 ...`."""
+    match = re.search(r"\sv?(\d+\.\d+\.\d+)", " " + line)
+    return match.group(1) if match else ""
+
+
+def _tail(res, lines=6):
+    """What went wrong: our `@@error` / `@@refused` lines, else the end of stderr."""
+    ours = [
+        line.split(" ", 1)[1] if " " in line else ""
+        for line in (res.get("stdout") or "").splitlines()
+        if line.startswith(("@@error ", "@@refused "))
+    ]
+    text = "\n".join(ours or (res.get("stderr") or "").strip().splitlines()[-lines:])
+    return text.strip() or "exit code %s" % res.get("rc")

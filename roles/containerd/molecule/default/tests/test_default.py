@@ -1,0 +1,91 @@
+"""The containerd role patched Debian's config.toml in place, kept the original, and
+containerd runs on the new config."""
+
+import tomllib
+
+testinfra_hosts = ["ansible://molecule_nodes"]
+
+CONF = "/etc/containerd/config.toml"
+BACKUP = CONF + ".apull-orig"
+CRI = ("plugins", "io.containerd.grpc.v1.cri", "containerd")
+
+
+def debian_md5(host):
+    conffiles = host.run("dpkg-query -W -f='${Conffiles}\\n' containerd").stdout
+    return {line.split()[0]: line.split()[1] for line in conffiles.splitlines() if line.strip()}[
+        CONF
+    ]
+
+
+def config(host):
+    return tomllib.loads(host.file(CONF).content_string)
+
+
+def test_proxy_plugin_and_cri_settings_are_in_the_file(host):
+    data = config(host)
+    assert data["version"] == 2
+    assert data["proxy_plugins"]["apull"] == {
+        "type": "snapshot",
+        "address": "/run/containerd-apull-grpc.sock",
+    }
+    cri = data
+    for part in CRI:
+        cri = cri[part]
+    assert cri["disable_snapshot_annotations"] is False
+    assert cri["discard_unpacked_layers"] is False
+    # Not asked to become the default snapshotter: Debian's default (none set) is kept.
+    assert "snapshotter" not in cri
+
+
+def test_debian_settings_are_kept(host):
+    data = config(host)
+    assert data["plugins"]["io.containerd.grpc.v1.cri"]["cni"] == {
+        "bin_dir": "/usr/lib/cni",
+        "conf_dir": "/etc/cni/net.d",
+    }
+    assert data["plugins"]["io.containerd.internal.v1.opt"] == {"path": "/var/lib/containerd/opt"}
+
+
+def test_backup_is_debians_file(host):
+    backup = host.file(BACKUP)
+    assert backup.is_file
+    assert backup.md5sum == debian_md5(host)
+    conf = host.file(CONF)
+    assert (backup.user, backup.group, backup.mode) == (conf.user, conf.group, conf.mode)
+    assert not host.file(BACKUP + ".absent").exists
+
+
+def test_written_in_place(host):
+    inode, mtime = host.file("/tmp/apull-containerd-inode").content_string.split()
+    assert host.run(f"stat -c %i {CONF}").stdout.strip() == inode
+    # The backup keeps the original's times.
+    assert host.run(f"stat -c %Y {BACKUP}").stdout.strip() == mtime
+    conf = host.file(CONF)
+    assert (conf.user, conf.group, conf.mode) == ("root", "root", 0o644)
+
+
+def test_no_leftovers(host):
+    assert not host.file(CONF + ".apull-prev").exists
+    assert host.run("ls -A /etc/containerd").stdout.split() == [
+        "config.toml",
+        "config.toml.apull-orig",
+    ]
+
+
+def test_containerd_runs_on_the_new_config(host):
+    assert host.service("containerd").is_running
+    assert host.run("ctr --connect-timeout 5s version").rc == 0
+    dump = tomllib.loads(host.check_output("containerd config dump 2>/dev/null"))
+    assert dump["proxy_plugins"]["apull"]["address"] == "/run/containerd-apull-grpc.sock"
+    cri = dump["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri["disable_snapshot_annotations"] is False
+    assert cri["snapshotter"] == "overlayfs"
+
+
+def test_containerd_loaded_the_proxy_plugin(host):
+    # Listed whatever its status: the snapshotter itself is the apull role's business.
+    plugins = host.check_output("ctr --connect-timeout 5s plugins ls")
+    assert any(
+        line.split()[:2] == ["io.containerd.snapshotter.v1", "apull"]
+        for line in plugins.splitlines()
+    ), plugins
