@@ -121,7 +121,10 @@ MODULES_PACKAGE = "apull-ondemand-modules-$(uname -r)"
 _STATE_PROBE = (
     f"dpkg-query -W -f='${{Status}}\\n' {MODULES_PACKAGE} 2>/dev/null; "
     "test -e /lib/modules/$(uname -r)/updates/fs_ctl.ko && echo updates; "
-    "test -e /etc/apull -o -e /usr/bin/apulld -o -e /var/lib/apull && echo deployed"
+    "test -e /etc/apull -o -e /usr/bin/apulld -o -e /var/lib/apull "
+    "-o -e /etc/containerd/config.toml.apull-orig "
+    "-o -e /etc/containerd/config.toml.apull-orig.absent "
+    "&& echo deployed"
 )
 
 
