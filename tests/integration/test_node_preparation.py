@@ -42,7 +42,7 @@ def starts(node: layout.LabNode) -> str:
 
 def runs_an_image_through_apull(node: layout.LabNode, name: str) -> None:
     plugins = run_on(node, "ctr plugins ls").stdout
-    assert re.search(r"^io\.containerd\.snapshotter\.v1\s+apull\s+\S+\s+ok$", plugins, re.M), (
+    assert re.search(r"^io\.containerd\.snapshotter\.v1\s+apull\s+\S+\s+ok\s*$", plugins, re.M), (
         plugins
     )
     pull = run_on(node, f"ctr images pull --plain-http --snapshotter apull {IMAGE}")
