@@ -13,10 +13,11 @@ export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 export PATH := $(abspath $(BIN)):$(PATH)
 # Debian packages the controller needs: the lab (QEMU, debootstrap, VDE switch, registry,
 # the test image's busybox, socat for the registry forward), sshpass for password logins,
-# containerd and runc for the snapshotter's tests on this host.
+# containerd and runc for the snapshotter's tests on this host, erofs-utils and zstd for the image
+# converter.
 HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2fsprogs \
 	sshpass busybox-static socat openssh-client python3-venv ca-certificates \
-	containerd runc
+	containerd runc erofs-utils zstd
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test lint unit integration molecule bundle sync-bin clean
