@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import ROOT, apull, boot_id, package_installed, recap, run_on
 
-from apull.lab import layout
+from apull.lab import layout, nodes
 from apull.lab.test_image import REPO, TAG
 
 boot_ids: dict[str, str] = {}
@@ -168,6 +168,9 @@ def test_gate_and_modules_survive_a_plain_reboot(lab, stock):
         if current and current != old:
             break
         assert time.monotonic() < deadline, f"{node.name} did not come back"
+    # ssh answers before multi-user.target is reached: wait for the boot to finish
+    settled = nodes.ssh(node, "timeout 300 systemctl is-system-running --wait", timeout=330)
+    assert settled.stdout.strip() in ("running", "degraded"), settled.stdout
     for param in ("erofs_enabled", "cachefiles_ondemand_enabled"):
         assert run_on(node, f"cat /sys/module/fs_ctl/parameters/{param}").stdout.strip() == "Y"
     for module in ("cachefiles", "erofs"):
