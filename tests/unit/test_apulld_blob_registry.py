@@ -73,3 +73,24 @@ def test_load_refuses_foreign_files(tmp_path: Path) -> None:
     path.write_text("[")
     with pytest.raises(BlobStoreError, match="cannot read"):
         BlobRegistry.load(path)
+
+
+def test_chunk_table_fields_are_validated_and_kept_when_set(tmp_path: Path) -> None:
+    table = "sha256:" + "c" * 64
+    config = parse_blob_config({**RAW, "chunk_table": table, "chunk_table_size": 96,
+                                "chunk_size": 65536})  # fmt: skip
+    assert (config.chunk_table, config.chunk_table_size, config.chunk_size) == (table, 96, 65536)
+    assert config.to_json()["chunk_table"] == table
+    assert "chunk_table" not in parse_blob_config(RAW).to_json()  # unset: left out
+    for change, field in (
+        ({"chunk_table": "md5:abc"}, "chunk_table"),
+        ({"chunk_size": 1000}, "chunk_size"),
+        ({"chunk_size": True}, "chunk_size"),
+        ({"chunk_table_size": -1}, "chunk_table_size"),
+    ):
+        with pytest.raises(BlobConfigError) as caught:
+            parse_blob_config({**RAW, **change})
+        assert caught.value.field == field
+    registry = BlobRegistry(tmp_path / "blobs.json")
+    registry.put(config)
+    assert BlobRegistry.load(tmp_path / "blobs.json").all() == [config]

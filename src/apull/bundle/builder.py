@@ -37,7 +37,7 @@ NATIVE_DEPENDENCIES = ("grpcio", "protobuf", "typing-extensions")
 #: Sub-packages each binary needs (besides apull/__init__.py).
 PACKAGES_OF = {
     "apull-containerd-grpc": ("service", "snapshotter"),
-    "apulld": ("service", "daemon"),
+    "apulld": ("service", "daemon", "image"),
 }
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 

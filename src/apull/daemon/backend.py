@@ -3,7 +3,7 @@
 fscache: EROFS over cachefiles on-demand. Proven only by doing it: open /dev/cachefiles,
   `dir`, `tag`, `bind ondemand` (the kernel config on disk may not match rebuilt modules).
 file: file-backed EROFS on a FUSE file (Linux >= 6.12). Detected from /dev/fuse, erofs and
-  CONFIG_EROFS_FS_BACKED_BY_FILE; not exercised yet.
+  CONFIG_EROFS_FS_BACKED_BY_FILE; served by file_backend.py (see SERVING.md).
 none: neither; apulld still answers its API and says why.
 """
 

@@ -1,7 +1,8 @@
 """The blobs the snapshotter told apulld about, kept in memory and in one JSON file.
 
 Each blob is an fscache cookie: `blob_id` is the cookie key, `domain_id` (shared blobs) or
-`fsid` (one image) the volume key `erofs,<...>`. The file is rewritten atomically on every
+`fsid` (one image) the volume key `erofs,<...>`; with the file backend it is also the file
+`<fuse mountpoint>/<blob_id>` that EROFS is mounted from. The file is rewritten atomically on every
 change (temp file, fsync, rename), so a restart restores exactly the acknowledged state.
 """
 
@@ -16,6 +17,8 @@ import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from apull.image.format import check_chunk_size
 
 # fscache keys and EROFS mount options: no commas, slashes, spaces; at most 255 bytes.
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}")
@@ -47,6 +50,11 @@ class BlobConfig:
     size: int
     domain_id: str = ""
     fsid: str = ""
+    # The layer's chunk digest table (apull image format): what on-demand serving verifies
+    # every fetched range against. Optional in the schema; the file backend requires it.
+    chunk_table: str = ""
+    chunk_table_size: int = 0
+    chunk_size: int = 0
 
     @property
     def volume(self) -> str:
@@ -54,11 +62,17 @@ class BlobConfig:
         return self.domain_id or self.fsid
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """All fields; the chunk table ones only when set (older snapshotters send none)."""
+        document = asdict(self)
+        for name in _OPTIONAL:
+            if not document[name]:
+                del document[name]
+        return document
 
 
 _FIELDS = {f.name for f in fields(BlobConfig)}
 _REQUIRED = ("blob_id", "registry", "repo", "digest", "size")
+_OPTIONAL = ("chunk_table", "chunk_table_size", "chunk_size")
 
 
 def _text(raw: dict[str, Any], name: str, pattern: re.Pattern[str], what: str) -> str:
@@ -83,6 +97,15 @@ def parse_blob_config(raw: object) -> BlobConfig:
     size = raw["size"]
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise BlobConfigError("size", f"expected a positive integer, got {size!r}")
+    for name in ("chunk_table_size", "chunk_size"):
+        value = raw.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BlobConfigError(name, f"expected a non-negative integer, got {value!r}")
+    if raw.get("chunk_size"):
+        try:
+            check_chunk_size(raw["chunk_size"])
+        except ValueError as err:
+            raise BlobConfigError("chunk_size", str(err)) from None
     key = "letters, digits and ._:+- (at most 255)"
     config = BlobConfig(
         blob_id=_text(raw, "blob_id", _KEY, key),
@@ -92,6 +115,9 @@ def parse_blob_config(raw: object) -> BlobConfig:
         size=size,
         domain_id=_text(raw, "domain_id", _KEY, key),
         fsid=_text(raw, "fsid", _KEY, key),
+        chunk_table=_text(raw, "chunk_table", _DIGEST, "sha256:<64 hex> or sha512:<128 hex>"),
+        chunk_table_size=raw.get("chunk_table_size", 0),
+        chunk_size=raw.get("chunk_size", 0),
     )
     if not config.volume:
         raise BlobConfigError("domain_id", "one of domain_id or fsid is required")

@@ -1,10 +1,12 @@
 """apulld's HTTP API on a unix socket (what the snapshotter calls).
 
-PUT|GET    /v1.0/apulld/ping         -> 200 {"status":"ok","backend",...}
-PUT        /v1.0/apulld/blob_config  -> 201 the stored blob (JSON body: see blob_registry)
+PUT|GET    /v1.0/apulld/ping         -> 200 {"status":"ok","backend",...,"serving":{...}}
+PUT        /v1.0/apulld/blob_config  -> 201 the stored blob (JSON body: see blob_registry);
+                                        with a serving backend also "path": the blob's file
 GET        /v1.0/apulld/blob_config  -> 200 {"blobs":[...]}
 DELETE     /v1.0/apulld/blob_config?blob_id=ID -> 204, 404 when unknown
-Errors are JSON {"error": "..."}: 400 bad request, 404 unknown path/blob, 405 wrong method.
+Errors are JSON {"error": "..."}: 400 bad request, 404 unknown path/blob, 405 wrong method,
+409 the blob is in use (open or mounted) and cannot be removed or replaced.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from apull import __version__
 from apull.daemon.backend import BackendChoice
 from apull.daemon.blob_registry import (
+    BlobConfig,
     BlobConfigError,
     BlobRegistry,
     BlobStoreError,
@@ -35,10 +38,37 @@ MAX_BODY = 64 * 1024
 log = logging.getLogger("apulld.api")
 
 
+class ServingError(Exception):
+    """A serving backend refuses a blob change; `status` is the HTTP answer."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Serving(Protocol):
+    """What serves blob data (the file backend), told about blob config changes."""
+
+    def check_put(self, config: BlobConfig) -> None:
+        """Raise ServingError when the blob cannot be added or replaced now."""
+
+    def added(self, config: BlobConfig) -> dict[str, Any]:
+        """The blob was stored; extra fields for the answer."""
+
+    def check_delete(self, blob_id: str) -> None:
+        """Raise ServingError when the blob cannot be removed now."""
+
+    def removed(self, blob_id: str) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What ping reports under "serving"."""
+
+
 @dataclass
 class ApiState:
     backend: BackendChoice
     blobs: BlobRegistry
+    serving: Serving | None = None
 
 
 class ApiError(Exception):
@@ -144,7 +174,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _ping(self) -> Reply:
         state = self.server.state
-        return HTTPStatus.OK, {
+        answer: dict[str, Any] = {
             "status": "ok",
             "backend": state.backend.name,
             "reasons": state.backend.reasons,
@@ -152,6 +182,9 @@ class ApiHandler(BaseHTTPRequestHandler):
             "pid": os.getpid(),
             "blobs": len(state.blobs),
         }
+        if state.serving is not None:
+            answer["serving"] = state.serving.describe()
+        return HTTPStatus.OK, answer
 
     def _list_blobs(self) -> Reply:
         return HTTPStatus.OK, {"blobs": [blob.to_json() for blob in self.server.state.blobs.all()]}
@@ -165,23 +198,38 @@ class ApiHandler(BaseHTTPRequestHandler):
             config = parse_blob_config(raw)
         except BlobConfigError as err:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        serving = self.server.state.serving
+        extra: dict[str, Any] = {}
         try:
+            if serving is not None:
+                serving.check_put(config)
             created = self.server.state.blobs.put(config)
+            if serving is not None:
+                extra = serving.added(config)
+        except ServingError as err:
+            raise ApiError(err.status, str(err)) from None
         except BlobStoreError as err:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(err)) from None
         log.info("blob %s %s", config.blob_id, "added" if created else "replaced")
-        return HTTPStatus.CREATED, {**config.to_json(), "created": created}
+        return HTTPStatus.CREATED, {**config.to_json(), **extra, "created": created}
 
     def _delete_blob(self) -> Reply:
         values = parse_qs(self._url.query).get("blob_id", [])
         if len(values) != 1 or not values[0]:
             raise ApiError(HTTPStatus.BAD_REQUEST, "blob_id: required once in the query string")
+        serving = self.server.state.serving
         try:
+            if serving is not None:
+                serving.check_delete(values[0])
             deleted = self.server.state.blobs.delete(values[0])
+        except ServingError as err:
+            raise ApiError(err.status, str(err)) from None
         except BlobStoreError as err:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(err)) from None
         if not deleted:
             raise ApiError(HTTPStatus.NOT_FOUND, f"blob_id: no blob {values[0]!r}")
+        if serving is not None:
+            serving.removed(values[0])
         log.info("blob %s deleted", values[0])
         return HTTPStatus.NO_CONTENT, None
 

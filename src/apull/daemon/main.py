@@ -32,7 +32,10 @@ from apull.daemon.backend import (
 )
 from apull.daemon.blob_registry import BlobRegistry, BlobStoreError
 from apull.daemon.cachefiles_device import OnDemandServer, RefuseAllObjects
+from apull.daemon.fdstore import FUSE_FD_NAME, inherited_fds
+from apull.daemon.file_backend import FileBackend, FileBackendConfig, FileBackendError
 from apull.daemon.http_api import ApiState, ApulldHttpServer
+from apull.daemon.registry_fetch import FetchSettings, parse_mirrors
 from apull.service import sdnotify
 from apull.service.logs import setup_logging
 from apull.service.settings import (
@@ -79,6 +82,44 @@ def check_backend(settings: ApulldSettings) -> int:
     return 0
 
 
+def file_backend_config(settings: ApulldSettings) -> FileBackendConfig:
+    """The file backend's paths and registry settings (ValueError: a bad mirror entry)."""
+    insecure = frozenset(h.strip() for h in settings.registry_insecure.split(",") if h.strip())
+    fetch = FetchSettings(
+        mirrors=parse_mirrors(settings.registry_mirrors),
+        insecure=insecure,
+        auth_file=Path(settings.registry_auth_file) if settings.registry_auth_file else None,
+        retries=max(0, settings.fetch_retries),
+        timeout=float(max(1, settings.fetch_timeout_s)),
+    )
+    mountpoint = settings.fuse_mountpoint or str(state_dir(settings.cache_dir) / "fuse")
+    return FileBackendConfig(
+        cache_dir=Path(settings.cache_dir),
+        mountpoint=Path(os.path.abspath(mountpoint)),
+        fetch=fetch,
+        cache_limit_bytes=max(1, settings.cache_size_limit_mb) << 20,
+        threads=max(2, settings.thread_num),
+    )
+
+
+def start_file_backend(
+    settings: ApulldSettings, blobs: BlobRegistry, log: logging.Logger
+) -> FileBackend | None:
+    inherited = inherited_fds()
+    fuse_fd = inherited.pop(FUSE_FD_NAME, None)
+    for name, fd in inherited.items():
+        log.warning("closing inherited fd %d (%s): not ours", fd, name)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    try:
+        backend = FileBackend(file_backend_config(settings), blobs)
+        backend.start(fuse_fd)
+    except (OSError, ValueError, FileBackendError) as err:
+        log.error("cannot start the file backend: %s", err)
+        return None
+    return backend
+
+
 def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
     os.umask(0o077)
     try:
@@ -91,12 +132,20 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
         log.error("cannot start: %s", err)
         return 1
     log.info("backend %s chosen: %s", choice.name, "; ".join(choice.reasons))
+    file_backend = None
+    if choice.name == "file":
+        file_backend = start_file_backend(settings, blobs, log)
+        if file_backend is None:
+            return 1
 
     try:
-        server = ApulldHttpServer(settings.address, ApiState(backend=choice, blobs=blobs))
+        state = ApiState(backend=choice, blobs=blobs, serving=file_backend)
+        server = ApulldHttpServer(settings.address, state)
         restrict_socket(settings.address)
     except OSError as err:
         log.error("cannot listen on %s: %s", settings.address, err)
+        if file_backend is not None:
+            file_backend.stop()
         return 1
     ondemand = _start_ondemand(choice)
     stop = threading.Event()
@@ -131,6 +180,8 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
         os.unlink(settings.address)
     if ondemand is not None:
         ondemand.stop()
+    if file_backend is not None:
+        file_backend.stop()
     log.info("stopped")
     return 0
 

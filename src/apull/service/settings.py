@@ -47,6 +47,19 @@ class ApulldSettings:
     prefetch_enable: bool = False
     cache_size_limit_mb: int = 10240
     registry_auth_file: str = "/etc/apull/registry-auth.json"
+    # Registry mirrors tried before the origin, comma-separated: "URL" mirrors every
+    # registry, "REGISTRY=URL" only that one (URL: http(s)://host[:port]).
+    registry_mirrors: str = ""
+    # Registries (host[:port], comma-separated) that may use plain HTTP or unverified TLS;
+    # loopback registries always may (like docker's insecure-registries).
+    registry_insecure: str = ""
+    # Tries of a failing registry request (connection error, timeout, 429, 5xx) after the
+    # first, with exponential backoff; and the timeout of one request, in seconds.
+    fetch_retries: int = 4
+    fetch_timeout_s: int = 30
+    # File backend: where apulld mounts its FUSE directory of blob files ("" means
+    # <cache_dir>/../apulld/fuse).
+    fuse_mountpoint: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,130 @@
+"""apulld's range fetcher against our registry behind a test proxy: ranges, retries with
+backoff, errors that name what failed, mirrors before the origin."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+from serving_support import Proxy
+
+from apull.daemon.counters import Counters
+from apull.daemon.registry_fetch import (
+    BlobLocation,
+    FetchError,
+    FetchSettings,
+    Mirror,
+    RangeFetcher,
+    is_loopback,
+    parse_mirrors,
+)
+from apull.registry.client import Blob
+
+REPO = "test/fetch"
+DATA = random.Random(9).randbytes(200_000)
+BLOB = Blob("application/octet-stream", DATA)
+
+
+@pytest.fixture(scope="module")
+def pushed(registry) -> str:
+    registry.push_blob(REPO, BLOB)
+    return BLOB.digest
+
+
+@pytest.fixture
+def proxy(registry) -> Iterator[Proxy]:
+    front = Proxy(registry.address)
+    yield front
+    front.down()
+
+
+def fetcher(**settings) -> tuple[RangeFetcher, Counters]:
+    counters = Counters()
+    options = {"retries": 2, "timeout": 5.0, "backoff": 0.01, **settings}
+    return RangeFetcher(FetchSettings(**options), counters), counters
+
+
+def test_ranges_and_whole_blobs(pushed, proxy) -> None:
+    fetch, counters = fetcher()
+    where = BlobLocation(proxy.address, REPO, pushed)
+    assert fetch.fetch(where, 1000, 5000) == (DATA[1000:5000], proxy.address)
+    assert fetch.fetch(where, 0, len(DATA))[0] == DATA
+    assert fetch.fetch_whole(where) == DATA
+    assert counters.get("bytes_fetched") == 4000 + len(DATA)
+    assert counters.get("table_bytes_fetched") == len(DATA)
+    assert [r[1] for r in proxy.state.requests] == [
+        "bytes=1000-4999",
+        f"bytes=0-{len(DATA) - 1}",
+        "",
+    ]
+
+
+def test_server_errors_are_retried_with_backoff(pushed, proxy) -> None:
+    fetch, counters = fetcher()
+    proxy.state.status, proxy.state.status_times = 503, 2
+    where = BlobLocation(proxy.address, REPO, pushed)
+    assert fetch.fetch(where, 0, 10)[0] == DATA[:10]
+    assert counters.get("fetch_retries") == 2 and len(proxy.state.requests) == 3
+
+
+def test_errors_name_registry_repository_digest_and_range(pushed, proxy) -> None:
+    fetch, counters = fetcher()
+    proxy.state.status = 503
+    where = BlobLocation(proxy.address, REPO, pushed)
+    with pytest.raises(FetchError) as caught:
+        fetch.fetch(where, 4096, 8192)
+    assert str(caught.value) == (
+        f"{proxy.address}/{REPO}@{pushed} bytes 4096-8191: failed 3 times; last: "
+        f"{proxy.address}: HTTP 503 (UNAVAILABLE: test says no)"
+    )
+    assert counters.get("fetch_errors") == 1
+    # Right after that, one try only: a registry that is down does not stall every read.
+    asked = len(proxy.state.requests)
+    with pytest.raises(FetchError, match=r"bytes 0-9: failed \(one try: every try failed less"):
+        fetch.fetch(where, 0, 10)
+    assert len(proxy.state.requests) == asked + 1
+
+
+def test_unknown_blobs_are_not_retried(proxy) -> None:
+    fetch, _ = fetcher()
+    where = BlobLocation(proxy.address, REPO, "sha256:" + "0" * 64)
+    with pytest.raises(FetchError, match=r"bytes 0-9: not found .*BLOB_UNKNOWN"):
+        fetch.fetch(where, 0, 10)
+    assert len(proxy.state.requests) == 1
+
+
+def test_mirrors_go_first_and_a_failing_one_rests(pushed, registry, proxy) -> None:
+    mirror = Proxy(registry.address)
+    try:
+        fetch, counters = fetcher(mirrors=(Mirror(f"http://{mirror.address}"),))
+        where = BlobLocation(proxy.address, REPO, pushed)
+        assert fetch.fetch(where, 0, 100) == (DATA[:100], mirror.address)
+        assert proxy.bytes_of(pushed) == 0 and counters.get("bytes_from_mirrors") == 100
+        mirror.state.status = 500
+        assert fetch.fetch(where, 100, 200) == (DATA[100:200], proxy.address)
+        asked = len(mirror.state.requests)
+        assert fetch.fetch(where, 200, 300) == (DATA[200:300], proxy.address)
+        assert len(mirror.state.requests) == asked  # resting
+    finally:
+        mirror.down()
+
+
+def test_a_mirror_for_another_registry_is_not_asked(pushed, registry, proxy) -> None:
+    mirror = Proxy(registry.address)
+    try:
+        fetch, _ = fetcher(mirrors=(Mirror(f"http://{mirror.address}", "docker.io"),))
+        fetch.fetch(BlobLocation(proxy.address, REPO, pushed), 0, 100)
+        assert mirror.state.requests == [] and proxy.bytes_of(pushed) == 100
+    finally:
+        mirror.down()
+
+
+def test_mirror_settings_and_loopback_hosts() -> None:
+    assert parse_mirrors(" http://a:4001/ , docker.io=https://m.example ") == (
+        Mirror("http://a:4001"), Mirror("https://m.example", "docker.io"))  # fmt: skip
+    assert parse_mirrors("") == ()
+    with pytest.raises(ValueError, match="expected"):
+        parse_mirrors("ftp://x")
+    assert is_loopback("127.0.0.1:5000") and is_loopback("localhost") and is_loopback("[::1]:80")
+    assert not is_loopback("registry.example:5000") and not is_loopback("10.0.0.1")
