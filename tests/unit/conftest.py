@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serving_support import Apulld, Layer, Mounts, Proxy, converted_images
 
 from apull.lab import test_image
 from apull.registry.client import RegistryClient
@@ -51,3 +52,33 @@ def busybox_ref(registry: RegistryClient) -> str:
     """The lab's test image (static busybox, one layer), pushed to the module's registry."""
     test_image.push(registry)
     return f"{registry.address}/{test_image.REPO}:{test_image.TAG}"
+
+
+# --- apulld serving: converted layers, a counting/corrupting proxy, a daemon, mounts ---------
+
+
+@pytest.fixture(scope="module")
+def images(registry: RegistryClient) -> dict[str, Layer]:
+    """The serving tests' images, converted into the module's registry."""
+    return converted_images(registry)
+
+
+@pytest.fixture
+def proxy(registry: RegistryClient) -> Iterator[Proxy]:
+    front = Proxy(registry.address)
+    yield front
+    front.down()
+
+
+@pytest.fixture
+def apulld(tmp_path: Path) -> Iterator[Apulld]:
+    daemon = Apulld(tmp_path)
+    yield daemon
+    daemon.close()
+
+
+@pytest.fixture
+def mounts(tmp_path: Path) -> Iterator[Mounts]:
+    active = Mounts(tmp_path)
+    yield active
+    active.close()

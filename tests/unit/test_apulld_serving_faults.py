@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_support import Apulld, Corruption, Layer, Mounts, Proxy, converted_images
+from serving_support import Apulld, Corruption, Proxy
 
 from apull.daemon.backend import NodePaths, probe_file
 from apull.daemon.chunk_cache import FAILURE_MEMORY_SECONDS
@@ -23,11 +23,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root"),
     pytest.mark.skipif(not probe_file(NodePaths())[0], reason="no file-backed EROFS here"),
 ]
-
-
-@pytest.fixture(scope="module")
-def images(registry) -> dict[str, Layer]:
-    return converted_images(registry)
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +36,6 @@ def big_offset(registry, images) -> int:
     offset = blob.find(middle)
     assert offset > 0
     return offset
-
-
-@pytest.fixture
-def proxy(registry) -> Iterator[Proxy]:
-    front = Proxy(registry.address)
-    yield front
-    front.down()
-
-
-@pytest.fixture
-def mounts(tmp_path: Path) -> Iterator[Mounts]:
-    active = Mounts(tmp_path)
-    yield active
-    active.close()
 
 
 @pytest.fixture

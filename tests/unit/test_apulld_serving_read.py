@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_support import CHUNK, Apulld, Layer, Mounts, Proxy, check_tree, converted_images
+from serving_support import CHUNK, check_tree
 
 from apull.daemon.backend import NodePaths, probe_file
 
@@ -19,32 +18,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root"),
     pytest.mark.skipif(not probe_file(NodePaths())[0], reason="no file-backed EROFS here"),
 ]
-
-
-@pytest.fixture(scope="module")
-def images(registry) -> dict[str, Layer]:
-    return converted_images(registry)
-
-
-@pytest.fixture
-def proxy(registry) -> Iterator[Proxy]:
-    front = Proxy(registry.address)
-    yield front
-    front.down()
-
-
-@pytest.fixture
-def apulld(tmp_path: Path) -> Iterator[Apulld]:
-    daemon = Apulld(tmp_path)
-    yield daemon
-    daemon.close()
-
-
-@pytest.fixture
-def mounts(tmp_path: Path) -> Iterator[Mounts]:
-    active = Mounts(tmp_path)
-    yield active
-    active.close()
 
 
 def test_layers_read_back_file_for_file(images, proxy, apulld, mounts) -> None:

@@ -9,11 +9,10 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_support import Apulld, Layer, Mounts, Proxy, check_tree, converted_images
+from serving_support import Apulld, check_tree
 
 from apull.daemon import fuse_mount
 from apull.daemon.backend import NodePaths, probe_file
@@ -22,32 +21,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root"),
     pytest.mark.skipif(not probe_file(NodePaths())[0], reason="no file-backed EROFS here"),
 ]
-
-
-@pytest.fixture(scope="module")
-def images(registry) -> dict[str, Layer]:
-    return converted_images(registry)
-
-
-@pytest.fixture
-def proxy(registry) -> Iterator[Proxy]:
-    front = Proxy(registry.address)
-    yield front
-    front.down()
-
-
-@pytest.fixture
-def apulld(tmp_path: Path) -> Iterator[Apulld]:
-    daemon = Apulld(tmp_path)
-    yield daemon
-    daemon.close()
-
-
-@pytest.fixture
-def mounts(tmp_path: Path) -> Iterator[Mounts]:
-    active = Mounts(tmp_path)
-    yield active
-    active.close()
 
 
 def fuse_mounted(apulld: Apulld) -> bool:
