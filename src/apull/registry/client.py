@@ -5,11 +5,12 @@ Plain HTTP only for now (the lab registry); token auth and TLS arrive with image
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from apull.image.oci import sha256_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -18,10 +19,6 @@ OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 class RegistryError(RuntimeError):
     """The registry answered something we did not expect."""
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ class NodeResult:
     def changed(self) -> bool:
         return any(s.changes for s in self.steps)
 
+    @property
+    def changed_services(self) -> list[str]:
+        """Services whose binary changed (running or not)."""
+        return sorted({s.binary.service for s in self.steps if s.changes})
+
 
 Events = Callable[[str], None]
 
@@ -69,8 +74,8 @@ def sync_node(
     """
     started = time.monotonic()
     result = NodeResult()
-    states = parse_state(transport.run_script(remote_scripts.state_script(bundle.binaries)),
-                         bundle.binaries)  # fmt: skip
+    script = remote_scripts.state_script(bundle.binaries, with_previous=rollback)
+    states = parse_state(transport.run_script(script), bundle.binaries)
     steps = (plan_rollback if rollback else plan_sync)(bundle.binaries, states)
     result.steps = steps
     if check:
@@ -89,13 +94,11 @@ def sync_node(
             result.bytes_sent += binary.size
             _expect(transport.run_script(remote_scripts.install_script(binary, target)),
                     "installed", binary.name)  # fmt: skip
-            on_event(
-                f"{binary.name}: {'installed' if step.action is Action.INSTALL else 'updated'}"
-            )
+            on_event(f"{binary.name}: {step.action.done}")
         elif step.action is Action.ROLLBACK:
             _expect(transport.run_script(remote_scripts.rollback_script(binary)),
                     "rolled-back", binary.name)  # fmt: skip
-            on_event(f"{binary.name}: rolled back")
+            on_event(f"{binary.name}: {step.action.done}")
     services = services_to_restart(steps)
     if restart and services:
         out = transport.run_script(remote_scripts.restart_script(services))

@@ -19,6 +19,20 @@ class Action(Enum):
     ROLLBACK = "rollback"
     NO_PREVIOUS = "no previous"
 
+    @property
+    def done(self) -> str:
+        """How a report says it: "installed", "updated", "rolled back", ..."""
+        return _DONE[self]
+
+
+_DONE = {
+    Action.UNCHANGED: "unchanged",
+    Action.INSTALL: "installed",
+    Action.UPDATE: "updated",
+    Action.ROLLBACK: "rolled back",
+    Action.NO_PREVIOUS: "no previous",
+}
+
 
 @dataclass(frozen=True)
 class NodeBinaryState:

@@ -17,8 +17,11 @@ def staging_path(binary: BuiltBinary) -> str:
     return f"{directory}/.{name}.apull-new"
 
 
-def state_script(binaries: Iterable[BuiltBinary]) -> str:
-    """Prints `name<TAB>sha256 of installed<TAB>sha256 of previous<TAB>service state`."""
+def state_script(binaries: Iterable[BuiltBinary], with_previous: bool = False) -> str:
+    """Prints `name<TAB>sha256 of installed<TAB>sha256 of previous<TAB>service state`.
+
+    The previous binary is hashed only `with_previous` (a rollback); otherwise it reads `-`.
+    """
     lines = [
         "set -u",
         'sum() { if [ -f "$1" ]; then sha256sum "$1" | cut -d" " -f1; else echo -; fi; }',
@@ -26,10 +29,11 @@ def state_script(binaries: Iterable[BuiltBinary]) -> str:
         f"echo {MARKER}",
     ]
     for b in binaries:
+        installed = f'"$(sum {shlex.quote(b.install_path)})"'
+        previous = f'"$(sum {shlex.quote(b.previous_path)})"' if with_previous else "-"
+        service = f'"$(unit {shlex.quote(b.service)})"'
         lines.append(
-            f"printf '%s\\t%s\\t%s\\t%s\\n' {shlex.quote(b.name)} "
-            f'"$(sum {shlex.quote(b.install_path)})" "$(sum {shlex.quote(b.previous_path)})" '
-            f'"$(unit {shlex.quote(b.service)})"'
+            f"printf '%s\\t%s\\t%s\\t%s\\n' {shlex.quote(b.name)} {installed} {previous} {service}"
         )
     return "\n".join(lines) + "\n"
 

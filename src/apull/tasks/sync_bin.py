@@ -75,9 +75,8 @@ def _cell(outcome: NodeOutcome, name: str, check: bool) -> str:
         return "[dim]unchanged[/]"
     if step.action is Action.NO_PREVIOUS:
         return "[yellow]no previous[/]"
-    word = {Action.INSTALL: "installed", Action.UPDATE: "updated", Action.ROLLBACK: "rolled back"}
-    verb = word[step.action]
-    return f"[yellow]would be {verb}[/]" if check else f"[green]{verb}[/]"
+    done = step.action.done
+    return f"[yellow]would be {done}[/]" if check else f"[green]{done}[/]"
 
 
 def summary_table(outcomes: Sequence[NodeOutcome], bundle: Bundle, check: bool) -> Table:

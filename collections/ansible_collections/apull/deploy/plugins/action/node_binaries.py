@@ -45,7 +45,6 @@ class ActionModule(ActionBase):
         from apull.bundle.artefacts import BundleError
         from apull.bundle.builder import ensure_bundle
         from apull.sync.engine import sync_node
-        from apull.sync.plan import services_to_restart
 
         args = self._task.args
         bundle_dir = args.get("bundle_dir")
@@ -81,9 +80,8 @@ class ActionModule(ActionBase):
             )
             for s in outcome.steps
         )
-        result["restart_needed"] = sorted(set(s.binary.service for s in outcome.steps if s.changes))
+        result["restart_needed"] = outcome.changed_services
         result["restarted"] = outcome.restarted
-        result["would_restart"] = services_to_restart(outcome.steps)
         result["bundle"] = {"version": bundle.version, "fingerprint": bundle.fingerprint}
         if self._task.diff and outcome.changed:
             result["diff"] = [
