@@ -7,6 +7,7 @@ the package repository forwarded to it, nothing else reachable) and one on the l
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import time
@@ -35,14 +36,31 @@ def ensure_switch() -> None:
     """Start the lab's VDE switch (a Unix socket; no host network changes)."""
     sw = switch_dir()
     pidfile = layout.state_dir() / "switch.pid"
-    if processes.is_alive(pidfile):
+    if processes.is_alive(pidfile) and (sw / "ctl").exists():
         return
+    pid = processes.read_pid(pidfile)
+    if pid is not None and b"vde_switch" in _cmdline(pid):
+        processes.stop(pidfile)
+    pidfile.unlink(missing_ok=True)
+    # A switch that died (or a host that rebooted) leaves its socket directory behind, and
+    # vde_switch does not reliably take over a stale one: start from an empty directory.
+    shutil.rmtree(sw, ignore_errors=True)
     sw.parent.mkdir(parents=True, exist_ok=True)
+    log = layout.state_dir() / "switch.log"
     run_logged(
         ["vde_switch", "--sock", sw, "--mode", "600", "--daemon", "--pidfile", pidfile],
-        layout.state_dir() / "switch.log",
+        log,
         "vde_switch",
     )
+    if not (sw / "ctl").exists():
+        raise LabError(f"vde_switch started but {sw}/ctl is missing; see {log}")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def stop_switch() -> None:
