@@ -23,6 +23,7 @@ from apull.image.chunks import ChunkTable
 from apull.image.layer_to_erofs import ErofsBuildError, build_erofs, mkfs_version
 from apull.image.layer_unpack import LayerError, unpack_layer
 from apull.image.oci import (
+    MANIFEST_ACCEPT,
     OCI_CONFIG,
     OCI_MANIFEST,
     SOURCE_LAYER_TYPES,
@@ -31,15 +32,22 @@ from apull.image.oci import (
     ManifestError,
     canonical_json,
     config_diff_ids,
+    media_type_of,
+    parse_image_manifest,
     parse_platform,
     sha256_digest,
 )
 from apull.image.reference import ImageRef
 from apull.image.referrers import push_chunk_tables
 from apull.image.registry_auth import AuthError, find_credentials
-from apull.image.registry_read import fetch_blob_bytes, fetch_blob_to_file, resolve_image
-from apull.image.registry_session import RegistryError, RegistrySession
-from apull.image.registry_write import push_blob_bytes, push_blob_file, push_manifest
+from apull.image.registry_read import (
+    MAX_MANIFEST_SIZE,
+    fetch_blob_bytes,
+    fetch_blob_to_file,
+    resolve_image,
+)
+from apull.image.registry_session import RegistryError, RegistrySession, error_text
+from apull.image.registry_write import has_blob, push_blob_bytes, push_blob_file, push_manifest
 
 _KNOWN_ERRORS = (RegistryError, AuthError, ManifestError, LayerError, ErofsBuildError, OSError)
 
@@ -76,6 +84,24 @@ class ConvertResult:
     manifest: bytes
     chunk_tables_manifest: str
     layers: list[LayerResult]
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """Whether the target already holds what converting the source would push now.
+
+    current: the target's manifest says it was made, in this format, with this host's EROFS
+    builder and the requested chunk size, from the source's manifest as it is now, and the
+    target has each of its layer blobs and chunk tables. Converting is deterministic, so
+    converting again would push the same bytes."""
+
+    current: bool
+    reason: str
+    source_manifest: str
+    target_manifest: str
+    layers: int
+    source_bytes: int
+    target_bytes: int
 
 
 def human_size(size: int) -> str:
@@ -118,7 +144,13 @@ def digest_and_table(path: Path, chunk_size: int) -> tuple[str, int, ChunkTable]
 
 
 class _Converter:
-    def __init__(self, options: ConvertOptions, work: Path, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        options: ConvertOptions,
+        work: Path,
+        log: Callable[[str], None],
+        push: bool = True,
+    ) -> None:
         self.options = options
         self.work = work
         self.log = log
@@ -141,7 +173,7 @@ class _Converter:
             dst.repository,
             insecure=options.target_insecure,
             credentials=dst_credentials,
-            push=True,
+            push=push,
         )
 
     def run(self) -> ConvertResult:
@@ -189,6 +221,83 @@ class _Converter:
             with _step(self.dst_where, "upload chunk-table referrer"):
                 referrer = push_chunk_tables(self.target, subject, [r.table for r in results])
         return ConvertResult(manifest.digest, digest, raw, referrer, results)
+
+    def target_state(self) -> TargetState:
+        """Read the source and the target; convert nothing."""
+        options = self.options
+        with _step(self.src_where, "read manifest"):
+            manifest, _ = resolve_image(
+                self.source, options.source.reference, parse_platform(options.platform)
+            )
+        if fmt.IMAGE_FORMAT_VERSION in manifest.annotations:
+            raise ConvertError(f"{self.src_where}: already an apull image ({manifest.digest})")
+        source_bytes = sum(layer.size for layer in manifest.layers)
+
+        def state(current: bool, reason: str, target: str = "", size: int = 0) -> TargetState:
+            return TargetState(
+                current,
+                reason,
+                manifest.digest,
+                target,
+                len(manifest.layers),
+                source_bytes,
+                size,
+            )
+
+        tag = options.target.tag or "latest"
+        with _step(self.dst_where, "read manifest"):
+            found = _optional_manifest(self.target, tag)
+        if found is None:
+            return state(False, "the target does not exist")
+        raw, digest = found
+        try:
+            media_type = media_type_of(raw, "", f"target manifest {digest}")
+            target = parse_image_manifest(raw, media_type, f"{self.dst_where}@{digest}")
+        except ManifestError as exc:
+            return state(False, f"the target is not an image manifest ({exc})", digest)
+        notes = target.annotations
+        target_bytes = sum(layer.size for layer in target.layers)
+        built_from = notes.get(fmt.IMAGE_SOURCE_MANIFEST, "")
+        version = notes.get(fmt.IMAGE_FORMAT_VERSION)
+        builder = mkfs_version()
+        chunk = str(options.chunk_size)
+        if version is None:
+            why = "the target is not an apull image"
+        elif version != fmt.FORMAT_VERSION:
+            why = f"the target has format {version}, this converter writes {fmt.FORMAT_VERSION}"
+        elif built_from != manifest.digest:
+            why = (
+                f"the target was made from {short(built_from)}, "
+                f"the source is now {short(manifest.digest)}"
+            )
+        elif notes.get(fmt.IMAGE_BUILDER) != builder:
+            why = f"the target was built with {notes.get(fmt.IMAGE_BUILDER)!r}, here {builder!r}"
+        elif len(target.layers) != len(manifest.layers):
+            why = f"the target has {len(target.layers)} layers, the source {len(manifest.layers)}"
+        elif any(layer.annotations.get(fmt.LAYER_CHUNK_SIZE) != chunk for layer in target.layers):
+            why = f"the target's chunk size is not {chunk}"
+        else:
+            why = ""
+        if why:
+            return state(False, why, digest, target_bytes)
+        with _step(self.dst_where, "check layer blobs"):
+            for number, layer in enumerate(target.layers, 1):
+                table = layer.annotations.get(fmt.LAYER_CHUNK_TABLE, "")
+                for what, blob in (("blob", layer.digest), ("chunk table", table)):
+                    if not blob or not has_blob(self.target, blob):
+                        return state(
+                            False,
+                            f"the target's layer {number} {what} {short(blob)} is missing",
+                            digest,
+                            target_bytes,
+                        )
+        return state(
+            True,
+            f"made from source manifest {short(manifest.digest)} with {builder}, "
+            f"chunk size {chunk}",
+            digest,
+            target_bytes,
+        )
 
     def _manifest(self, source: ImageManifest, layers: list[LayerResult]) -> dict[str, object]:
         annotations = {k: v for k, v in source.annotations.items() if not k.startswith("io.apull.")}
@@ -262,10 +371,19 @@ class _Converter:
         return LayerResult(source, layer, table_desc, uploaded, timings)
 
 
-def convert(options: ConvertOptions, log: Callable[[str], None] = lambda _: None) -> ConvertResult:
-    """Convert options.source into options.target; `log` gets one line per step."""
-    if os.geteuid() != 0:
-        raise ConvertError("converting needs root (owners, device nodes, trusted.* xattrs)")
+def _optional_manifest(session: RegistrySession, reference: str) -> tuple[bytes, str] | None:
+    """(bytes, digest) of the manifest at `reference`, or None when the registry has none."""
+    url = session.repo_url(f"manifests/{reference}")
+    with session.request("GET", url, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+        if resp.status == 404:
+            return None
+        if resp.status != 200:
+            raise RegistryError(f"GET {url}: {error_text(resp.status, resp.read(4096))}")
+        raw = resp.read(MAX_MANIFEST_SIZE)
+    return raw, sha256_digest(raw)
+
+
+def _check_options(options: ConvertOptions) -> None:
     if options.target.digest:
         raise ConvertError(f"target {options.target}: give a tag, not a digest")
     src, dst = options.source, options.target
@@ -277,6 +395,19 @@ def convert(options: ConvertOptions, log: Callable[[str], None] = lambda _: None
         parse_platform(options.platform)
     except (ValueError, ErofsBuildError) as exc:
         raise ConvertError(str(exc)) from exc
+
+
+def target_state(options: ConvertOptions) -> TargetState:
+    """Is options.target already the conversion of options.source? Reads only; no root."""
+    _check_options(options)
+    return _Converter(options, Path("/nonexistent"), lambda _: None, push=False).target_state()
+
+
+def convert(options: ConvertOptions, log: Callable[[str], None] = lambda _: None) -> ConvertResult:
+    """Convert options.source into options.target; `log` gets one line per step."""
+    if os.geteuid() != 0:
+        raise ConvertError("converting needs root (owners, device nodes, trusted.* xattrs)")
+    _check_options(options)
     try:
         work = Path(tempfile.mkdtemp(prefix="apull-convert-", dir=options.work_dir))
     except OSError as exc:
