@@ -217,6 +217,23 @@ def cmd_sync_bin(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_cri(args: argparse.Namespace) -> int:
+    from apull.cri.cli import main as cri_main
+
+    return cri_main(args.cri_args, prog="apull cri")
+
+
+def _cri_arguments(argv: Sequence[str] | None) -> list[str] | None:
+    """The arguments after `cri` when it is the command: they are all the cri command's
+    (argparse would take its options, such as --help, for apull's own)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:2] and words[0] == "--config":
+        words = words[2:]
+    elif words[:1] and words[0].startswith("--config="):
+        words = words[1:]
+    return words[1:] if words[:1] == ["cri"] else None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apull", description=__doc__)
     p.add_argument(
@@ -279,10 +296,20 @@ def parser() -> argparse.ArgumentParser:
     )
     sb.add_argument("--no-lab", action="store_true", help="do not bring the lab up first")
     sb.set_defaults(func=cmd_sync_bin)
+    cri = sub.add_parser(
+        "cri",
+        add_help=False,
+        help="pull/rmi/ls/status images through containerd's CRI plugin (apull cri --help)",
+    )
+    cri.add_argument("cri_args", nargs=argparse.REMAINDER)
+    cri.set_defaults(func=cmd_cri)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    cri_args = _cri_arguments(argv)
+    if cri_args is not None:
+        return cmd_cri(argparse.Namespace(cri_args=cri_args))
     args, unknown = parser().parse_known_args(argv)
     if unknown and args.command != "run":
         parser().error(f"unrecognized arguments: {' '.join(unknown)}")

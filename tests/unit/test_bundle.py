@@ -86,3 +86,25 @@ def test_manifest_is_json_with_a_fingerprint(bundle_dir: Path) -> None:
     data = json.loads((bundle_dir / "manifest.json").read_text())
     assert len(data["fingerprint"]) == 64
     assert data["python"] == "3.11"
+
+
+def test_the_snapshotter_binary_carries_the_cri_client(bundle_dir: Path, tmp_path: Path) -> None:
+    """`apull-containerd-grpc cri ...` runs the CRI image client (nodes have no crictl)."""
+    with zipfile.ZipFile(bundle_dir / "apull-containerd-grpc") as zf:
+        names = zf.namelist()
+    assert "apull/cri/api/images_pb2_grpc.py" in names
+    assert "apull/cri/client.py" in names
+    env = {"PATH": "/usr/bin:/bin", "APULL_RUNTIME_DIR": str(tmp_path / "runtime")}
+    binary = str(bundle_dir / "apull-containerd-grpc")
+    run = subprocess.run([binary, "cri", "--help"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: apull-containerd-grpc cri ")
+    missing = tmp_path / "no-containerd.sock"
+    run = subprocess.run(
+        [binary, "cri", "--address", str(missing), "pull", "example.invalid/x:1"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert f"cannot reach containerd on {missing}" in run.stderr

@@ -23,6 +23,9 @@ class BinarySpec:
     mode: str
     service: str
     entry: str  #: module:function the zipapp runs
+    #: Commands run instead of the entry when the first argument names one:
+    #: name -> module:function, called with the arguments after the name.
+    commands: tuple[tuple[str, str], ...] = ()
 
 
 BINARIES: tuple[BinarySpec, ...] = (
@@ -32,6 +35,10 @@ BINARIES: tuple[BinarySpec, ...] = (
         "0550",
         "apull-snapshotter.service",
         "apull.snapshotter.main:main",
+        # The CRI image client (pulls as kubelet does) rides along: it needs the same grpc
+        # runtime, and a binary without a service would be a special case for every
+        # installer (sync-bin, the role's restarts, uninstall).
+        commands=(("cri", "apull.cri.cli:node_main"),),
     ),
     BinarySpec("apulld", "/usr/bin/apulld", "0550", "apulld.service", "apull.daemon.main:main"),
 )

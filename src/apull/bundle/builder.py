@@ -36,7 +36,7 @@ NODE_PYTHON = "3.11"
 NATIVE_DEPENDENCIES = ("grpcio", "protobuf", "typing-extensions")
 #: Sub-packages each binary needs (besides apull/__init__.py).
 PACKAGES_OF = {
-    "apull-containerd-grpc": ("service", "snapshotter"),
+    "apull-containerd-grpc": ("service", "snapshotter", "cri", "image"),
     "apulld": ("service", "daemon", "image"),
 }
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -148,6 +148,7 @@ def _write_zipapp(path: Path, members: list[_Member], main_py: str) -> None:
 def _fingerprint(parts: dict[str, list[_Member]], python: str) -> str:
     digest = hashlib.sha256(f"{apull.__version__}\0{python}\0".encode())
     digest.update(bootstrap.PURE.encode() + bootstrap.UNPACKING.encode())
+    digest.update(bootstrap.DISPATCH.encode())
     for name in sorted(parts):
         for member in parts[name]:
             digest.update(f"{name}\0{member.arcname}\0".encode())
@@ -174,6 +175,7 @@ def _build_one(spec: BinarySpec, members: list[_Member], out_dir: Path, build_id
         spec.entry,
         unpack=any(m.arcname.endswith(".so") for m in members),
         runtime_dir=RUNTIME_DIR,
+        commands=dict(spec.commands),
     )
     path = out_dir / spec.name
     _write_zipapp(path, members, main_py)

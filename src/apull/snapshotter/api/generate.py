@@ -1,8 +1,9 @@
-"""Generate the snapshotter's Python gRPC stubs from our .proto files (needs grpcio-tools).
+"""Generate the Python gRPC stubs from our .proto files (needs grpcio-tools).
 
-protoc runs with `-I <src>` so the generated modules import each other as
-`apull.snapshotter.api.*`. Files are written only when their content changes, so running it
-again is a no-op (and keeps mtimes stable for make).
+Every package with protos is listed in PACKAGES: the snapshotter's API and the CRI image
+client's (apull.cri.api). protoc runs with `-I <src>` so the generated modules import each
+other by package (`apull.snapshotter.api.*`). Files are written only when their content
+changes, so running it again is a no-op (and keeps mtimes stable for make).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ API_DIR = Path(__file__).resolve().parent
 SRC_ROOT = API_DIR.parents[2]
 PROTO_PACKAGE = API_DIR.relative_to(SRC_ROOT)  # apull/snapshotter/api
 PROTOS = ("mount.proto", "snapshots.proto")
+#: Every package's .proto files (package paths relative to src/); stubs go next to them.
+PACKAGES: dict[Path, tuple[str, ...]] = {
+    PROTO_PACKAGE: PROTOS,
+    Path("apull/cri/api"): ("images.proto",),
+}
 
 
 class GenerateError(Exception):
@@ -32,8 +38,6 @@ def generate(out_root: Path | None = None) -> list[Path]:
     """Write the stubs under `out_root` (default: next to the protos); return every output."""
     from grpc_tools import protoc  # only the build needs grpcio-tools
 
-    target = (out_root or SRC_ROOT) / PROTO_PACKAGE
-    target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="apull-protoc-") as tmp:
         args = [
             "grpc_tools.protoc",
@@ -42,18 +46,21 @@ def generate(out_root: Path | None = None) -> list[Path]:
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
-            *(str(PROTO_PACKAGE / name) for name in PROTOS),
+            *(str(package / name) for package, names in PACKAGES.items() for name in names),
         ]
         status = protoc.main(args)
         if status != 0:
             raise GenerateError(f"protoc exited with status {status}: {' '.join(args)}")
         outputs = []
-        for produced in sorted((Path(tmp) / PROTO_PACKAGE).iterdir()):
-            dest = target / produced.name
-            content = produced.read_bytes()
-            if not dest.exists() or dest.read_bytes() != content:
-                dest.write_bytes(content)
-            outputs.append(dest)
+        for package in PACKAGES:
+            target = (out_root or SRC_ROOT) / package
+            target.mkdir(parents=True, exist_ok=True)
+            for produced in sorted((Path(tmp) / package).iterdir()):
+                dest = target / produced.name
+                content = produced.read_bytes()
+                if not dest.exists() or dest.read_bytes() != content:
+                    dest.write_bytes(content)
+                outputs.append(dest)
     return outputs
 
 
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out-root",
         type=Path,
-        help="directory that receives apull/snapshotter/api/*_pb2*.py (default: the source tree)",
+        help="directory that receives apull/*/api/*_pb2*.py (default: the source tree)",
     )
     args = parser.parse_args(argv)
     try:
