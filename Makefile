@@ -20,7 +20,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 	containerd runc erofs-utils zstd
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
-	test lint unit integration molecule bundle sync-bin clean
+	test lint unit integration molecule bundle sync-bin clean bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -97,5 +97,11 @@ ROLES_WITH_SCENARIOS := preflight fscache kernel containerd apull
 molecule: deps venv lab-up ## each role's molecule scenario on the lab's nodes
 	@set -e; for role in $(ROLES_WITH_SCENARIOS); do \
 		echo "== molecule: role $$role"; (cd roles/$$role && molecule test --all); done
+
+# The benchmark node gets the stack first (site, limited to it); the host runs its own.
+BENCH_NODE ?= node2
+bench: deps venv lab-up ## lazy vs full pull of a 1 GiB image: BENCH_NODE (fscache) and this host (file)
+	$(APULL) run site --limit $(BENCH_NODE)
+	$(BIN)/python -m apull.bench --node $(BENCH_NODE) $(BENCH_ARGS)
 
 test: lint unit integration molecule ## everything CI runs

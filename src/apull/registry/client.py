@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from apull.image.oci import sha256_digest
@@ -105,6 +106,18 @@ class RegistryClient:
         if status != 200:
             return None
         return headers.get("docker-content-digest")
+
+    def manifest(self, repo: str, tag: str) -> dict[str, Any]:
+        """The OCI manifest behind repo:tag, decoded."""
+        status, _, body = self._request(
+            "GET", f"/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST}
+        )
+        if status != 200:
+            raise RegistryError(f"manifest {repo}:{tag}: HTTP {status} {body[:200]!r}")
+        document = json.loads(body)
+        if not isinstance(document, dict):
+            raise RegistryError(f"manifest {repo}:{tag}: not a JSON object")
+        return document
 
     def push_image(self, repo: str, tag: str, config: Blob, layers: list[Blob]) -> str:
         """Push layers, config and an OCI manifest; return the manifest digest."""
