@@ -1,8 +1,9 @@
 """apull-containerd-grpc: run the snapshotter until SIGTERM or SIGINT.
 
 Settings come from [snapshotter] and [global] in /etc/apull/config.toml; --address and --root
-override them. Readiness is reported to systemd (Type=notify) once the socket is bound and
-restricted to 0600.
+override them. apull layers are mounted from apulld ([snapshotter] apulld_address) as remote
+snapshots; at start those already committed are mounted again. Readiness is reported to
+systemd (Type=notify) once the socket is bound and restricted to 0600.
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root or settings.snapshotter.root)
 
     # Imported here so that a settings error is reported even where grpc is broken.
+    from apull.snapshotter.apulld_client import ApulldClient
     from apull.snapshotter.overlay import OverlaySnapshotter
+    from apull.snapshotter.remote import RemoteSnapshots
     from apull.snapshotter.server import SnapshotterServer
 
+    remote = RemoteSnapshots(ApulldClient(settings.snapshotter.apulld_address))
     try:
-        snapshotter = OverlaySnapshotter(root)
+        snapshotter = OverlaySnapshotter(root, [remote.prepare], [remote.removed])
     except (OSError, RuntimeError, sqlite3.Error) as err:
         log.error("cannot open %s: %s", root, err)
         return 1
+    # Before containerd can start containers on them: remote layers mounted again.
+    remote.restore(snapshotter)
     server = SnapshotterServer(snapshotter, address)
     try:
         server.start()

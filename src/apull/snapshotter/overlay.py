@@ -5,6 +5,10 @@ under a temporary name, renamed to `snapshots/<id>` (and the rename made durable
 record commits; removals commit the record first and delete the directory after. Whatever a
 crash leaves behind is a directory without a record, which Cleanup (and start-up, for
 temporary names) deletes.
+
+A directory may have a filesystem mounted in it (a remote snapshot's EROFS layer on its
+`fs`): every deletion unmounts what is mounted below the directory first (detaching it when
+busy), and leaves the directory alone when that fails, so nothing ever walks into a mount.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from apull.service.mount_syscalls import MountError, mountpoints_under, unmount_or_detach
 from apull.snapshotter.diskusage import Usage, disk_usage
 from apull.snapshotter.filters import Adaptor, Filter, parse_filters
 from apull.snapshotter.layout import REMOVING_PREFIX, TEMP_PREFIX, Layout
@@ -56,6 +61,12 @@ class PrepareHook(Protocol):
     def __call__(self, snapshotter: OverlaySnapshotter, request: PrepareRequest) -> None: ...
 
 
+class RemoveHook(Protocol):
+    """Told about each removed snapshot after its record and its directory are gone."""
+
+    def __call__(self, snapshotter: OverlaySnapshotter, snapshot_id: str, info: Info) -> None: ...
+
+
 def _adaptor(info: Info) -> Adaptor:
     """The fields containerd's filters can name on a snapshot."""
     return lambda fieldpath: _info_field(info, fieldpath)
@@ -78,7 +89,12 @@ def _info_field(info: Info, fieldpath: Sequence[str]) -> tuple[str, bool]:
 
 
 class OverlaySnapshotter:
-    def __init__(self, root: Path, prepare_hooks: Iterable[PrepareHook] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        prepare_hooks: Iterable[PrepareHook] = (),
+        remove_hooks: Iterable[RemoveHook] = (),
+    ) -> None:
         self.layout = Layout(root)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(root, 0o700)
@@ -87,6 +103,7 @@ class OverlaySnapshotter:
         self.store = MetaStore(self.layout.metadata_db)
         os.chmod(self.layout.metadata_db, 0o600)
         self.prepare_hooks = list(prepare_hooks)
+        self.remove_hooks = list(remove_hooks)
         self._overlay_options = overlay_options()
         self._reap_temporaries()
 
@@ -148,6 +165,11 @@ class OverlaySnapshotter:
             snapshot = tx.snapshot(key)
         return snapshot_mounts(self.layout, snapshot, self._overlay_options)
 
+    def fs_dir(self, key: str) -> Path:
+        """The snapshot's `fs` directory (upperdir, bind source, or a remote layer's mount)."""
+        with self.store.transaction() as tx:
+            return self.layout.fs_dir(tx.info(key)[0])
+
     def stat(self, key: str) -> Info:
         with self.store.transaction() as tx:
             return tx.info(key)[1]
@@ -168,12 +190,17 @@ class OverlaySnapshotter:
 
     # -- changing
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+    def commit(
+        self, name: str, key: str, labels: Mapping[str, str], usage: Usage | None = None
+    ) -> None:
+        """Commit active `key` as `name`; its usage is measured unless given (remote layers)."""
         validate_labels(labels)
         with self.store.transaction() as tx:
             snapshot_id, info, _ = tx.info(key)
-        # Measured outside the transaction: other snapshots need not wait for the walk.
-        usage = disk_usage(self.layout.fs_dir(snapshot_id)) if info.kind == Kind.ACTIVE else Usage()
+        if usage is None:
+            # Measured outside the transaction: other snapshots need not wait for the walk.
+            active = info.kind == Kind.ACTIVE
+            usage = disk_usage(self.layout.fs_dir(snapshot_id)) if active else Usage()
         with self.store.transaction() as tx:
             tx.commit_active(key, name, usage, labels, expect_id=snapshot_id)
 
@@ -184,8 +211,11 @@ class OverlaySnapshotter:
 
     def remove(self, key: str) -> None:
         with self.store.transaction() as tx:
+            info = tx.info(key)[1]
             snapshot_id, _ = tx.remove(key)
         self._delete_tree(self.layout.snapshot_dir(snapshot_id))
+        for hook in self.remove_hooks:
+            hook(self, snapshot_id, info)
 
     def cleanup(self) -> list[Path]:
         """Delete every directory under snapshots/ without a record; return what went."""
@@ -218,7 +248,12 @@ class OverlaySnapshotter:
 
     @staticmethod
     def _delete_tree(path: Path) -> None:
-        """Best effort: a failure is logged and the orphan left for the next Cleanup."""
+        """Best effort: a failure is logged and the orphan left for the next Cleanup.
+
+        Whatever is mounted below `path` is unmounted first; if that fails, the tree stays.
+        """
+        if not _unmount_under(path):
+            return
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -228,6 +263,23 @@ class OverlaySnapshotter:
             pass
         except OSError as err:
             log.warning("cannot remove %s: %s", path, err)
+
+
+def _unmount_under(path: Path) -> bool:
+    """Unmount (or detach, when busy) every mount at or below `path`; False if one stays."""
+    for _ in range(8):  # mounts may be stacked on one mountpoint
+        points = mountpoints_under(str(path))
+        if not points:
+            return True
+        for point in points:
+            try:
+                detached = unmount_or_detach(point)
+            except MountError as err:
+                log.warning("cannot unmount %s, leaving %s: %s", point, path, err)
+                return False
+            log.info("%s %s", "detached busy mount" if detached else "unmounted", point)
+    log.warning("mounts keep appearing under %s; leaving it", path)
+    return False
 
 
 def _fsync_dir(path: Path) -> None:

@@ -213,6 +213,18 @@ class Transaction:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots ORDER BY name").fetchall()
         return [self._info(_Row(*row)) for row in rows]
 
+    def labelled(self, key: str, value: str | None = None) -> list[tuple[str, Info]]:
+        """Snapshots carrying label `key` (with `value`, when given): id and Info, by id."""
+        query = f"SELECT {', '.join('s.' + c.strip() for c in _COLUMNS.split(','))}" + (
+            " FROM snapshots s JOIN labels l ON l.snapshot_id = s.id WHERE l.key = ?"
+        )
+        args: tuple[str, ...] = (key,)
+        if value is not None:
+            query += " AND l.value = ?"
+            args += (value,)
+        rows = [_Row(*row) for row in self._db.execute(query + " ORDER BY s.id", args)]
+        return [(str(row.id), self._info(row)) for row in rows]
+
     def ids(self) -> set[str]:
         return {str(i) for (i,) in self._db.execute("SELECT id FROM snapshots").fetchall()}
 

@@ -1,0 +1,264 @@
+"""Remote snapshots: apull layers mounted from apulld instead of unpacked by containerd.
+
+containerd (with CRI's snapshot annotations) prepares each layer with the layer's annotations
+as labels. For an apull layer with a target (`containerd.io/snapshot.ref`) the Prepare hook:
+
+1. works out the blob (remote_layer: digest, size, chunk table) and its registry/repository
+   (from CRI's image-ref label);
+2. asks apulld which backend serves blobs (ping) and registers the blob (PUT blob_config);
+3. creates the active snapshot `key`, mounts the EROFS layer read-only on its `fs`
+   (fscache: `none` with fsid=<blob_id>; file: the blob's file from apulld's answer);
+4. commits it as the target, with the request's labels and BLOB_ID_LABEL, and answers
+   AlreadyExists: containerd finds the committed target and downloads nothing.
+
+The mount is the snapshot: containers stack overlayfs on it like on any parent. At start
+`restore` registers every committed remote snapshot again and mounts those that are not
+mounted (after a reboot or crash), and forgets blobs no snapshot uses any more; removing one
+unmounts it (OverlaySnapshotter deletes nothing mounted) and `removed` forgets the blob in
+apulld unless another snapshot uses it (a blob still open, under a live overlay, stays
+registered until the next start).
+Usage of a remote snapshot is its blob size: measuring the mount would fetch it all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apull.service.mount_syscalls import (
+    MS_RDONLY,
+    MountError,
+    mount,
+    mount_at,
+    read_mountinfo,
+)
+from apull.snapshotter.apulld_client import ApulldClient, ApulldError, ApulldUnreachableError
+from apull.snapshotter.diskusage import Usage
+from apull.snapshotter.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    SnapshotError,
+)
+from apull.snapshotter.overlay import OverlaySnapshotter, PrepareRequest
+from apull.snapshotter.remote_layer import (
+    BLOB_ID_LABEL,
+    RemoteLayer,
+    is_apull_layer,
+    remote_layer,
+)
+from apull.snapshotter.store import Info, Kind
+
+log = logging.getLogger(__name__)
+
+#: apulld backends that serve layer data (ping's "backend").
+FSCACHE, FILE = "fscache", "file"
+
+
+@dataclass(frozen=True)
+class MountSource:
+    """How to mount one registered blob."""
+
+    backend: str
+    blob_id: str
+    path: str = ""  # the file backend's blob file
+
+    def mount(self, target: Path) -> None:
+        if self.backend == FSCACHE:
+            mount("none", str(target), "erofs", MS_RDONLY, f"fsid={self.blob_id}")
+        else:
+            mount(self.path, str(target), "erofs", MS_RDONLY)
+
+
+class RemoteSnapshots:
+    """The Prepare and Remove hooks and the start-up restore, talking to one apulld."""
+
+    def __init__(self, apulld: ApulldClient) -> None:
+        self.apulld = apulld
+        # One lock per blob: registering, mounting and forgetting a blob never interleave.
+        self._locks: dict[str, threading.RLock] = {}
+        self._guard = threading.Lock()
+
+    def _lock(self, blob_id: str) -> threading.RLock:
+        with self._guard:
+            return self._locks.setdefault(blob_id, threading.RLock())
+
+    # -- Prepare
+
+    def prepare(self, snapshotter: OverlaySnapshotter, request: PrepareRequest) -> None:
+        """PrepareHook: provide an apull layer as a committed remote snapshot."""
+        if not is_apull_layer(request.labels) or not request.target:
+            return
+        layer = remote_layer(request.labels, self.apulld.address)
+        with self._lock(layer.blob_id):
+            if _exists(snapshotter, request.target):
+                raise AlreadyExistsError(f"target snapshot {request.target!r} already exists")
+            started = time.monotonic()
+            source = self.register(layer)
+            labels = {**request.labels, BLOB_ID_LABEL: layer.blob_id}
+            snapshotter.create(Kind.ACTIVE, request.key, request.parent, labels)
+            try:
+                fs = snapshotter.fs_dir(request.key)
+                _mount(source, fs, layer)
+                snapshotter.commit(request.target, request.key, labels, Usage(size=layer.size))
+            except BaseException:
+                _discard(snapshotter, request.key)
+                raise
+            log.info(
+                "remote snapshot %s: %s mounted on %s (%s backend, %.0f ms)",
+                request.target, layer.describe(), fs, source.backend,
+                (time.monotonic() - started) * 1000,
+            )  # fmt: skip
+        raise AlreadyExistsError(
+            f"target snapshot {request.target!r}: mounted remotely ({layer.describe()})"
+        )
+
+    def register(self, layer: RemoteLayer) -> MountSource:
+        """Tell apulld about the blob; how to mount it. FailedPrecondition says what to do."""
+        try:
+            ping = self.apulld.ping()
+            backend = ping.get("backend", "")
+            if backend not in (FSCACHE, FILE):
+                reasons = "; ".join(str(r) for r in ping.get("reasons", [])) or "none given"
+                raise FailedPreconditionError(
+                    f"{layer.describe()}: apulld at {self.apulld.address} serves no layer data "
+                    f"(backend {backend!r}; reasons: {reasons}). Fix the node (kernel with "
+                    "EROFS over fscache or file-backed EROFS) and restart apulld"
+                )
+            answer = self.apulld.put_blob(layer.blob_config())
+        except ApulldUnreachableError as err:
+            raise FailedPreconditionError(
+                f"{layer.describe()} cannot be mounted: {err}. Is apulld running "
+                f"(systemctl status apulld)? The snapshotter looks for it at "
+                f"{self.apulld.address} ([snapshotter] apulld_address)"
+            ) from err
+        except ApulldError as err:
+            raise FailedPreconditionError(
+                f"{layer.describe()}: apulld refused the blob: {err}"
+            ) from err
+        path = answer.get("path", "")
+        if backend == FILE and not (isinstance(path, str) and path):
+            raise FailedPreconditionError(
+                f"{layer.describe()}: apulld at {self.apulld.address} (file backend) "
+                "answered without the blob's file path"
+            )
+        return MountSource(backend, layer.blob_id, path if backend == FILE else "")
+
+    # -- Remove
+
+    def removed(self, snapshotter: OverlaySnapshotter, snapshot_id: str, info: Info) -> None:
+        """RemoveHook: forget the blob in apulld once no snapshot uses it (best effort)."""
+        blob_id = info.labels.get(BLOB_ID_LABEL, "")
+        if not blob_id:
+            return
+        with self._lock(blob_id):
+            with snapshotter.store.transaction() as tx:
+                users = tx.labelled(BLOB_ID_LABEL, blob_id)
+            if users:
+                names = ", ".join(i.name for _, i in users)
+                log.info("removed %s; blob %s still used by %s", info.name, blob_id, names)
+                return
+            try:
+                known = self.apulld.delete_blob(blob_id)
+            except ApulldError as err:
+                log.warning("removed %s; apulld keeps blob %s: %s", info.name, blob_id, err)
+                return
+            log.info("removed %s; blob %s %s", info.name, blob_id,
+                     "unregistered" if known else "was not registered")  # fmt: skip
+
+    # -- start-up
+
+    def restore(self, snapshotter: OverlaySnapshotter) -> tuple[int, int]:
+        """Register every committed remote snapshot again and mount the unmounted ones.
+
+        Failures are logged and leave the snapshot unmounted (containerd may remove it);
+        once apulld does not answer, the rest are not tried. Returns (mounted, failed).
+        """
+        with snapshotter.store.transaction() as tx:
+            remote = tx.labelled(BLOB_ID_LABEL)
+        entries = read_mountinfo()
+        mounted = failed = 0
+        unreachable: str = ""
+        for snapshot_id, info in remote:
+            fs = snapshotter.layout.fs_dir(snapshot_id)
+            if info.kind != Kind.COMMITTED:
+                continue  # a Prepare cut short; containerd removes it
+            is_mounted = mount_at(str(fs), entries) is not None
+            if unreachable:
+                if not is_mounted:
+                    failed += 1
+                    log.error("remote snapshot %s not mounted: %s", info.name, unreachable)
+                continue
+            try:
+                layer = remote_layer(info.labels, self.apulld.address)
+                source = self.register(layer)
+                if not is_mounted:
+                    _mount(source, fs, layer)
+                    mounted += 1
+                    log.info("remote snapshot %s: %s mounted again on %s",
+                             info.name, layer.describe(), fs)  # fmt: skip
+            except SnapshotError as err:
+                if isinstance(err.__cause__, ApulldUnreachableError):
+                    unreachable = str(err.__cause__)
+                if not is_mounted:
+                    failed += 1
+                    log.error("remote snapshot %s not mounted: %s", info.name, err)
+                else:
+                    log.warning("remote snapshot %s (mounted) not registered: %s", info.name, err)
+        if not unreachable:
+            self._forget_unused(snapshotter)
+        committed = sum(1 for _, info in remote if info.kind == Kind.COMMITTED)
+        if committed:
+            log.info("remote snapshots: %d committed, %d mounted again, %d failed",
+                     committed, mounted, failed)  # fmt: skip
+        return mounted, failed
+
+    def _forget_unused(self, snapshotter: OverlaySnapshotter) -> None:
+        """Blobs apulld still has but no snapshot uses (a Remove that found the blob busy)."""
+        try:
+            registered = self.apulld.blob_ids()
+        except ApulldError as err:
+            log.warning("cannot list apulld's blobs: %s", err)
+            return
+        with snapshotter.store.transaction() as tx:
+            used = {info.labels[BLOB_ID_LABEL] for _, info in tx.labelled(BLOB_ID_LABEL)}
+        for blob_id in sorted(set(registered) - used):
+            try:
+                self.apulld.delete_blob(blob_id)
+            except ApulldError as err:
+                log.warning("blob %s used by no snapshot, still registered: %s", blob_id, err)
+            else:
+                log.info("blob %s used by no snapshot: unregistered", blob_id)
+
+
+def _exists(snapshotter: OverlaySnapshotter, name: str) -> bool:
+    try:
+        snapshotter.stat(name)
+    except NotFoundError:
+        return False
+    return True
+
+
+def _discard(snapshotter: OverlaySnapshotter, key: str) -> None:
+    """Remove the half-made active snapshot (unmounted first); a failure is only logged."""
+    try:
+        snapshotter.remove(key)
+    except Exception as err:
+        log.warning("cannot remove the unfinished remote snapshot %s: %s", key, err)
+
+
+def _mount(source: MountSource, fs: Path, layer: RemoteLayer) -> None:
+    try:
+        source.mount(fs)
+    except MountError as err:
+        hint = (
+            "the kernel needs EROFS with CONFIG_EROFS_FS_BACKED_BY_FILE (Linux >= 6.12)"
+            if source.backend == FILE
+            else "the kernel needs EROFS over fscache on demand (CONFIG_EROFS_FS_ONDEMAND)"
+        )
+        raise FailedPreconditionError(
+            f"{layer.describe()}: cannot mount it on {fs}: {err} ({hint}; see apulld's log)"
+        ) from err
