@@ -20,7 +20,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 	containerd runc erofs-utils zstd
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
-	test lint unit integration molecule bundle sync-bin clean bench
+	test lint unit integration molecule bundle sync-bin clean convert bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -75,6 +75,14 @@ bundle: venv ## build the node binaries into build/bundle (reused when up to dat
 sync-bin: deps venv ## install the node binaries on every node (ROLLBACK=1 puts back the previous)
 	$(APULL) sync-bin $(if $(ROLLBACK),--rollback) $(if $(SERVERS),--servers $(SERVERS))
 
+# IMAGES="SRC=DST ..." (e.g. 127.0.0.1:5000/lab/busybox:latest=127.0.0.1:5000/lab/busybox:apull);
+# INSECURE=1 for plain-HTTP registries (the lab's), CHECK=1 to see what would be converted.
+convert: deps venv ## convert images for lazy loading: make convert IMAGES="SRC=DST ..." [INSECURE=1] [CHECK=1]
+	@test -n "$(IMAGES)" || { echo 'give IMAGES="SRC=DST ..."'; exit 2; }
+	$(APULL) run convert --no-lab -e '$(shell $(BIN)/python -c 'import json,sys; print(json.dumps({"convert_images": [dict(zip(("source", "target"), p.split("=", 1))) for p in sys.argv[1:]]}))' $(IMAGES))' \
+		$(if $(INSECURE),-e convert_source_insecure=true -e convert_target_insecure=true) \
+		$(if $(CHECK),--check --diff)
+
 clean: deps venv ## take the stack off the nodes: services, binaries, data; containerd's config restored
 	$(APULL) run uninstall
 
@@ -93,7 +101,7 @@ integration: deps venv lab-up ## tests against the lab's real nodes
 
 # In this order: preflight reads the stock node before kernel upgrades it (and kernel's
 # cleanup makes it stock again).
-ROLES_WITH_SCENARIOS := preflight fscache kernel containerd apull
+ROLES_WITH_SCENARIOS := preflight fscache kernel containerd apull convert
 molecule: deps venv lab-up ## each role's molecule scenario on the lab's nodes
 	@set -e; for role in $(ROLES_WITH_SCENARIOS); do \
 		echo "== molecule: role $$role"; (cd roles/$$role && molecule test --all); done

@@ -12,6 +12,10 @@ description:
   - Collects C(apull_node) facts (from M(apull.deploy.node_facts)) and the names of the tasks
     that changed something on each host, prints a table after the recap and writes the same
     data as JSON.
+  - The node table's BACKEND column is the cache backend apulld uses or would choose on the
+    node (C(fscache), C(file) or C(none)) with the short reason.
+  - Image conversions (M(apull.deploy.image_convert)) get a table of their own - source,
+    target, status, layers, sizes, seconds - and a C(conversions) list in the JSON.
 requirements:
   - enable in ansible.cfg (C(callbacks_enabled))
 options:
@@ -31,6 +35,44 @@ import time
 
 from ansible.plugins.callback import CallbackBase
 
+CONVERSION_KEYS = (
+    "source",
+    "target",
+    "status",
+    "reason",
+    "layers",
+    "layers_uploaded",
+    "source_bytes",
+    "target_bytes",
+    "seconds",
+    "source_manifest",
+    "target_manifest",
+)
+
+
+def size_text(size):
+    value = float(size or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return "%d %s" % (value, unit) if unit == "B" else "%.1f %s" % (value, unit)
+        value /= 1024
+    return "%d B" % size
+
+
+def backend_text(node):
+    """fscache, file or none, with the short reason: 'file (EROFS file-backed, /dev/fuse)'."""
+    backend = node.get("backend", "-")
+    why = node.get("backend_why")
+    return "%s (%s)" % (backend, why) if why else backend
+
+
+def table(display, title, columns, rows):
+    widths = dict((c, max(len(c), *(len(str(r[c])) for r in rows))) for c in columns)
+    display.banner(title)
+    display.display("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        display.display("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+
 
 class CallbackModule(CallbackBase):
     CALLBACK_VERSION = 2.0
@@ -43,6 +85,7 @@ class CallbackModule(CallbackBase):
         self.nodes = {}
         self.changed = {}
         self.failed = {}
+        self.conversions = []
         self.playbook = "run"
         self.check_mode = False
         self.started = time.time()
@@ -62,6 +105,12 @@ class CallbackModule(CallbackBase):
         if "apull_node" in facts:
             self.nodes[host] = facts["apull_node"]
         self.changed.setdefault(host, [])
+        if result._task.action.endswith("image_convert"):
+            for item in result._result.get("results", [result._result]):
+                if "status" in item:
+                    self.conversions.append(
+                        dict((k, item.get(k)) for k in CONVERSION_KEYS if k in item)
+                    )
         if result._result.get("changed") and not result._task.no_log:
             self.changed[host].append(result._task.name or result._task.action)
 
@@ -90,7 +139,7 @@ class CallbackModule(CallbackBase):
                 "host": host,
                 "kernel": node.get("kernel", "-"),
                 "containerd": node.get("containerd") or "-",
-                "backend": node.get("backend", "-"),
+                "backend": backend_text(node) if node else "-",
                 "ondemand": node.get("ondemand", "-"),
                 "fs_ctl": "/".join(fs_ctl.get(k) or "?" for k in sorted(fs_ctl)) if fs_ctl else "-",
                 "problems": "; ".join(p["what"] for p in problems) if problems else "none",
@@ -99,24 +148,40 @@ class CallbackModule(CallbackBase):
 
     def v2_playbook_on_stats(self, stats):
         rows = list(self._rows())
+        if self.conversions:
+            conversions = [
+                dict(
+                    c,
+                    **{"layers(up)": "%s (%s)" % (c.get("layers"), c.get("layers_uploaded"))},
+                    sizes="%s -> %s"
+                    % (size_text(c.get("source_bytes")), size_text(c.get("target_bytes"))),
+                    time="%.1fs" % (c.get("seconds") or 0),
+                )
+                for c in self.conversions
+            ]
+            table(
+                self._display,
+                "APULL IMAGE CONVERSIONS",
+                ("source", "target", "status", "layers(up)", "sizes", "time"),
+                conversions,
+            )
         if not rows:
             return
-        columns = (
-            "host",
-            "kernel",
-            "containerd",
-            "backend",
-            "ondemand",
-            "fs_ctl",
-            "problems",
-            "outcome",
-        )
-        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-        lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
-        lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
-        self._display.banner("APULL NODE STATUS")
-        for line in lines:
-            self._display.display(line.rstrip())
+        # A run on the controller alone (convert.yml) has no node facts: outcome only.
+        if self.nodes:
+            columns = (
+                "host",
+                "kernel",
+                "containerd",
+                "backend",
+                "ondemand",
+                "fs_ctl",
+                "problems",
+                "outcome",
+            )
+        else:
+            columns = ("host", "outcome")
+        table(self._display, "APULL NODE STATUS", columns, rows)
         self._write_report(rows)
 
     def _write_report(self, rows):
@@ -132,6 +197,7 @@ class CallbackModule(CallbackBase):
             "seconds": round(time.time() - self.started, 1),
             "nodes": dict((h, self.nodes.get(h)) for h in sorted(self.nodes)),
             "rows": rows,
+            "conversions": self.conversions,
         }
         try:
             os.makedirs(target, exist_ok=True)
