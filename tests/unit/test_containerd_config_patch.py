@@ -596,3 +596,112 @@ def test_str_subclasses_from_ansible_are_plain_values():
     )
     assert twice.text == once.text
     assert not twice.changed
+
+
+# --- insecure (plain-HTTP) registries for CRI pulls -----------------------------------------
+
+REGISTRY2 = 'plugins."io.containerd.grpc.v1.cri".registry'
+
+
+def test_insecure_registry_in_debians_file():
+    before = fixture("v2_debian_bookworm.toml")
+    patched = patch_config(before, set_default_snapshotter=True)
+    result = patch_config(
+        before, set_default_snapshotter=True, insecure_registries=["registry.lab:5000"]
+    )
+    assert diff(patched.text, result.text) == (
+        "--- a\n"
+        "+++ b\n"
+        "@@ -11,2 +11,6 @@\n"
+        '       snapshotter = "apull"\n'
+        f"+    [{REGISTRY2}]\n"
+        f"+      [{REGISTRY2}.mirrors]\n"
+        f'+        [{REGISTRY2}.mirrors."registry.lab:5000"]\n'
+        '+          endpoint = ["http://registry.lab:5000"]\n'
+        '   [plugins."io.containerd.internal.v1.opt"]\n'
+    )
+    assert [c.describe() for c in result.changes][-1] == (
+        f'{REGISTRY2}.mirrors."registry.lab:5000".endpoint: (absent) -> '
+        '["http://registry.lab:5000"]'
+    )
+    again = patch_config(
+        result.text, set_default_snapshotter=True, insecure_registries=["registry.lab:5000"]
+    )
+    assert not again.changed and again.text == result.text
+
+
+def test_insecure_registries_in_containerds_default_config():
+    before = fixture("v2_default_containerd_1.6.20.toml")
+    patched = patch_config(before)
+    result = patch_config(before, insecure_registries=["registry.lab:5000", "10.0.0.5:5000"])
+    assert diff(patched.text, result.text) == (
+        "--- a\n"
+        "+++ b\n"
+        "@@ -154,2 +154,8 @@\n"
+        " \n"
+        f'+        [{REGISTRY2}.mirrors."registry.lab:5000"]\n'
+        '+          endpoint = ["http://registry.lab:5000"]\n'
+        "+\n"
+        f'+        [{REGISTRY2}.mirrors."10.0.0.5:5000"]\n'
+        '+          endpoint = ["http://10.0.0.5:5000"]\n'
+        "+\n"
+        f"     [{REGISTRY2.removesuffix('.registry')}.x509_key_pair_streaming]\n"
+    )
+
+
+def test_an_existing_mirror_keeps_its_endpoints_after_ours():
+    before = (
+        "version = 2\n"
+        f'[{REGISTRY2}.mirrors."registry.lab:5000"]\n'
+        '  endpoint = ["https://mirror.example:443"]  # the site mirror\n'
+    )
+    result = patch_config(before, insecure_registries=["registry.lab:5000"])
+    removed, added = changed_lines(before, result.text)
+    assert removed == ['  endpoint = ["https://mirror.example:443"]  # the site mirror']
+    assert added[0] == (
+        '  endpoint = ["http://registry.lab:5000", "https://mirror.example:443"]  # the site mirror'
+    )
+
+
+def test_config_path_refuses_mirrors_naming_the_key():
+    before = fixture("v2_debian_bookworm.toml") + (
+        f'[{REGISTRY2}]\n  config_path = "/etc/containerd/certs.d"\n'
+    )
+    with pytest.raises(ConfigPatchError, match=r"hosts\.toml") as err:
+        patch_config(before, insecure_registries=["registry.lab:5000"])
+    assert err.value.key == f"{REGISTRY2}.config_path"
+    # Without insecure registries the file patches as before.
+    assert patch_config(before).changed
+
+
+def test_version_3_puts_the_mirror_under_the_images_plugin():
+    before = 'version = 3\n[plugins."io.containerd.cri.v1.images"]\n  snapshotter = "overlayfs"\n'
+    result = patch_config(before, insecure_registries=["registry.lab:5000"])
+    mirror = dig(tomllib.loads(result.text), f'{CRI3}.registry.mirrors."registry.lab:5000"')
+    assert mirror == {"endpoint": ["http://registry.lab:5000"]}
+
+
+@pytest.mark.parametrize("host", ["http://registry.lab:5000", "registry.lab:5000/x", "", "a b"])
+def test_insecure_registries_must_be_host_and_port(host):
+    with pytest.raises(ConfigPatchError, match="is not HOST or HOST:PORT"):
+        patch_config(fixture("v2_debian_bookworm.toml"), insecure_registries=[host])
+
+
+@pytest.mark.skipif(CONTAINERD is None, reason="no containerd binary on this machine")
+def test_containerd_reads_the_mirror(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(
+        patch_config(
+            fixture("v2_debian_bookworm.toml"), insecure_registries=["registry.lab:5000"]
+        ).text
+    )
+    run = subprocess.run(
+        [str(CONTAINERD), "--config", str(path), "config", "dump"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    mirrors = dig(tomllib.loads(run.stdout), f"{REGISTRY2}.mirrors")
+    assert mirrors == {"registry.lab:5000": {"endpoint": ["http://registry.lab:5000"]}}

@@ -7,6 +7,13 @@
 - in the CRI image settings, `disable_snapshot_annotations = false` and
   `discard_unpacked_layers = false` (the snapshotter needs the layer annotations, and the
   layers kept, for lazy pulls), and `snapshotter = "<name>"` only when asked;
+- for each of `insecure_registries` (HOST:PORT), a CRI registry mirror whose first endpoint
+  is `http://HOST:PORT`: `[plugins."io.containerd.grpc.v1.cri".registry.mirrors."HOST:PORT"]
+  endpoint = ["http://HOST:PORT"]` (version 3: under `plugins."io.containerd.cri.v1.images"`),
+  so that CRI pulls (kubelet's, `apull cri pull`) reach a plain-HTTP registry. Endpoints the
+  file already lists for that host stay, after ours. containerd 1.6 refuses `mirrors` next to
+  `registry.config_path` (the hosts.toml way), so a file that sets `config_path` is refused
+  for this, naming the key;
 - any extra `overrides` (dotted key path -> value), after the above.
 
 Where the CRI settings live depends on the config's `version`: 2 (containerd 1.x) keeps them
@@ -47,6 +54,11 @@ CRI_IMAGE_TABLES: dict[int, tuple[str, ...]] = {
     2: ("plugins", "io.containerd.grpc.v1.cri", "containerd"),
     3: ("plugins", "io.containerd.cri.v1.images"),
 }
+# Where each config version keeps CRI's registry settings (mirrors, config_path).
+CRI_REGISTRY_TABLES: dict[int, tuple[str, ...]] = {
+    2: ("plugins", "io.containerd.grpc.v1.cri", "registry"),
+    3: ("plugins", "io.containerd.cri.v1.images", "registry"),
+}
 # Plugin ids that, in disabled_plugins, switch the CRI settings off.
 CRI_PLUGIN_IDS: dict[int, tuple[str, ...]] = {
     2: ("cri", "io.containerd.grpc.v1.cri"),
@@ -55,6 +67,8 @@ CRI_PLUGIN_IDS: dict[int, tuple[str, ...]] = {
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _PLUGIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A registry as image references name it: host or IPv4 address, optional port.
+_REGISTRY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
 _HEADER = re.compile(r"^([ \t]*)\[(?!\[)\s*(.+?)\s*\][ \t]*(#.*)?$")
 _SENTINEL = "__apull_key_path__"
 
@@ -140,6 +154,7 @@ def patch_config(
     proxy_address: str = DEFAULT_PROXY_ADDRESS,
     snapshotter_name: str = DEFAULT_SNAPSHOTTER,
     set_default_snapshotter: bool = False,
+    insecure_registries: Sequence[str] = (),
     overrides: Mapping[str, Any] | None = None,
     source: str = "config.toml",
 ) -> PatchResult:
@@ -168,6 +183,9 @@ def patch_config(
         cri_items["snapshotter"] = snapshotter_name
     editor.set(cri, cri_items)
     editor.set(("proxy_plugins", snapshotter_name), {"type": "snapshot", "address": proxy_address})
+    registries = [str(_plain(r, "insecure_registries")) for r in insecure_registries]
+    if registries:
+        _set_insecure_registries(editor, data, version, registries, source)
     for dotted, value in (overrides or {}).items():
         path = parse_key_path(str(dotted))
         editor.set(path[:-1], {path[-1]: _plain(value, dotted)})
@@ -178,6 +196,32 @@ def patch_config(
         changes=tuple(editor.changes),
         notes=tuple(_notes(data, version, snapshotter_name)),
     )
+
+
+def _set_insecure_registries(
+    editor: _Editor, data: Mapping[str, Any], version: int, registries: list[str], source: str
+) -> None:
+    registry = CRI_REGISTRY_TABLES[version]
+    config_path = _lookup(data, (*registry, "config_path"), source)
+    if config_path:
+        key = format_key_path((*registry, "config_path"))
+        raise ConfigPatchError(
+            f"{source}: {key} = {_show(config_path)} makes containerd read registry settings "
+            f"from hosts.toml files there, and it refuses `mirrors` beside it; instead of "
+            f"containerd_insecure_registries, write <dir>/<host:port>/hosts.toml with "
+            f'server = "http://<host:port>" for {", ".join(registries)}',
+            key,
+        )
+    for host in dict.fromkeys(registries):
+        if not _REGISTRY.fullmatch(host):
+            raise ConfigPatchError(
+                f"insecure registry {host!r} is not HOST or HOST:PORT", "insecure_registries"
+            )
+        mirror = (*registry, "mirrors", host)
+        ours = f"http://{host}"
+        old = _lookup(data, (*mirror, "endpoint"), source)
+        kept = [e for e in old if e != ours] if isinstance(old, list) else []
+        editor.set(mirror, {"endpoint": [ours, *kept]})
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -302,6 +346,8 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return _basic_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
     return str(value)
 
 

@@ -75,6 +75,9 @@ def _pids_with_argument(argument: str) -> list[int]:
 
 
 class HostContainerd:
+    #: Plugins this instance does not load (a subclass may turn CRI on).
+    disabled_plugins: tuple[str, ...] = DISABLED_PLUGINS
+
     def __init__(
         self, workdir: Path, snapshotter_address: str, snapshotter_name: str = "apull"
     ) -> None:
@@ -87,7 +90,7 @@ class HostContainerd:
         self.process: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
-        disabled = ", ".join(f'"{p}"' for p in DISABLED_PLUGINS)
+        disabled = ", ".join(f'"{p}"' for p in self.disabled_plugins)
         return f"""version = 2
 root = "{self.workdir / "root"}"
 state = "{self.workdir / "state"}"

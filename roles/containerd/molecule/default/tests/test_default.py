@@ -8,6 +8,9 @@ testinfra_hosts = ["ansible://molecule_nodes"]
 CONF = "/etc/containerd/config.toml"
 BACKUP = CONF + ".apull-orig"
 CRI = ("plugins", "io.containerd.grpc.v1.cri", "containerd")
+# What inventory/group_vars set for the lab: config.txt's insecure registry, and apull as CRI's
+# snapshotter.
+LAB_REGISTRY = "registry.lab:5000"
 
 
 def debian_md5(host):
@@ -33,8 +36,9 @@ def test_proxy_plugin_and_cri_settings_are_in_the_file(host):
         cri = cri[part]
     assert cri["disable_snapshot_annotations"] is False
     assert cri["discard_unpacked_layers"] is False
-    # Not asked to become the default snapshotter: Debian's default (none set) is kept.
-    assert "snapshotter" not in cri
+    assert cri["snapshotter"] == "apull"
+    registry = data["plugins"]["io.containerd.grpc.v1.cri"]["registry"]
+    assert registry == {"mirrors": {LAB_REGISTRY: {"endpoint": [f"http://{LAB_REGISTRY}"]}}}
 
 
 def test_debian_settings_are_kept(host):
@@ -79,7 +83,9 @@ def test_containerd_runs_on_the_new_config(host):
     assert dump["proxy_plugins"]["apull"]["address"] == "/run/containerd-apull-grpc.sock"
     cri = dump["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
     assert cri["disable_snapshot_annotations"] is False
-    assert cri["snapshotter"] == "overlayfs"
+    assert cri["snapshotter"] == "apull"
+    mirrors = dump["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"]
+    assert mirrors[LAB_REGISTRY] == {"endpoint": [f"http://{LAB_REGISTRY}"]}
 
 
 def test_containerd_loaded_the_proxy_plugin(host):

@@ -32,6 +32,7 @@ ARGUMENT_SPEC = dict(
     proxy_address=dict(type="str", default="/run/containerd-apull-grpc.sock"),
     set_default_snapshotter=dict(type="bool", default=False),
     snapshotter_name=dict(type="str", default="apull"),
+    insecure_registries=dict(type="list", elements="str", default=[]),
     overrides=dict(type="dict", default={}),
 )
 
@@ -257,6 +258,7 @@ class ActionModule(ActionBase):
                 proxy_address=args["proxy_address"],
                 snapshotter_name=args["snapshotter_name"],
                 set_default_snapshotter=args["set_default_snapshotter"],
+                insecure_registries=args["insecure_registries"],
                 overrides=args["overrides"],
                 source=path if exists else "%s (containerd config default)" % path,
             )

@@ -22,7 +22,9 @@ description:
     C(disable_snapshot_annotations = false) and C(discard_unpacked_layers = false) in the CRI
     image settings (C([plugins."io.containerd.grpc.v1.cri".containerd]) in a version 2
     config, C([plugins."io.containerd.cri.v1.images"]) in a version 3 config); sets the CRI
-    default C(snapshotter) only with O(set_default_snapshotter); then applies O(overrides).
+    default C(snapshotter) only with O(set_default_snapshotter); adds a CRI registry mirror
+    C(endpoint = ["http://HOST:PORT"]) for each of O(insecure_registries); then applies
+    O(overrides).
   - Comments, ordering and every other key are kept byte for byte (tomlkit); a key already
     holding the wanted value is not touched, so a second run changes nothing.
   - Refuses a version 1 config (no C(version) line) and tells how to migrate it; refuses,
@@ -71,6 +73,17 @@ options:
     description: Name of the proxy plugin, and of the snapshotter when it becomes the default.
     type: str
     default: apull
+  insecure_registries:
+    description:
+      - Registries (V(HOST:PORT)) that CRI pulls reach over plain HTTP. Each gets
+        C([plugins."io.containerd.grpc.v1.cri".registry.mirrors."HOST:PORT"]) with
+        C(endpoint = ["http://HOST:PORT"]) first (under C(plugins."io.containerd.cri.v1.images")
+        in a version 3 config); endpoints already listed for that host stay after it.
+      - Refused when the file sets C(registry.config_path) (containerd then reads
+        C(hosts.toml) files and refuses C(mirrors)); the message names the key.
+    type: list
+    elements: str
+    default: []
   overrides:
     description:
       - Extra keys to set after the patch, as TOML dotted key path -> value (scalars or
@@ -90,9 +103,10 @@ EXAMPLES = r"""
     proxy_address: /run/containerd-apull-grpc.sock
   register: containerd_config_result
 
-- name: Also make apull the CRI default snapshotter
+- name: Also make apull the CRI default snapshotter, and pull from a plain-HTTP registry
   apull.deploy.containerd_config:
     set_default_snapshotter: true
+    insecure_registries: [registry.lab:5000]
 
 - name: Put containerd's original config.toml back (uninstall)
   apull.deploy.containerd_config:

@@ -1,0 +1,58 @@
+"""A private containerd with its CRI plugin on, configured the way the containerd role does it
+(tests only).
+
+The config is HostContainerd's (own root, state and sockets) put through
+apull.containerd.config_patch, the code that patches the nodes' config.toml, so a test of a
+CRI pull also tests what the role writes: the proxy snapshotter, CRI's snapshotter and the
+insecure registries' mirrors. CRI's own directories live under the instance's root and state
+(containerd derives them); CNI's configuration and plugin directories are pointed into the
+work directory, so the instance neither reads nor creates the host's /etc/cni/net.d. Without a
+CNI config CRI serves images and reports its network as not ready: pods are not this
+instance's business.
+
+    with CriContainerd(workdir, snapshotter_address, ["192.0.2.2:5000"]) as ctd:
+        pull_image(ctd.address, "192.0.2.2:5000/lab/busybox:latest")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from apull.containerd.config_patch import patch_config
+from apull.testing.host_containerd import DISABLED_PLUGINS, HostContainerd
+
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+#: CRI's images live in this containerd namespace.
+CRI_NAMESPACE = "k8s.io"
+
+
+class CriContainerd(HostContainerd):
+    disabled_plugins = tuple(p for p in DISABLED_PLUGINS if p != CRI_PLUGIN)
+
+    def __init__(
+        self,
+        workdir: Path,
+        snapshotter_address: str,
+        insecure_registries: Sequence[str] = (),
+        snapshotter_name: str = "apull",
+        cri_snapshotter: bool = True,
+    ) -> None:
+        super().__init__(workdir, snapshotter_address, snapshotter_name)
+        self.insecure_registries = tuple(insecure_registries)
+        self.cri_snapshotter = cri_snapshotter
+
+    def config_text(self) -> str:
+        cni = f'plugins."{CRI_PLUGIN}".cni'
+        return patch_config(
+            super().config_text(),
+            proxy_address=self.snapshotter_address,
+            snapshotter_name=self.snapshotter_name,
+            set_default_snapshotter=self.cri_snapshotter,
+            insecure_registries=self.insecure_registries,
+            overrides={
+                f"{cni}.conf_dir": str(self.workdir / "cni" / "net.d"),
+                f"{cni}.bin_dir": str(self.workdir / "cni" / "bin"),
+            },
+            source=str(self.config),
+        ).text
