@@ -78,6 +78,23 @@ def test_preflight_names_what_the_stock_node_lacks_and_the_fix(lab, stock):
         facts = report["nodes"][node.name]
         expected = "none" if node.variant == "stock" else "fscache"
         assert facts["backend"] == expected
+        assert facts["backend_source"] == "kernel facts"  # apulld is not installed yet
+        # the status table's BACKEND column: the backend and the short reason
+        why = (
+            "no on-demand (rejected: EINVAL), no EROFS file-backed"
+            if node.variant == "stock"
+            else f"on-demand {facts['ondemand']}"
+        )
+        assert facts["backend_why"] == why
+        assert re.search(
+            rf"^{node.name}\s+\S+\s+\S+\s+{expected} \({re.escape(why)}\)\s", out, re.M
+        )
+    assert report["nodes"][stock.name]["backend_reasons"] == [
+        "fscache: on-demand unsupported (rejected: EINVAL)",
+        "file: kernel 6.1.0-50-amd64 cannot mount EROFS from a file "
+        "(CONFIG_EROFS_FS_BACKED_BY_FILE is not set)",
+        "none: no cache backend available; image data cannot be served",
+    ]
 
 
 def test_check_diff_reports_the_upgrade_and_changes_nothing(lab, stock):
@@ -146,6 +163,14 @@ def test_second_site_run_changes_nothing_and_reboots_nothing(lab, stock, hosts):
         assert facts["containerd"].startswith("1.6.")
         state = (facts["backend"], facts["ondemand"], facts["problems"])
         assert state == ("fscache", "enabled", [])
+        # the running apulld was asked: its own answer fills the BACKEND column
+        assert facts["backend_source"] == "apulld"
+        assert facts["backend_reasons"][0].startswith("fscache: /dev/cachefiles bound on-demand")
+        assert re.search(
+            rf"^{node.name}\s+\S+\s+\S+\s+fscache \(apulld: /dev/cachefiles bound on-demand\)\s",
+            out,
+            re.M,
+        )
 
 
 def test_prepared_nodes_pass_preflight(lab):

@@ -1,14 +1,20 @@
-"""The node_facts module's decisions (backend, on-demand state, problems) on given facts, and
-its registry check against a real local HTTP server."""
+"""The node_facts module's decisions (backend, on-demand state, problems) on given facts, the
+file-backend test against apulld's own on the same kernel files, asking a real apulld (its
+ping, its --check-backend), and its registry check against a real local HTTP server."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import stat
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from apull.daemon.backend import NodePaths, choose_backend, probe_file
 
 MODULE = (
     Path(__file__).resolve().parents[2]
@@ -35,6 +41,7 @@ def facts(**over):
         "containerd": "1.6.20",
         "kconfig": dict.fromkeys(nf.KCONFIG),
         "fuse": True,
+        "erofs_registered": False,
         "fs_ctl": None,
         "erofs": "available",
         "cachefiles": "available",
@@ -45,6 +52,9 @@ def facts(**over):
     }
     base.update(over)
     base["backend"], base["ondemand"] = nf.backend(base, PARAMS["block_size"])
+    base["backend_reasons"] = nf.backend_reasons(base, PARAMS["block_size"])
+    base["backend_source"] = "kernel facts"
+    base["backend_why"] = nf.backend_why(base)
     return base
 
 
@@ -88,9 +98,55 @@ def test_kernel_config_counts_when_the_probe_cannot_run():
 
 
 def test_file_backed_fallback_needs_the_kernel_option_and_fuse():
-    kconfig = {**dict.fromkeys(nf.KCONFIG), "CONFIG_EROFS_FS_BACKED_BY_FILE": "y"}
-    assert facts(probe="rejected: EINVAL", kconfig=kconfig)["backend"] == "file-backed"
+    kconfig = {**dict.fromkeys(nf.KCONFIG, "n"), "CONFIG_EROFS_FS_BACKED_BY_FILE": "y"}
+    f = facts(probe="rejected: EINVAL", kconfig=kconfig)
+    assert (f["backend"], f["backend_why"]) == ("file", "EROFS file-backed + /dev/fuse")
+    assert f["backend_reasons"] == [
+        "fscache: on-demand unsupported (rejected: EINVAL)",
+        "file: /dev/fuse present, erofs available, CONFIG_EROFS_FS_BACKED_BY_FILE=y",
+    ]
     assert facts(probe="rejected: EINVAL", kconfig=kconfig, fuse=False)["backend"] == "none"
+    assert facts(probe="rejected: EINVAL", kconfig=kconfig, erofs="missing")["backend"] == "none"
+    # no kernel config readable: apulld trusts 6.12 and newer, as here
+    assert facts(probe="rejected: EINVAL", kernel="6.12.9-amd64")["backend"] == "file"
+    none = facts(probe="rejected: EINVAL", kernel="6.12.9-amd64",
+                 kconfig=dict.fromkeys(nf.KCONFIG, "n"))  # fmt: skip
+    assert none["backend"] == "none"
+    assert none["backend_why"] == "no on-demand (rejected: EINVAL), no EROFS file-backed"
+    assert none["backend_reasons"][1:] == [
+        "file: kernel 6.12.9-amd64 cannot mount EROFS from a file "
+        "(CONFIG_EROFS_FS_BACKED_BY_FILE is not set)",
+        "none: no cache backend available; image data cannot be served",
+    ]
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("erofs", [True, False])
+@pytest.mark.parametrize("option", ["y", "n", None])
+@pytest.mark.parametrize("release", ["6.1.0-50-amd64", "6.12.9-amd64"])
+def test_file_backend_decided_as_apulld_decides(tmp_path, fuse, erofs, option, release):
+    """node_facts' test and apulld's probe_file, on the same kernel files."""
+    (tmp_path / "filesystems").write_text("nodev\tproc\n" + ("\terofs\n" if erofs else ""))
+    (tmp_path / "modules" / release).mkdir(parents=True)
+    config = tmp_path / "config"
+    if option is not None:
+        config.write_text(f"CONFIG_EROFS_FS_BACKED_BY_FILE={option}\n" if option == "y" else
+                          "# CONFIG_EROFS_FS_BACKED_BY_FILE is not set\n")  # fmt: skip
+    fuse_path = "/dev/null" if fuse else str(tmp_path / "no-fuse")  # a character device
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    paths = NodePaths(fuse=fuse_path, filesystems=str(tmp_path / "filesystems"),
+                      modules=str(tmp_path / "modules"), kernel_configs=(str(config),),
+                      release=release)  # fmt: skip
+    apulld_ok, apulld_reason = probe_file(paths)
+    kconfig = dict.fromkeys(nf.KCONFIG, None if option is None else "n")
+    if option == "y":
+        kconfig["CONFIG_EROFS_FS_BACKED_BY_FILE"] = "y"
+    ours = facts(kernel=release, fuse=fuse, kconfig=kconfig, erofs_registered=erofs,
+                 erofs="loaded" if erofs else "missing", probe="rejected: EINVAL")  # fmt: skip
+    ok, reason = nf.file_backed(ours)
+    assert ok == apulld_ok
+    assert reason == apulld_reason.replace(fuse_path, "/dev/fuse")
+    assert ours["backend"] == ("file" if apulld_ok else "none")
 
 
 def test_page_size_must_match_the_block_size_for_fscache():
@@ -159,3 +215,32 @@ def test_registry_check_against_a_real_server(status, reachable):
     refused = nf.registry_check(address, insecure=True)
     assert refused["reachable"] is False
     assert nf.registry_check("", insecure=True)["reachable"] is None
+
+
+def test_a_running_apulld_is_asked(apulld):
+    apulld.start()
+    status, ping = apulld.request("PUT", "/v1.0/apulld/ping")
+    assert status == 200
+    answer = nf.apulld_ping(apulld.address)
+    assert answer is not None
+    assert answer["backend"] == ping["backend"] == "file"
+    assert answer["reasons"] == ping["reasons"]
+    apulld.stop()
+    assert nf.apulld_ping(apulld.address) is None  # nobody answers: not asked
+
+
+def test_an_installed_apulld_is_asked_with_check_backend(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[apulld]\ncache_dir = "{tmp_path / "cache"}"\nbackend = "auto"\n')
+    wrapper = tmp_path / "apulld"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m apull.daemon --config {config} "$@"\n')
+    wrapper.chmod(0o755)
+    name, reasons = nf.apulld_check_backend(str(wrapper))
+    expected = choose_backend("auto", str(tmp_path / "cache2"), "apull", hold=False)
+    assert name == expected.name
+    assert len(reasons) == len(expected.reasons)
+    assert [r.split(":")[0] for r in reasons] == [r.split(":")[0] for r in expected.reasons]
+    config.write_text('[apulld]\nbackend = "bogus"\n')
+    name, [reason] = nf.apulld_check_backend(str(wrapper))
+    assert name == "none" and "bogus" in reason
+    assert nf.apulld_check_backend(str(tmp_path / "absent")) is None

@@ -23,13 +23,24 @@ def test_report_tells_the_backends_apart(host):
     facts = report()["nodes"][name]
     assert facts["kernel"] == host.sysctl("kernel.osrelease")
     assert facts["registry"]["reachable"] is True
+    row = next(r for r in report()["rows"] if r["host"] == name)
     if name == "node1":
         assert facts["backend"] == "fscache"
         assert facts["probe"] == "accepted"
         assert facts["problems"] == []
+        # the table's BACKEND column: backend and reason (the running apulld's, if any)
+        if facts["backend_source"] == "apulld":
+            assert row["backend"] == "fscache (apulld: /dev/cachefiles bound on-demand)"
+        else:
+            assert row["backend"] == f"fscache (on-demand {facts['ondemand']})"
     else:
         assert facts["backend"] == "none"
+        assert facts["backend_source"] == "kernel facts"
         assert facts["probe"] == "rejected: EINVAL"
+        assert row["backend"] == "none (no on-demand (rejected: EINVAL), no EROFS file-backed)"
+        assert facts["backend_reasons"][-1] == (
+            "none: no cache backend available; image data cannot be served"
+        )
         [problem] = facts["problems"]
         assert "no usable backend" in problem["what"]
         assert "playbooks/kernel.yml" in problem["fix"]

@@ -16,6 +16,10 @@ description:
     the kernel configuration, the C(cachefiles) and C(erofs) modules, C(/dev/cachefiles) and
     whoever holds it, the page size, a functional C(bind ondemand) probe (only when nothing
     holds the device), and finally EROFS file-backed mounts with FUSE as the fallback backend.
+  - The backend (C(fscache), C(file) or C(none)) is decided as apulld decides it (auto) - when
+    apulld runs, its own answer (C(PUT /v1.0/apulld/ping)); when it is installed and stopped,
+    C(apulld --check-backend); before it is installed, from the facts above. C(fscache) counts
+    a closed C(fs_ctl) gate as available, since the fscache step opens it.
   - Also reads the kernel release, OS, architecture, containerd version, free disk under the
     data directories and whether the registry answers C(GET /v2/).
   - Leaves the node as it found it - modules it loads for the probe are unloaded again.
@@ -59,6 +63,20 @@ options:
     description: Count a closed C(fs_ctl) gate or unloaded modules as problems (after deployment).
     type: bool
     default: false
+  apulld_address:
+    description: apulld's API socket, asked for the backend when apulld runs.
+    type: path
+    default: /run/apulld.sock
+  apulld_binary:
+    description: apulld, run with C(--check-backend) when installed but not running.
+    type: path
+    default: /usr/bin/apulld
+  apulld_config:
+    description: >-
+      apulld's settings; C(--check-backend) is asked only when they exist (the apull role
+      wrote them and created the cache directory).
+    type: path
+    default: /etc/apull/config.toml
 author: apull-deploy contributors
 """
 
@@ -77,16 +95,21 @@ ansible_facts:
     apull_node:
       description: >-
         kernel, arch, page_size, os, containerd, erofs, cachefiles, fs_ctl, kconfig,
-        dev_cachefiles, holder, probe, backend, ondemand, disk, registry, problems.
+        dev_cachefiles, holder, probe, backend (fscache, file or none), backend_why (short
+        reason), backend_reasons (apulld's reasons, one per backend tried), backend_source
+        (apulld, apulld --check-backend or kernel facts), ondemand, disk, registry, problems.
       type: dict
 """
 
 import errno
+import json
 import os
 import platform
 import re
 import shutil
+import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 
@@ -107,6 +130,13 @@ KCONFIG = (
 )
 FIX_KERNEL = "ansible-playbook playbooks/kernel.yml (part of make all)"
 FIX_FSCACHE = "ansible-playbook playbooks/fscache.yml (part of make all)"
+
+
+def is_char_device(path):
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def read(path):
@@ -136,16 +166,25 @@ def module_state(name):
 
 
 def kernel_config():
-    text = read("/boot/config-" + platform.release())
-    if text is None and os.path.exists("/proc/config.gz"):
+    """{option: value or None}; None for every option when no kernel config is readable."""
+    text = None
+    if os.path.exists("/proc/config.gz"):
         import gzip
 
-        with gzip.open("/proc/config.gz", "rt") as handle:
-            text = handle.read()
+        try:
+            with gzip.open("/proc/config.gz", "rt") as handle:
+                text = handle.read()
+        except (IOError, OSError):
+            text = None
+    if text is None:
+        text = read("/boot/config-" + platform.release())
+    if text is None:
+        return dict.fromkeys(KCONFIG)
     found = {}
     for option in KCONFIG:
-        match = re.search(r"^%s=(\S+)" % option, text or "", re.M)
-        found[option] = match.group(1) if match else None
+        match = re.search(r"^%s=(\S+)" % option, text, re.M)
+        # "n" for an option the readable config does not set, as apulld reads it.
+        found[option] = match.group(1) if match else "n"
     return found
 
 
@@ -221,6 +260,59 @@ def bind_probe():
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def apulld_ping(address):
+    """apulld's own answer ({"backend", "reasons", ...}) over its socket, or None."""
+    if not os.path.exists(address):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(address)
+        sock.sendall(b"PUT /v1.0/apulld/ping HTTP/1.0\r\nHost: apulld\r\nContent-Length: 0\r\n\r\n")
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (IOError, OSError):
+        return None
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0] + b" ":
+        return None
+    try:
+        answer = json.loads(body.decode("utf-8"))
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) and "backend" in answer else None
+
+
+def apulld_check_backend(binary):
+    """(backend, reasons) from `apulld --check-backend`, or None when it cannot run."""
+    if not os.access(binary, os.X_OK):
+        return None
+    try:
+        proc = subprocess.run(
+            [binary, "--check-backend"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            universal_newlines=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        # An explicit backend in the settings the node cannot provide: apulld will not start.
+        return "none", [(proc.stderr.strip() or "apulld --check-backend failed")[-300:]]
+    lines = proc.stdout.strip().splitlines()
+    if not lines or lines[0].strip() not in ("fscache", "file", "none"):
+        return None
+    return lines[0].strip(), [line[2:] for line in lines[1:] if line.startswith("- ")]
+
+
 def free_mb(path):
     while not os.path.exists(path):
         path = os.path.dirname(path) or "/"
@@ -252,7 +344,7 @@ def detect(params):
         "os": os_release(),
         "containerd": containerd_version(),
         "kconfig": kernel_config(),
-        "fuse": os.path.exists("/dev/fuse"),
+        "fuse": is_char_device("/dev/fuse"),
     }
     fs_ctl = None
     if os.path.isdir(FS_CTL):
@@ -261,6 +353,7 @@ def detect(params):
     facts["erofs"] = module_state("erofs")
     facts["cachefiles"] = module_state("cachefiles")
 
+    asked = None
     loaded_for_probe = []
     for name in ("cachefiles", "erofs"):
         if facts[name] == "available" and params["probe"] and modprobe(name):
@@ -282,11 +375,30 @@ def detect(params):
             )
         else:
             facts["probe"] = bind_probe()
+        # What apulld itself says: the running one, else the installed one's check (with
+        # the modules loaded, as its service's pre-start check loads them).
+        ping = apulld_ping(params["apulld_address"])
+        if ping is not None:
+            asked = ("apulld", ping.get("backend"), list(ping.get("reasons") or []))
+        elif not facts["holder"] and os.path.exists(params["apulld_config"]):
+            checked = apulld_check_backend(params["apulld_binary"])
+            if checked is not None:
+                asked = ("apulld --check-backend", *checked)
     finally:
         for name in reversed(loaded_for_probe):
             modprobe(name, remove=True)
 
     facts["backend"], facts["ondemand"] = backend(facts, params["block_size"])
+    facts["backend_reasons"] = backend_reasons(facts, params["block_size"])
+    facts["backend_source"] = "kernel facts"
+    # A running apulld's answer is the truth. An installed one's check sees a closed fs_ctl
+    # gate as no fscache, but its service never starts with the gate closed, and the fscache
+    # step opens it: then the kernel facts say what apulld will get.
+    gated = facts["backend"] == "fscache" and facts["ondemand"] == "gated"
+    known = asked is not None and asked[1] in ("fscache", "file", "none")
+    if known and (asked[0] == "apulld" or not gated):
+        facts["backend_source"], facts["backend"], facts["backend_reasons"] = asked
+    facts["backend_why"] = backend_why(facts)
     facts["disk"] = [
         dict(zip(("path", "free_mb"), free_mb(d)), wanted=d) for d in params["data_dirs"]
     ]
@@ -328,9 +440,76 @@ def backend(facts, block_size):
     )
     if fscache_ok and page_ok and facts["erofs"] != "missing" and facts["cachefiles"] != "missing":
         return "fscache", ondemand
-    if kconfig.get("CONFIG_EROFS_FS_BACKED_BY_FILE") == "y" and facts["fuse"]:
-        return "file-backed", ondemand
+    if file_backed(facts)[0]:
+        return "file", ondemand
     return "none", ondemand
+
+
+def release_at_least(release, major, minor):
+    parts = release.split("-", 1)[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
+def file_backed(facts):
+    """(ok, reason): apulld's file backend test - /dev/fuse, erofs, a kernel that mounts
+    EROFS from a file (CONFIG_EROFS_FS_BACKED_BY_FILE=y; >= 6.12 when no config is readable)."""
+    if not facts["fuse"]:
+        return False, "file: /dev/fuse missing (modprobe fuse)"
+    if facts["erofs"] == "missing" and not facts.get("erofs_registered"):
+        return False, "file: erofs is neither in /proc/filesystems nor an installed module"
+    option = "CONFIG_EROFS_FS_BACKED_BY_FILE"
+    value = facts["kconfig"].get(option)
+    if value == "y":
+        return True, "file: /dev/fuse present, erofs available, %s=y" % option
+    if value is None and release_at_least(facts["kernel"], 6, 12):
+        return True, "file: /dev/fuse present, erofs available, no kernel config (>= 6.12)"
+    found = "no kernel config readable" if value is None else "%s is not set" % option
+    return False, "file: kernel %s cannot mount EROFS from a file (%s)" % (facts["kernel"], found)
+
+
+def backend_reasons(facts, block_size):
+    """One reason per backend tried, worded like apulld's (fscache, then file, then none)."""
+    ondemand = facts["ondemand"]
+    if facts["backend"] == "fscache":
+        detail = {
+            "enabled": "fs_ctl gate open",
+            "gated": "fs_ctl gate closed (playbooks/fscache.yml opens it)",
+            "supported": "bind ondemand accepted by the probe",
+            "in use by apulld": "/dev/cachefiles held by apulld",
+        }.get(ondemand, "kernel config has CONFIG_CACHEFILES_ONDEMAND and CONFIG_EROFS_FS_ONDEMAND")
+        return ["fscache: on-demand %s: %s" % (ondemand, detail)]
+    if facts["page_size"] != block_size and ondemand != "unsupported":
+        why = "page size %s != EROFS block size %s" % (facts["page_size"], block_size)
+    else:
+        why = "on-demand %s (%s)" % (ondemand, facts["probe"])
+    reasons = ["fscache: " + why]
+    ok, reason = file_backed(facts)
+    reasons.append(reason)
+    if not ok:
+        reasons.append("none: no cache backend available; image data cannot be served")
+    return reasons
+
+
+def backend_why(facts):
+    """The short reason for the status table."""
+    name = facts["backend"]
+    if facts["backend_source"] != "kernel facts":
+        # apulld's reason for the backend it chose: its first for fscache, else its last.
+        reasons = facts["backend_reasons"] or ["?"]
+        text = reasons[0] if name == "fscache" else reasons[-1]
+        for prefix in ("fscache: ", "file: ", "none: "):
+            if text.startswith(prefix):
+                text = text[len(prefix) :]
+        text = text.split(" to /", 1)[0]
+        return "%s: %s" % (facts["backend_source"].split()[0], text[:70])
+    if name == "fscache":
+        return "on-demand " + facts["ondemand"]
+    if name == "file":
+        return "EROFS file-backed + /dev/fuse"
+    return "no on-demand (%s), no EROFS file-backed" % facts["probe"]
 
 
 def problems(facts, params):
@@ -404,6 +583,9 @@ def main():
             containerd_min=dict(type="str", default="1.6.14"),
             min_free_mb=dict(type="int", default=1024),
             require_enabled=dict(type="bool", default=False),
+            apulld_address=dict(type="path", default="/run/apulld.sock"),
+            apulld_binary=dict(type="path", default="/usr/bin/apulld"),
+            apulld_config=dict(type="path", default="/etc/apull/config.toml"),
         ),
         supports_check_mode=True,
     )
