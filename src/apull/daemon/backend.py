@@ -41,6 +41,8 @@ class BackendChoice:
     reasons: list[str]
     # The bound /dev/cachefiles fd when name is fscache and the device is held.
     device_fd: int | None = None
+    # device_fd came from the previous apulld (fd store), already bound: not bound again.
+    inherited: bool = False
 
 
 def make_private_dir(path: str | Path) -> Path:
@@ -138,12 +140,45 @@ def probe_file(paths: NodePaths) -> tuple[bool, str]:
     return False, f"file: kernel {paths.release} cannot mount EROFS from a file ({found})"
 
 
+def is_cachefiles_device(fd: int, paths: NodePaths) -> bool:
+    """Whether `fd` is an open /dev/cachefiles (same character device)."""
+    try:
+        held, device = os.fstat(fd), os.stat(paths.cachefiles)
+    except OSError:
+        return False
+    return (
+        stat.S_ISCHR(held.st_mode)
+        and stat.S_ISCHR(device.st_mode)
+        and (held.st_rdev == device.st_rdev)
+    )
+
+
 def choose_backend(
-    backend: str, cache_dir: str, tag: str, paths: NodePaths | None = None, hold: bool = True
+    backend: str,
+    cache_dir: str,
+    tag: str,
+    paths: NodePaths | None = None,
+    hold: bool = True,
+    inherited_device: int | None = None,
 ) -> BackendChoice:
-    """Pick the backend; with hold=False a bound device is closed again (a check only)."""
+    """Pick the backend; with hold=False a bound device is closed again (a check only).
+    `inherited_device`: the bound /dev/cachefiles fd an earlier apulld left in the fd store;
+    used as it is (no dir/bind: the kernel keeps its session and mounted images), or closed
+    when this apulld must not use fscache."""
     paths = paths or NodePaths()
     reasons: list[str] = []
+    if inherited_device is not None:
+        if backend in ("auto", "fscache") and is_cachefiles_device(inherited_device, paths):
+            reasons.append(
+                f"fscache: {paths.cachefiles} fd (bound on-demand) taken back from the "
+                "previous apulld"
+            )
+            return BackendChoice("fscache", reasons, inherited_device, inherited=True)
+        os.close(inherited_device)
+        reasons.append(
+            f"fscache: closed the inherited {paths.cachefiles} fd "
+            + ("(not that device)" if backend in ("auto", "fscache") else f"(backend {backend})")
+        )
     if backend in ("auto", "fscache"):
         fd, reason = probe_fscache(cache_dir, tag, paths)
         reasons.append(reason)

@@ -21,6 +21,9 @@ Rules:
 - The sum of cached chunk sizes stays under the limit: least recently used chunks, of any
   blob, are punched out of their data files. Order after a restart: blobs whose bitmap
   changed least recently go first.
+- With ``keep=False`` nothing is written to disk: chunks are verified and handed out only
+  (the fscache backend, whose kernel cache files keep what it writes into them). Then a
+  sequential reader's read-ahead counts as read, since the caller stores it.
 """
 
 from __future__ import annotations
@@ -90,10 +93,11 @@ class _Flight:
 
 
 class ChunkCache:
-    def __init__(self, root: Path, limit_bytes: int, counters: Counters) -> None:
+    def __init__(self, root: Path, limit_bytes: int, counters: Counters, keep: bool = True) -> None:
         self.root = root
         self.limit = limit_bytes
         self.counters = counters
+        self.keep = keep
         self.used = 0
         self._lock = threading.Lock()
         self._states: dict[str, BlobState] = {}
@@ -102,8 +106,9 @@ class ChunkCache:
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._failed: dict[tuple[str, int], tuple[float, str]] = {}
         self._punch_warned = False
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._scan()
+        if keep:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._scan()
 
     # -- startup --------------------------------------------------------------------------
 
@@ -138,10 +143,15 @@ class ChunkCache:
             self._drop(state)
             state = None
         if state is None:
-            state = BlobState.create(self.root / spec.key, spec.table.chunk_size, spec.size)
+            directory, chunk = self.root / spec.key, spec.table.chunk_size
+            if self.keep:
+                state = BlobState.create(directory, chunk, spec.size)
+            else:
+                state = BlobState(directory, chunk, spec.size)  # in memory only
             self._states[spec.key] = state
         state.table = spec.table
-        state.open()
+        if self.keep:
+            state.open()
         return state
 
     def _drop(self, state: BlobState) -> None:
@@ -160,6 +170,35 @@ class ChunkCache:
         end = min(offset + size, spec.size)
         if offset >= end:
             return b""
+        pieces = self._gather(spec, source, offset, end, whole=False)
+        chunk = spec.table.chunk_size
+        parts = []
+        for index in range(offset // chunk, (end - 1) // chunk + 1):
+            at, data = pieces[index]
+            low, high = max(offset, index * chunk), min(end, (index + 1) * chunk)
+            parts.append(memoryview(data)[low - at : high - at])
+        return b"".join(parts)
+
+    def read_span(
+        self, spec: BlobSpec, source: Source, offset: int, size: int
+    ) -> tuple[int, bytes]:
+        """Verified whole chunks covering [offset, offset + size), followed by the chunks
+        fetched ahead with them: (blob offset of the first chunk, their bytes)."""
+        end = min(offset + size, spec.size)
+        if offset >= end:
+            return offset, b""
+        pieces = self._gather(spec, source, offset, end, whole=True)
+        chunk = spec.table.chunk_size
+        first = index = offset // chunk
+        parts = []
+        while index in pieces:
+            parts.append(pieces[index][1])
+            index += 1
+        return first * chunk, b"".join(parts)
+
+    def _gather(self, spec: BlobSpec, source: Source, offset: int, end: int, whole: bool) -> Pieces:
+        """Verified pieces of every chunk of [offset, end) and of the chunks fetched ahead;
+        with `whole`, cached chunks are read whole too, else only their part in the range."""
         chunk = spec.table.chunk_size
         first, last = offset // chunk, (end - 1) // chunk
         cached, waits, mine = [], {}, []
@@ -178,10 +217,13 @@ class ChunkCache:
                     self._flights[key] = _Flight()
                     mine.append(index)
             mine += self._read_ahead(state, first, last, mine)
+            if not self.keep and mine:
+                state.last_read = max(state.last_read, mine[-1])
         pieces: Pieces = {}
         try:
             for index in cached:
-                got = self._read_cached(state, index, offset, end)
+                low, high = (0, spec.size) if whole else (offset, end)
+                got = self._read_cached(state, index, low, high)
                 if got is None:
                     mine.append(index)  # claimed by _read_cached when it dropped the chunk
                 else:
@@ -197,14 +239,9 @@ class ChunkCache:
                 errors.append(flight.error)
             else:
                 pieces[index] = (index * chunk, flight.data)
-        if errors:
-            raise ChunkUnavailableError(errors[0])
-        parts = []
-        for index in range(first, last + 1):
-            at, data = pieces[index]
-            low, high = max(offset, index * chunk), min(end, (index + 1) * chunk)
-            parts.append(memoryview(data)[low - at : high - at])
-        return b"".join(parts)
+        if any(index not in pieces for index in range(first, last + 1)):
+            raise ChunkUnavailableError(errors[0] if errors else "chunks missing")
+        return pieces  # a chunk fetched ahead that failed is only left out
 
     def _read_ahead(self, state: BlobState, first: int, last: int, mine: list[int]) -> list[int]:
         """Claim missing chunks after a sequential read's own (lock held)."""
@@ -356,7 +393,7 @@ class ChunkCache:
     # -- storing and evicting -------------------------------------------------------------
 
     def _store(self, state: BlobState, index: int, data: Buffer) -> None:
-        if len(data) > self.limit:
+        if not self.keep or len(data) > self.limit:
             return
         start, _ = state.bounds(index)
         try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from apull import __version__
+from apull.daemon import fdstore
 from apull.daemon.backend import (
     BackendChoice,
     BackendUnavailableError,
@@ -31,10 +32,9 @@ from apull.daemon.backend import (
     make_private_dir,
 )
 from apull.daemon.blob_registry import BlobRegistry, BlobStoreError
-from apull.daemon.cachefiles_device import OnDemandServer, RefuseAllObjects
-from apull.daemon.fdstore import FUSE_FD_NAME, inherited_fds
 from apull.daemon.file_backend import FileBackend, FileBackendConfig, FileBackendError
-from apull.daemon.http_api import ApiState, ApulldHttpServer
+from apull.daemon.fscache_backend import FscacheBackend, FscacheBackendConfig
+from apull.daemon.http_api import ApiState, ApulldHttpServer, Serving
 from apull.daemon.registry_fetch import FetchSettings, parse_mirrors
 from apull.service import sdnotify
 from apull.service.logs import setup_logging
@@ -82,16 +82,21 @@ def check_backend(settings: ApulldSettings) -> int:
     return 0
 
 
-def file_backend_config(settings: ApulldSettings) -> FileBackendConfig:
-    """The file backend's paths and registry settings (ValueError: a bad mirror entry)."""
+def fetch_settings(settings: ApulldSettings) -> FetchSettings:
+    """Registry access settings (ValueError: a bad mirror entry)."""
     insecure = frozenset(h.strip() for h in settings.registry_insecure.split(",") if h.strip())
-    fetch = FetchSettings(
+    return FetchSettings(
         mirrors=parse_mirrors(settings.registry_mirrors),
         insecure=insecure,
         auth_file=Path(settings.registry_auth_file) if settings.registry_auth_file else None,
         retries=max(0, settings.fetch_retries),
         timeout=float(max(1, settings.fetch_timeout_s)),
     )
+
+
+def file_backend_config(settings: ApulldSettings) -> FileBackendConfig:
+    """The file backend's paths and registry settings (ValueError: a bad mirror entry)."""
+    fetch = fetch_settings(settings)
     mountpoint = settings.fuse_mountpoint or str(state_dir(settings.cache_dir) / "fuse")
     return FileBackendConfig(
         cache_dir=Path(settings.cache_dir),
@@ -102,20 +107,50 @@ def file_backend_config(settings: ApulldSettings) -> FileBackendConfig:
     )
 
 
-def start_file_backend(
-    settings: ApulldSettings, blobs: BlobRegistry, log: logging.Logger
-) -> FileBackend | None:
-    inherited = inherited_fds()
-    fuse_fd = inherited.pop(FUSE_FD_NAME, None)
+def discard_fds(inherited: dict[str, int], log: logging.Logger) -> None:
+    """Close fds from the fd store this apulld has no use for, and drop them from it."""
     for name, fd in inherited.items():
         log.warning("closing inherited fd %d (%s): not ours", fd, name)
         with contextlib.suppress(OSError):
             os.close(fd)
+        fdstore.remove(name)
+
+
+def start_file_backend(
+    settings: ApulldSettings, blobs: BlobRegistry, inherited: dict[str, int], log: logging.Logger
+) -> FileBackend | None:
+    fuse_fd = inherited.pop(fdstore.FUSE_FD_NAME, None)
+    discard_fds(inherited, log)
     try:
         backend = FileBackend(file_backend_config(settings), blobs)
         backend.start(fuse_fd)
     except (OSError, ValueError, FileBackendError) as err:
         log.error("cannot start the file backend: %s", err)
+        return None
+    return backend
+
+
+def start_fscache_backend(
+    settings: ApulldSettings,
+    blobs: BlobRegistry,
+    choice: BackendChoice,
+    inherited: dict[str, int],
+    log: logging.Logger,
+) -> FscacheBackend | None:
+    assert choice.device_fd is not None
+    objects = {n: fd for n, fd in inherited.items() if fdstore.parse_object_fd_name(n)}
+    discard_fds({n: fd for n, fd in inherited.items() if n not in objects}, log)
+    try:
+        config = FscacheBackendConfig(
+            cache_dir=Path(settings.cache_dir),
+            state_dir=state_dir(settings.cache_dir),
+            fetch=fetch_settings(settings),
+            threads=max(1, settings.thread_num),
+        )
+        backend = FscacheBackend(config, blobs)
+        backend.start(choice.device_fd, choice.inherited, objects)
+    except (OSError, ValueError) as err:
+        log.error("cannot start the fscache backend: %s", err)
         return None
     return backend
 
@@ -126,28 +161,45 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
         make_private_dir(settings.cache_dir)
         blobs_dir = make_private_dir(state_dir(settings.cache_dir))
         blobs = BlobRegistry.load(blobs_dir / "blobs.json")
-        choice = choose_backend(settings.backend, settings.cache_dir, settings.fscache_tag)
+        inherited = fdstore.inherited_fds()
+        device_fd = inherited.pop(fdstore.DEVICE_FD_NAME, None)
+        choice = choose_backend(
+            settings.backend,
+            settings.cache_dir,
+            settings.fscache_tag,
+            inherited_device=device_fd,
+        )
+        if device_fd is not None and not choice.inherited:
+            fdstore.remove(fdstore.DEVICE_FD_NAME)
         prepare_socket_path(settings.address)
     except (OSError, BlobStoreError, BackendUnavailableError, SocketInUseError) as err:
         log.error("cannot start: %s", err)
         return 1
     log.info("backend %s chosen: %s", choice.name, "; ".join(choice.reasons))
-    file_backend = None
+    file_backend = fscache_backend = None
     if choice.name == "file":
-        file_backend = start_file_backend(settings, blobs, log)
+        file_backend = start_file_backend(settings, blobs, inherited, log)
         if file_backend is None:
             return 1
+    elif choice.name == "fscache":
+        fscache_backend = start_fscache_backend(settings, blobs, choice, inherited, log)
+        if fscache_backend is None:
+            return 1
+    else:
+        discard_fds(inherited, log)
+    serving: Serving | None = file_backend or fscache_backend
 
     try:
-        state = ApiState(backend=choice, blobs=blobs, serving=file_backend)
+        state = ApiState(backend=choice, blobs=blobs, serving=serving)
         server = ApulldHttpServer(settings.address, state)
         restrict_socket(settings.address)
     except OSError as err:
         log.error("cannot listen on %s: %s", settings.address, err)
         if file_backend is not None:
             file_backend.stop()
+        if fscache_backend is not None:
+            fscache_backend.stop()
         return 1
-    ondemand = _start_ondemand(choice)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -178,21 +230,12 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
     server.server_close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(settings.address)
-    if ondemand is not None:
-        ondemand.stop()
+    if fscache_backend is not None:
+        fscache_backend.stop()
     if file_backend is not None:
         file_backend.stop()
     log.info("stopped")
     return 0
-
-
-def _start_ondemand(choice: BackendChoice) -> OnDemandServer | None:
-    """Answer the kernel while the device is held (the fd itself stays open until exit)."""
-    if choice.device_fd is None:
-        return None
-    ondemand = OnDemandServer(choice.device_fd, RefuseAllObjects())
-    ondemand.start()
-    return ondemand
 
 
 def main(argv: list[str] | None = None) -> int:
