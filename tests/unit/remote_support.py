@@ -181,6 +181,11 @@ class Snapshotter:
         request = pb.ListSnapshotsRequest(snapshotter="apull", filters=list(filters))
         return [i.name for r in self.stub.List(request) for i in r.info]
 
+    def committed(self) -> list[str]:
+        assert self.stub is not None
+        request = pb.ListSnapshotsRequest(snapshotter="apull")
+        return [i.name for r in self.stub.List(request) for i in r.info if i.kind == pb.COMMITTED]
+
     def erofs_mounts(self) -> dict[str, str]:
         """EROFS mounted under our snapshots: mountpoint -> source."""
         prefix = os.path.realpath(self.root / "snapshots") + "/"
