@@ -22,6 +22,7 @@ from apull.image import format as fmt
 from apull.lab import test_image
 from apull.registry.client import RegistryClient
 from apull.service import mount_syscalls
+from apull.snapshotter.api import snapshots_pb2 as pb
 from apull.snapshotter.remote_layer import BLOB_ID_LABEL, blob_id_of
 from apull.testing.host_containerd import unmount_all
 
@@ -275,7 +276,9 @@ def test_a_restart_keeps_the_mounts_and_a_reboot_mounts_them_again(
     print(f"\nstart with one remount: {took * 1000:.0f} ms")
 
 
-def test_a_start_with_apulld_down_logs_and_leaves_the_snapshot_for_containerd(node: Node):
+def test_a_start_with_apulld_down_logs_and_the_next_use_mounts_again(
+    node: Node, images: dict[str, Layer]
+):
     (request,) = node.requests(MULTI_REPO)
     node.snap.unpack(request)
     (fs,) = node.snap.erofs_mounts()
@@ -287,6 +290,31 @@ def test_a_start_with_apulld_down_logs_and_leaves_the_snapshot_for_containerd(no
     log = node.snap.log_text()
     assert f"remote snapshot {request.chain_id} not mounted" in log
     assert "1 failed" in log
+    # A container on it now is refused (not handed an empty lower layer) ...
+    with pytest.raises(grpc.RpcError) as caught:
+        node.snap.prepare("k8s.io/80/container-4", request.chain_id)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"remote snapshot {request.chain_id}" in caught.value.details()
+    assert "cannot be mounted again" in caught.value.details()
+    assert node.snap.names() == [request.chain_id]
+    # ... and once apulld is back, the next use mounts it.
+    node.apulld.start(fdstore=False)
+    mounts = node.snap.prepare("k8s.io/80/container-4", request.chain_id)
+    assert overlay_options(mounts)["lowerdir"] == fs
+    assert node.snap.erofs_mounts() == {fs: str(node.apulld.mountpoint / blob_id_of(
+        images["multi"].digest))}  # fmt: skip
+    assert (Path(fs) / "etc" / "hostname").read_bytes() == b"apull\n"
+    # Mounts of an existing container snapshot check its parents the same way.
+    mount_syscalls.unmount(fs)
+    assert node.snap.erofs_mounts() == {}
+    assert node.snap.stub is not None
+    again = node.snap.stub.Mounts(
+        pb.MountsRequest(snapshotter="apull", key="k8s.io/80/container-4")
+    )
+    assert overlay_options(list(again.mounts))["lowerdir"] == fs
+    assert fs in node.snap.erofs_mounts()
+    assert "was not mounted: layer" in node.snap.log_text()
+    node.snap.remove("k8s.io/80/container-4")
     node.snap.remove(request.chain_id)  # containerd can still remove it
     assert node.snap.names() == []
 

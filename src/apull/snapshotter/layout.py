@@ -3,7 +3,8 @@
 <root>/                      mode 0700
   metadata.db (+ -wal, -shm) SQLite: every snapshot's name, kind, parent, labels, usage
   snapshots/                 mode 0700
-    <id>/fs                  the snapshot's files (overlay upperdir, or the bind source)
+    <id>/fs                  the snapshot's files (overlay upperdir, or the bind source); for
+                             a remote snapshot the apull layer's EROFS is mounted here
     <id>/work                overlay workdir (active snapshots only)
     new-*                    a Prepare/View in progress (renamed to <id> before commit)
     rm-*                     orphans Cleanup is deleting

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     remote = RemoteSnapshots(ApulldClient(settings.snapshotter.apulld_address))
     try:
-        snapshotter = OverlaySnapshotter(root, [remote.prepare], [remote.removed])
+        snapshotter = OverlaySnapshotter(
+            root, [remote.prepare], [remote.removed], [remote.parents_ready]
+        )
     except (OSError, RuntimeError, sqlite3.Error) as err:
         log.error("cannot open %s: %s", root, err)
         return 1

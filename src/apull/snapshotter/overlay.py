@@ -25,6 +25,7 @@ from typing import Protocol
 
 from apull.service.mount_syscalls import MountError, mountpoints_under, unmount_or_detach
 from apull.snapshotter.diskusage import Usage, disk_usage
+from apull.snapshotter.errors import NotFoundError
 from apull.snapshotter.filters import Adaptor, Filter, parse_filters
 from apull.snapshotter.layout import REMOVING_PREFIX, TEMP_PREFIX, Layout
 from apull.snapshotter.mounts import Mount, overlay_options, snapshot_mounts
@@ -61,6 +62,16 @@ class PrepareHook(Protocol):
     def __call__(self, snapshotter: OverlaySnapshotter, request: PrepareRequest) -> None: ...
 
 
+class ParentsHook(Protocol):
+    """Called before mounts on top of committed snapshots are handed out (Prepare, View,
+    Mounts) with those snapshots, nearest first (id, Info): a remote layer that is not
+    mounted is mounted again here, or the call fails, instead of an empty lower layer."""
+
+    def __call__(
+        self, snapshotter: OverlaySnapshotter, parents: list[tuple[str, Info]]
+    ) -> None: ...
+
+
 class RemoveHook(Protocol):
     """Told about each removed snapshot after its record and its directory are gone."""
 
@@ -94,6 +105,7 @@ class OverlaySnapshotter:
         root: Path,
         prepare_hooks: Iterable[PrepareHook] = (),
         remove_hooks: Iterable[RemoveHook] = (),
+        parents_hooks: Iterable[ParentsHook] = (),
     ) -> None:
         self.layout = Layout(root)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -104,6 +116,7 @@ class OverlaySnapshotter:
         os.chmod(self.layout.metadata_db, 0o600)
         self.prepare_hooks = list(prepare_hooks)
         self.remove_hooks = list(remove_hooks)
+        self.parents_hooks = list(parents_hooks)
         self._overlay_options = overlay_options()
         self._reap_temporaries()
 
@@ -118,11 +131,25 @@ class OverlaySnapshotter:
         request = PrepareRequest(key, parent, dict(labels))
         for hook in self.prepare_hooks:
             hook(self, request)
+        self._parents_ready(parent)
         return self.create(Kind.ACTIVE, key, parent, labels)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         validate_labels(labels)
+        self._parents_ready(parent)
         return self.create(Kind.VIEW, key, parent, labels)
+
+    def _parents_ready(self, parent: str) -> None:
+        """Run the parents hooks on `parent` and its ancestors (nothing without a parent)."""
+        if not parent or not self.parents_hooks:
+            return
+        with self.store.transaction() as tx:
+            try:
+                chain = tx.chain(parent)
+            except NotFoundError:
+                return  # create() reports it
+        for hook in self.parents_hooks:
+            hook(self, chain)
 
     def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         """Record the snapshot and build its directory, both or neither."""
@@ -163,6 +190,8 @@ class OverlaySnapshotter:
     def mounts(self, key: str) -> list[Mount]:
         with self.store.transaction() as tx:
             snapshot = tx.snapshot(key)
+            parent = tx.info(key)[1].parent
+        self._parents_ready(parent)
         return snapshot_mounts(self.layout, snapshot, self._overlay_options)
 
     def fs_dir(self, key: str) -> Path:

@@ -95,6 +95,10 @@ class RemoteSnapshots:
         layer = remote_layer(request.labels, self.apulld.address)
         with self._lock(layer.blob_id):
             if _exists(snapshotter, request.target):
+                # Another namespace pulled it: make sure it is mounted, then it is there.
+                with snapshotter.store.transaction() as tx:
+                    chain = tx.chain(request.target)
+                self.parents_ready(snapshotter, chain)
                 raise AlreadyExistsError(f"target snapshot {request.target!r} already exists")
             started = time.monotonic()
             source = self.register(layer)
@@ -146,6 +150,38 @@ class RemoteSnapshots:
                 "answered without the blob's file path"
             )
         return MountSource(backend, layer.blob_id, path if backend == FILE else "")
+
+    # -- mounts handed out on top of remote layers
+
+    def parents_ready(
+        self, snapshotter: OverlaySnapshotter, parents: list[tuple[str, Info]]
+    ) -> None:
+        """ParentsHook: mount again a remote layer found unmounted (its restore at start
+        failed, or someone unmounted it), or fail: never an empty lower layer."""
+        entries = None
+        for snapshot_id, info in parents:
+            blob_id = info.labels.get(BLOB_ID_LABEL, "")
+            if not blob_id or info.kind != Kind.COMMITTED:
+                continue
+            fs = snapshotter.layout.fs_dir(snapshot_id)
+            if entries is None:
+                entries = read_mountinfo()
+            if mount_at(str(fs), entries) is not None:
+                continue
+            with self._lock(blob_id):
+                if mount_at(str(fs)) is not None:
+                    continue  # mounted meanwhile
+                try:
+                    layer = remote_layer(info.labels, self.apulld.address)
+                    _mount(self.register(layer), fs, layer)
+                except SnapshotError as err:
+                    raise FailedPreconditionError(
+                        f"remote snapshot {info.name} (an image layer) is not mounted and "
+                        f"cannot be mounted again: {err}. Once that is fixed, the next use "
+                        "mounts it; or remove the image and pull it again"
+                    ) from err
+                log.warning("remote snapshot %s was not mounted: %s mounted again on %s",
+                            info.name, layer.describe(), fs)  # fmt: skip
 
     # -- Remove
 
@@ -220,6 +256,9 @@ class RemoteSnapshots:
         """Blobs apulld still has but no snapshot uses (a Remove that found the blob busy)."""
         try:
             registered = self.apulld.blob_ids()
+        except ApulldUnreachableError as err:
+            log.info("unused blobs not looked for (next start): %s", err)
+            return
         except ApulldError as err:
             log.warning("cannot list apulld's blobs: %s", err)
             return

@@ -213,6 +213,15 @@ class Transaction:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots ORDER BY name").fetchall()
         return [self._info(_Row(*row)) for row in rows]
 
+    def chain(self, name: str) -> list[tuple[str, Info]]:
+        """Snapshot `name` and all its parents, nearest first: id and Info of each."""
+        found = []
+        row: _Row | None = self._require(name)
+        while row is not None:
+            found.append((str(row.id), self._info(row)))
+            row = self._row_by_id(row.parent_id) if row.parent_id is not None else None
+        return found
+
     def labelled(self, key: str, value: str | None = None) -> list[tuple[str, Info]]:
         """Snapshots carrying label `key` (with `value`, when given): id and Info, by id."""
         query = f"SELECT {', '.join('s.' + c.strip() for c in _COLUMNS.split(','))}" + (
