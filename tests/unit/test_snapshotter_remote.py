@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -375,3 +376,25 @@ def test_cleanup_unmounts_before_deleting_an_orphan(node: Node, images: dict[str
     assert os.listdir(node.snap.root / "snapshots") == []
     # Unmounted, not walked: only the superblock and root were read.
     assert node.proxy.bytes_of(images["multi"].digest) < images["multi"].size // 10
+
+
+def test_a_hung_apulld_delays_the_start_by_seconds_only(node: Node):
+    """apulld's socket accepts but nothing answers: the start gives up after one short wait."""
+    (request,) = node.requests(MULTI_REPO)
+    node.snap.unpack(request)
+    (fs,) = node.snap.erofs_mounts()
+    node.snap.stop()
+    mount_syscalls.unmount(fs)
+    node.apulld.stop()
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(node.apulld.address)
+    hung.bind(node.apulld.address)
+    hung.listen(16)  # never accepted, never answered
+    try:
+        took = node.snap.start()
+    finally:
+        hung.close()
+    assert 4 < took < 15, took
+    assert f"remote snapshot {request.chain_id} not mounted" in node.snap.log_text()
+    assert "timed out" in node.snap.log_text()

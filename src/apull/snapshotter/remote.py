@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: apulld backends that serve layer data (ping's "backend").
 FSCACHE, FILE = "fscache", "file"
+#: Seconds per apulld call while starting (it answers from memory; a hung one is skipped).
+STARTUP_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,19 @@ class RemoteSnapshots:
     def restore(self, snapshotter: OverlaySnapshotter) -> tuple[int, int]:
         """Register every committed remote snapshot again and mount the unmounted ones.
 
-        Failures are logged and leave the snapshot unmounted (containerd may remove it);
-        once apulld does not answer, the rest are not tried. Returns (mounted, failed).
+        Failures are logged and leave the snapshot unmounted (the next Prepare or Mounts
+        on it tries again, or containerd removes it); once apulld does not answer, the rest
+        are not tried. Runs before serving, with a short apulld timeout so that a hung apulld
+        delays the start by seconds, not minutes. Returns (mounted, failed).
         """
+        serving = self.apulld
+        self.apulld = ApulldClient(serving.address, min(serving.timeout, STARTUP_TIMEOUT))
+        try:
+            return self._restore(snapshotter)
+        finally:
+            self.apulld = serving
+
+    def _restore(self, snapshotter: OverlaySnapshotter) -> tuple[int, int]:
         with snapshotter.store.transaction() as tx:
             remote = tx.labelled(BLOB_ID_LABEL)
         entries = read_mountinfo()
