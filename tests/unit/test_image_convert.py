@@ -377,7 +377,7 @@ def test_manifest_format(registry, multi):
     source = json.loads(_get(registry, "manifests/oci", REPO, OCI_MANIFEST))
     assert manifest["mediaType"] == OCI_MANIFEST
     assert manifest["config"]["digest"] == source["config"]["digest"]  # same diff_ids
-    assert manifest["annotations"][fmt.IMAGE_FORMAT_VERSION] == "1"
+    assert manifest["annotations"][fmt.IMAGE_FORMAT_VERSION] == fmt.FORMAT_VERSION
     assert manifest["annotations"][fmt.IMAGE_SOURCE_MANIFEST] == result.source_manifest
     assert manifest["annotations"]["org.opencontainers.image.title"] == "multi"
     diff_ids = [sha256_digest(t) for t in multi]

@@ -22,7 +22,7 @@ SOCKET = "/run/apulld.sock"
 def labels(**changes: str) -> dict[str, str]:
     base = {
         "containerd.io/snapshot.ref": "sha256:" + "01" * 32,
-        fmt.LAYER_FORMAT_VERSION: "1",
+        fmt.LAYER_FORMAT_VERSION: fmt.FORMAT_VERSION,
         fmt.LAYER_BLOB_DIGEST: DIGEST,
         fmt.LAYER_BLOB_SIZE: "123456",
         fmt.LAYER_CHUNK_TABLE: TABLE,
@@ -80,7 +80,7 @@ def test_without_the_image_ref_the_message_says_what_to_do():
         (fmt.LAYER_BLOB_DIGEST, "sha256:xyz", "is not a digest"),
         (fmt.LAYER_CHUNK_TABLE, "-", f"label {fmt.LAYER_CHUNK_TABLE} is missing"),
         (fmt.LAYER_CHUNK_SIZE, "65537", "power of two"),
-        (fmt.LAYER_FORMAT_VERSION, "2", "this snapshotter reads version 1"),
+        (fmt.LAYER_FORMAT_VERSION, "1", f"this snapshotter reads version {fmt.FORMAT_VERSION}"),
         (CRI_IMAGE_REF_LABEL, "Registry.lab:5000/UPPER:x", "bad repository"),
     ],
 )

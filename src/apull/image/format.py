@@ -9,11 +9,14 @@ any other key never reaches it.
 from __future__ import annotations
 
 #: Version of the format described in FORMAT.md; bumped on incompatible changes.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 # Media types.
-#: A layer blob: an uncompressed EROFS filesystem image (block size BLOCK_SIZE).
-LAYER_MEDIA_TYPE = "application/vnd.apull.erofs.layer.v1"
+#: A layer blob: an uncompressed EROFS filesystem image (block size BLOCK_SIZE). containerd
+#: treats a manifest entry as a layer (unpacks it, passing its annotations to the
+#: snapshotter) only under the `application/vnd.oci.image.layer.` prefix; any other type is
+#: fetched whole as a plain child blob and never reaches the snapshotter's remote path.
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.apull.erofs.v1"
 #: A chunk digest table blob (binary layout in chunks.py and FORMAT.md).
 CHUNK_TABLE_MEDIA_TYPE = "application/vnd.apull.chunk-table.v1"
 #: artifactType of the referrer manifest that lists an image's chunk tables.

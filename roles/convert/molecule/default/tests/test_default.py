@@ -30,7 +30,7 @@ def test_target_is_an_apull_image_of_the_source() -> None:
     source = get(f"{REGISTRY}/manifests/latest")
     assert notes["io.apull.image.source-manifest"] == "sha256:" + hashlib.sha256(source).hexdigest()
     [layer] = manifest["layers"]
-    assert layer["mediaType"] == "application/vnd.apull.erofs.layer.v1"
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.apull.erofs.v1"
     assert layer["annotations"]["containerd.io/snapshot/apull.chunk-size"] == str(256 << 10)
 
 
