@@ -218,13 +218,17 @@ class OnDemandServer:
 
     def restore(self) -> bool:
         """Ask the kernel to send again the READs an earlier daemon took but never answered
-        (`restore`, kernels with on-demand failover; 6.1 has none: False)."""
+        (`restore`: kernels with on-demand failover, Debian's 6.1 too; False without)."""
         try:
             os.write(self._fd, b"restore")
         except OSError as err:
-            log.debug("restore not accepted (%s): this kernel has no on-demand failover",
-                      _errno_name(err))  # fmt: skip
+            log.info(
+                "restore not accepted (%s): this kernel has no on-demand failover; READs a "
+                "crashed apulld had taken stay unanswered",
+                _errno_name(err),
+            )
             return False
+        log.info("restore sent: READs the previous apulld took but did not answer come again")
         return True
 
     def start(self) -> None:
