@@ -532,7 +532,9 @@ def test_open_answers_the_blob_size_or_enoent(kernel: Kernel, blob, backend) -> 
     assert serving["stats"]["open_refused"] == 2
 
 
-def test_read_writes_verified_block_aligned_bytes(kernel: Kernel, blob, backend, proxy) -> None:
+def test_read_writes_verified_block_aligned_bytes(
+    kernel: Kernel, blob, backend, proxy, tmp_path
+) -> None:
     layer, raw = blob
     kernel.open(1, "img", layer.blob_id)
     offset = file_offset(layer, raw, "data/big", 1 << 20) // BLOCK * BLOCK
@@ -546,6 +548,7 @@ def test_read_writes_verified_block_aligned_bytes(kernel: Kernel, blob, backend,
     stats = backend.describe()["stats"]
     assert stats["read_requests"] == 1 and stats["bytes_written"] == len(cached) - first
     assert proxy.bytes_of(layer.digest) == stats["bytes_fetched"] < layer.size // 4
+    assert not (tmp_path / "apulld" / "chunks").exists()  # one copy: the cache file
 
 
 def test_the_blob_tail_is_padded_to_a_block(kernel: Kernel, blob) -> None:
@@ -590,6 +593,10 @@ def test_serving_hooks_refuse_what_would_break_a_mount(kernel: Kernel, blob, bac
     assert backend.added(parse_blob_config(layer.config("r", fsid="img", domain_id="d"))) == {
         "mount_options": f"fsid={layer.blob_id},domain_id=d"
     }
+    assert backend.added(parse_blob_config(layer.config("r", fsid=layer.blob_id))) == {
+        "mount_options": f"fsid={layer.blob_id}"
+    }
+    assert backend.added(parse_blob_config(layer.config("r", fsid="img"))) == {}
     backend.check_delete(layer.blob_id)  # not open: fine
     kernel.open(1, "img", layer.blob_id)
     with pytest.raises(ServingError) as raised:

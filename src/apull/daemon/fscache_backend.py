@@ -224,10 +224,14 @@ class FscacheBackend:
             )
 
     def added(self, config: BlobConfig) -> dict[str, Any]:
-        options = f"fsid={config.blob_id}"
+        """How to mount the blob: the fsid option is the cookie key (the blob id), the
+        volume its domain, else the fsid itself; a blob whose fsid names another blob can
+        only be reached as that image's extra device (nothing to say then)."""
         if config.domain_id:
-            options += f",domain_id={config.domain_id}"
-        return {"mount_options": options}
+            return {"mount_options": f"fsid={config.blob_id},domain_id={config.domain_id}"}
+        if config.fsid == config.blob_id:
+            return {"mount_options": f"fsid={config.blob_id}"}
+        return {}
 
     def check_delete(self, blob_id: str) -> None:
         if blob_id in self.open_blobs():

@@ -2,7 +2,8 @@
 
 PUT|GET    /v1.0/apulld/ping         -> 200 {"status":"ok","backend",...,"serving":{...}}
 PUT        /v1.0/apulld/blob_config  -> 201 the stored blob (JSON body: see blob_registry);
-                                        with a serving backend also "path": the blob's file
+                                        file backend: also "path", the blob's file; fscache:
+                                        "mount_options" (fsid=<blob_id>[,domain_id=...])
 GET        /v1.0/apulld/blob_config  -> 200 {"blobs":[...]}
 DELETE     /v1.0/apulld/blob_config?blob_id=ID -> 204, 404 when unknown
 Errors are JSON {"error": "..."}: 400 bad request, 404 unknown path/blob, 405 wrong method,
@@ -47,7 +48,7 @@ class ServingError(Exception):
 
 
 class Serving(Protocol):
-    """What serves blob data (the file backend), told about blob config changes."""
+    """What serves blob data (the file or fscache backend), told about blob config changes."""
 
     def check_put(self, config: BlobConfig) -> None:
         """Raise ServingError when the blob cannot be added or replaced now."""
