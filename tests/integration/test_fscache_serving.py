@@ -130,8 +130,9 @@ class NodeApulld:
     def stats(self) -> dict[str, int]:
         return dict(self.ping()["serving"]["stats"])
 
-    def put(self, layer: Layer, blob_id: str) -> dict[str, Any]:
-        config = layer.config(f"127.0.0.1:{TUNNEL_PORT}", blob_id=blob_id, fsid=blob_id)
+    def put(self, layer: Layer, blob_id: str, registry: str = "") -> dict[str, Any]:
+        registry = registry or f"127.0.0.1:{TUNNEL_PORT}"
+        config = layer.config(registry, blob_id=blob_id, fsid=blob_id)
         status, body = self.api("PUT", "/v1.0/apulld/blob_config", config)
         assert status == 201, body
         return dict(body)
@@ -292,6 +293,32 @@ def test_mounted_blob_reads_like_its_source_and_fetches_a_fraction(
 
     status, body = apulld.api("DELETE", f"/v1.0/apulld/blob_config?blob_id={blob_id}")
     assert status == 409, body
+
+
+def test_read_speed_from_the_lab_registry(node, apulld, layer, mounted) -> None:
+    """The same blob straight from registry.lab (no proxy, no ssh tunnel): a cold read of
+    the big file, against fetching the whole blob with Python on the node."""
+    blob_id = unique_id("speed", layer)
+    apulld.put(layer, blob_id, registry=f"{layout.REGISTRY_NAME}:{layout.REGISTRY_PORT}")
+    target = mount(node, mounted, blob_id)
+    before = apulld.stats()
+    started = time.monotonic()
+    assert hashes(node, target, [BIG]) == expected(layer, [BIG])
+    took = time.monotonic() - started
+    stats = apulld.stats()
+    requests = stats["fetch_requests"] - before.get("fetch_requests", 0)
+    fetched = stats["bytes_fetched"] - before.get("bytes_fetched", 0)
+    assert BIG_SIZE <= fetched < BIG_SIZE + (8 << 20)
+    url = (
+        f"http://{layout.REGISTRY_NAME}:{layout.REGISTRY_PORT}/v2/{layer.repo}/blobs/{layer.digest}"
+    )
+    fetch = f"t = time.monotonic(); urllib.request.urlopen('{url}').read()"
+    whole = sh(node, f'python3 -c "import time, urllib.request; {fetch}; '
+                     'print(time.monotonic() - t)"')  # fmt: skip
+    print(f"\n{BIG}: {BIG_SIZE >> 20} MiB read cold in {took:.1f} s "
+          f"({BIG_SIZE / took / 1e6:.1f} MB/s), {requests} range requests, {fetched} bytes; "
+          f"the whole {layer.size} byte blob with urllib: "
+          f"{layer.size / float(whole) / 1e6:.1f} MB/s")  # fmt: skip
 
 
 def test_restart_in_the_middle_of_a_read(node, apulld, layer, proxy, mounted) -> None:
