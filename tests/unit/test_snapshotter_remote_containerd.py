@@ -22,13 +22,13 @@ import pytest
 from remote_support import Snapshotter
 from serving_support import Apulld, Proxy, multi_tar, tar_contents
 
-from apull.bench.host_stack import CriContainerd
 from apull.cri.client import CriError, ImageClient
 from apull.image import format as fmt
 from apull.image.convert import ConvertOptions, convert
 from apull.image.reference import parse_reference
 from apull.lab import test_image
 from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
+from apull.testing.cri_containerd import CriContainerd
 from apull.testing.host_containerd import containerd_binary, unmount_all
 
 pytestmark = pytest.mark.skipif(
@@ -76,14 +76,15 @@ class Containerd(CriContainerd):
     (the proxy answers blob GETs, not the HEADs containerd resolves manifests with)."""
 
     def __init__(self, workdir: Path, snapshotter: str, name: str, upstream: str) -> None:
-        super().__init__(workdir, snapshotter, name)
+        super().__init__(workdir, snapshotter, [name])
+        self.registry = name
         self.upstream = upstream
 
     def config_text(self) -> str:
         text = super().config_text()
-        endpoint = f'endpoint = ["http://{self.registry}"]'
+        endpoint = f'"http://{self.registry}"'
         assert endpoint in text
-        return text.replace(endpoint, f'endpoint = ["http://{self.upstream}"]')
+        return text.replace(endpoint, f'"http://{self.upstream}"')
 
 
 class Stack:

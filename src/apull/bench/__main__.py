@@ -17,7 +17,8 @@ from apull.bench.measure import RegistryLog
 from apull.bench.report import render
 from apull.bench.run import ImageFacts, TargetResult, run_target, scratch_dir, write_json
 from apull.bench.targets import HostTarget, NodeTarget, Target, TargetError, host_target
-from apull.image.convert import ConvertError, ConvertOptions, convert
+from apull.image.convert import ConvertError, ConvertOptions, convert, target_state
+from apull.image.format import DEFAULT_CHUNK_SIZE
 from apull.image.reference import parse_reference
 from apull.lab import layout
 from apull.lab.registry import access_log, ensure_registry
@@ -34,6 +35,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-node", action="store_true", help="skip the lab node")
     p.add_argument("--no-host", action="store_true", help="skip this host (file backend)")
     p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"chunk size of the converted image (default {DEFAULT_CHUNK_SIZE})",
+    )
+    p.add_argument(
         "--json", type=Path, default=Path("build/bench/results.json"), help="results file"
     )
     return p.parse_args(argv)
@@ -49,18 +56,22 @@ def _image_bytes(client: RegistryClient, tag: str) -> tuple[int, list[str]]:
     return sum(int(d["size"]) for d in descriptors), [str(d["digest"]) for d in manifest["layers"]]
 
 
-def prepare_image(client: RegistryClient) -> ImageFacts:
+def prepare_image(client: RegistryClient, chunk_size: int) -> ImageFacts:
     big_image.ensure_pushed(client, say)
     plain = f"{client.address}/{big_image.REPO}:{big_image.PLAIN_TAG}"
     converted = f"{client.address}/{big_image.REPO}:{big_image.APULL_TAG}"
-    if client.manifest_digest(big_image.REPO, big_image.APULL_TAG) is None:
-        say(f"converting {plain} -> {converted}")
-        options = ConvertOptions(
-            source=parse_reference(plain),
-            target=parse_reference(converted),
-            source_insecure=True,
-            target_insecure=True,
-        )
+    options = ConvertOptions(
+        source=parse_reference(plain),
+        target=parse_reference(converted),
+        source_insecure=True,
+        target_insecure=True,
+        chunk_size=chunk_size,
+    )
+    state = target_state(options)
+    if state.current:
+        say(f"{converted} is current: {state.reason}")
+    else:
+        say(f"converting {plain} -> {converted}: {state.reason}")
         convert(options, say)
     plain_bytes, _ = _image_bytes(client, big_image.PLAIN_TAG)
     apull_bytes, apull_layers = _image_bytes(client, big_image.APULL_TAG)
@@ -77,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         client = ensure_registry()
-        image = prepare_image(client)
+        image = prepare_image(client, args.chunk_size)
     except (RegistryError, ConvertError, LabError, OSError) as err:
         console.print(f"[red]cannot prepare the benchmark image:[/] {err}")
         return 1

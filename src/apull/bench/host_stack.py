@@ -19,56 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-from apull.testing.host_containerd import HostContainerd, unmount_all
+from apull.testing.cri_containerd import CriContainerd
+from apull.testing.host_containerd import unmount_all
 
 SNAPSHOTTER = "apull"
 
 
 class StackError(RuntimeError):
     """A daemon of the stack did not start; the message has its log."""
-
-
-class CriContainerd(HostContainerd):
-    """HostContainerd with CRI on: snapshotter apull, plain HTTP to `registry`."""
-
-    def __init__(self, workdir: Path, snapshotter_address: str, registry: str) -> None:
-        super().__init__(workdir, snapshotter_address, SNAPSHOTTER)
-        self.registry = registry
-
-    def config_text(self) -> str:
-        w = self.workdir
-        cri = '[plugins."io.containerd.grpc.v1.cri"]'
-        return f"""version = 2
-root = "{w / "root"}"
-state = "{w / "state"}"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
-
-[grpc]
-  address = "{self.address}"
-
-[ttrpc]
-  address = "{self.address}.ttrpc"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{w / "opt"}"
-
-{cri}
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{w / "cni-bin"}"
-    conf_dir = "{w / "cni-conf"}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "{SNAPSHOTTER}"
-    disable_snapshot_annotations = false
-    discard_unpacked_layers = false
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{self.registry}"]
-    endpoint = ["http://{self.registry}"]
-
-[proxy_plugins.{SNAPSHOTTER}]
-  type = "snapshot"
-  address = "{self.snapshotter_address}"
-"""
 
 
 class HostStack:
@@ -83,7 +41,7 @@ class HostStack:
         self.cache_dir = self.workdir / "data" / "cachefiles"
         self.snapshotter_root = self.workdir / "data" / "snapshotter"
         self.containerd = CriContainerd(
-            self.workdir / "containerd", self.snapshotter_address, registry
+            self.workdir / "containerd", self.snapshotter_address, [registry], SNAPSHOTTER
         )
         self._daemons: dict[str, subprocess.Popen[bytes]] = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from dataclasses import dataclass
@@ -36,9 +37,13 @@ class RegistryLog:
 
 @dataclass(frozen=True)
 class StartRun:
+    #: From the start of the pull to the container's first output line.
     seconds: float
+    #: The pull alone. For CRI pulls: the PullImage call, as kubelet makes it (our CLI's
+    #: own Python start-up is not part of a pull); `wall_seconds` includes it.
     pull_seconds: float
     bytes_served: int
+    wall_seconds: float
 
 
 def start_to_first_output(
@@ -46,14 +51,14 @@ def start_to_first_output(
 ) -> StartRun:
     """Pull `ref` (CRI for apull, `ctr pull` for overlayfs) and run it; time its first line."""
     if snapshotter == "apull":
-        pull = target.cri_pull(ref)
+        pull = f"{target.cri()} pull --json {ref}"
     else:
-        pull = f"{target.ctr} images pull --plain-http --snapshotter {snapshotter} {ref}"
+        pull = f"{target.ctr} images pull --plain-http --snapshotter {snapshotter} {ref} >/dev/null"
     script = (
         "set -e\n"
         "t0=$(date +%s%N)\n"
-        f"{pull} >/dev/null\n"
-        'echo "PULLED $t0 $(date +%s%N)"\n'
+        f"out=$({pull})\n"
+        'echo "PULLED $t0 $(date +%s%N) $out"\n'
         f"{target.ctr} run --rm --snapshotter {snapshotter} {ref} {name} "
         '| { read -r line; echo "FIRST $(date +%s%N) $line"; cat >/dev/null; }\n'
     )
@@ -61,13 +66,16 @@ def start_to_first_output(
     process = target.stream(script)
     assert process.stdout is not None
     t0 = pulled = first = 0
+    rpc = -1.0
     served = -1
     lines = []
     for line in process.stdout:
         lines.append(line)
-        fields = line.split()
+        fields = line.split(maxsplit=3)
         if fields[:1] == ["PULLED"]:
             t0, pulled = int(fields[1]), int(fields[2])
+            if len(fields) > 3:
+                rpc = float(json.loads(fields[3])["seconds"])
         elif fields[:1] == ["FIRST"]:
             served = log.served_since(offset)
             first = int(fields[1])
@@ -76,7 +84,10 @@ def start_to_first_output(
     _, err = process.communicate()
     if process.returncode != 0 or served < 0:
         raise TargetError(f"{target.name}: run of {ref} failed:\n{''.join(lines)}{err[-3000:]}")
-    return StartRun((first - t0) / 1e9, (pulled - t0) / 1e9, served)
+    wall = (first - t0) / 1e9
+    if rpc < 0:
+        return StartRun(wall, (pulled - t0) / 1e9, served, wall)
+    return StartRun(rpc + (first - pulled) / 1e9, rpc, served, wall)
 
 
 def read_through_apulld(target: Target) -> float:

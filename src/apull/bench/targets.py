@@ -20,7 +20,7 @@ from apull.lab.nodes import ssh_command
 NODE_CACHE_DIR = "/var/lib/containerd-apull/cachefiles"
 NODE_SNAPSHOTTER_ROOT = "/var/lib/containerd-apull"
 #: The CRI image client the bundle installs on nodes.
-NODE_CRI = "/usr/bin/apull-cri"
+NODE_CRI = "/usr/bin/apull-containerd-grpc cri"
 
 
 class TargetError(RuntimeError):
@@ -41,8 +41,12 @@ class Target(ABC):
         """argv that runs `script` with sh on the target."""
 
     @abstractmethod
+    def cri(self) -> str:
+        """The CRI image client as a shell command prefix (pull, rmi, ...)."""
+
     def cri_pull(self, ref: str) -> str:
         """Shell command pulling `ref` through containerd's CRI (the lazy path)."""
+        return f"{self.cri()} pull {ref}"
 
     @abstractmethod
     def wipe_daemon_caches(self) -> None:
@@ -69,18 +73,47 @@ class Target(ABC):
         )
 
     def remove_images(self, refs: list[str]) -> None:
-        """Containers of the benchmark, the images and (GC, synchronously) their content."""
+        """Containers of the benchmark, the images, their content and snapshots.
+
+        containerd removes a proxy snapshotter's snapshots in a garbage collection after
+        the image is gone; a lease deleted with --sync runs one and waits for it. Then
+        every EROFS mount under the snapshotter's root must be gone (30 s at most).
+        """
         self.run(
             f"for c in $({self.ctr} containers ls -q | grep '^bench-'); do "
             f"{self.ctr} tasks kill -s KILL $c >/dev/null 2>&1; "
             f"{self.ctr} tasks rm -f $c >/dev/null 2>&1; {self.ctr} containers rm $c; done\n"
+            # CRI names an image three ways (tag, repo@digest, config id); its rmi drops all.
+            f"{self.cri()} rmi {' '.join(refs)} >/dev/null\n"
             f"{self.ctr} images rm --sync {' '.join(refs)} >/dev/null 2>&1 || true\n"
+            f"{self.ctr} leases create --id bench-gc >/dev/null && "
+            f"{self.ctr} leases rm --sync bench-gc >/dev/null\n"
+            f"snapshots=' {self.snapshotter_root}/snapshots/[^ ]* erofs '\n"
+            "i=0\n"
+            'while grep -q "$snapshots" /proc/self/mounts; do\n'
+            "  i=$((i+1)); test $i -lt 300 || { echo 'EROFS mounts left:' >&2; "
+            "grep ' erofs ' /proc/self/mounts >&2; exit 1; }\n"
+            "  sleep 0.1\n"
+            "done\n"
+        )
+
+    def wait_for_snapshotter(self) -> None:
+        """containerd reaches the (restarted) snapshotter again (60 s at most): a Prepare
+        and Remove of a probe snapshot (listing would only read containerd's own records)."""
+        sn = f"{self.ctr} snapshots --snapshotter apull"
+        self.run(
+            "i=0\n"
+            f"until {sn} prepare bench-probe >/dev/null 2>&1; do\n"
+            "  i=$((i+1)); test $i -lt 600 || exit 1; sleep 0.1\n"
+            "done\n"
+            f"{sn} rm bench-probe\n"
         )
 
     def cold(self, refs: list[str]) -> None:
         """Nothing of the image anywhere: images, content, snapshots, caches, page cache."""
         self.remove_images(refs)
         self.wipe_daemon_caches()
+        self.wait_for_snapshotter()
         self.run("sync; echo 3 > /proc/sys/vm/drop_caches")
 
 
@@ -97,8 +130,8 @@ class NodeTarget(Target):
     def command(self, script: str) -> list[str]:
         return ssh_command(self.node, "sh", "-c", _quote(script))
 
-    def cri_pull(self, ref: str) -> str:
-        return f"{NODE_CRI} pull {ref}"
+    def cri(self) -> str:
+        return NODE_CRI
 
     def wipe_daemon_caches(self) -> None:
         self.run(
@@ -123,8 +156,8 @@ class HostTarget(Target):
     def command(self, script: str) -> list[str]:
         return ["sh", "-c", script]
 
-    def cri_pull(self, ref: str) -> str:
-        return f"{self._cri} --address {self.stack.containerd.address} pull {ref}"
+    def cri(self) -> str:
+        return f"{self._cri} --address {self.stack.containerd.address}"
 
     def wipe_daemon_caches(self) -> None:
         self.stack.wipe_caches()

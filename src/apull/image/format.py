@@ -59,7 +59,10 @@ LAYER_BLOCK_SIZE = _LAYER + "block-size"
 #: EROFS block size. erofs-utils 1.5 fixes it to the build host's page size (4096 on
 #: x86_64); newer erofs-utils take -b. Converted layers always use 4096.
 BLOCK_SIZE = 4096
-DEFAULT_CHUNK_SIZE = 1 << 20
+#: A chunk is the unit apulld fetches and verifies: smaller chunks fetch less for a
+#: container's first reads (make bench: 256 KiB served half the bytes of 1 MiB, and
+#: mounted faster), larger ones mean fewer table entries (32 bytes per chunk).
+DEFAULT_CHUNK_SIZE = 256 << 10
 MIN_CHUNK_SIZE = BLOCK_SIZE
 MAX_CHUNK_SIZE = 1 << 30
 

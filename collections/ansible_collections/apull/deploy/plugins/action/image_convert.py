@@ -22,7 +22,7 @@ ARGUMENT_SPEC = {
     "target": {"type": "str", "required": True},
     "source_insecure": {"type": "bool", "default": False},
     "target_insecure": {"type": "bool", "default": False},
-    "chunk_size": {"type": "str", "default": "1M"},
+    "chunk_size": {"type": "str", "default": "256K"},
     "platform": {"type": "str", "default": "linux/amd64"},
     "auth_file": {"type": "path"},
     "work_dir": {"type": "path"},
