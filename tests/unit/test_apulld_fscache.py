@@ -617,3 +617,25 @@ def test_mmap_buffers_are_page_aligned() -> None:
         address = ctypes.addressof(first)
         del first  # release the export before the mmap closes
         assert address % mmap.PAGESIZE == 0
+
+
+# -- the unit: room in the fd store -----------------------------------------------------------
+
+
+def render_unit(**variables: object) -> dict[str, str]:
+    import jinja2
+
+    template = Path(__file__).resolve().parents[2] / "roles/apull/templates/apulld.service.j2"
+    env = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined)
+    text = env.from_string(template.read_text()).render(
+        ansible_managed="test", apull_config_dir="/etc/apull", **variables
+    )
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#")
+
+
+def test_the_unit_keeps_room_for_every_object_fd_and_only_keys_systemd_252_knows() -> None:
+    keys = render_unit()
+    assert int(keys["FileDescriptorStoreMax"]) >= 1024
+    assert keys["KillMode"] == "process" and keys["Type"] == "notify"
+    assert "FileDescriptorStorePreserve" not in keys  # systemd 252 (Debian 12) lacks it
+    assert render_unit(apull_fdstore_preserve=True)["FileDescriptorStorePreserve"] == "yes"
