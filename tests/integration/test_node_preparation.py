@@ -13,9 +13,12 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import ROOT, apull, boot_id, package_installed, recap, run_on
+from lazy_image import BIG, OTHER, LazyImage, push_and_convert
 
 from apull.lab import layout, nodes
 from apull.lab.test_image import REPO, TAG
@@ -225,6 +228,131 @@ def test_gate_and_modules_survive_a_plain_reboot(lab, stock):
     )
     assert 0 < snapshotter_ready <= containerd_up
     runs_an_image_through_apull(node, "hi-after-reboot")
+
+
+# -- lazy pulls on the deployed stack (fscache backend on the ondemand nodes) ----------------
+
+CRI = "/usr/bin/apull-containerd-grpc cri"
+K8S_CTR = "ctr -n k8s.io"
+_PING = (
+    'python3 -c "import http.client, json, socket\n'
+    "class C(http.client.HTTPConnection):\n"
+    "    def connect(self):\n"
+    "        self.sock = socket.socket(socket.AF_UNIX); self.sock.connect('/run/apulld.sock')\n"
+    "c = C('apulld', timeout=60); c.request('GET', '/v1.0/apulld/ping')\n"
+    'print(c.getresponse().read().decode())"'
+)
+
+
+def apulld_ping(node: layout.LabNode) -> dict[str, Any]:
+    res = run_on(node, _PING)
+    assert res.returncode == 0, res.stderr
+    return dict(json.loads(res.stdout))
+
+
+def fetched(node: layout.LabNode) -> int:
+    return int(apulld_ping(node)["serving"]["stats"].get("bytes_fetched", 0))
+
+
+@pytest.fixture(scope="module")
+def lazy_image() -> LazyImage:
+    return push_and_convert()
+
+
+@pytest.fixture(scope="module")
+def lazy_node(lab, ondemand_nodes) -> Iterator[layout.LabNode]:
+    node = ondemand_nodes[0]
+    yield node
+    run_on(
+        node, f"{CRI} rmi {IMAGE} >/dev/null 2>&1; ip route del prohibit 10.0.2.100/32 2>/dev/null"
+    )
+
+
+def forget_image(node: layout.LabNode, ref: str) -> None:
+    """The image gone, its snapshots collected (a synchronous GC), apulld's cache wiped."""
+    run_on(node, f"{CRI} rmi {ref} >/dev/null; {K8S_CTR} leases create --id lazy-gc >/dev/null "
+                 f"&& {K8S_CTR} leases rm --sync lazy-gc")  # fmt: skip
+    wiped = run_on(node, "systemctl stop apulld && rm -rf /var/lib/containerd-apull/cachefiles "
+                         "&& systemctl start apulld")  # fmt: skip
+    assert wiped.returncode == 0, wiped.stderr
+
+
+def test_converted_image_runs_lazily_over_fscache(lazy_node, lazy_image):
+    node = lazy_node
+    forget_image(node, lazy_image.ref)  # cold, even when an earlier run left it cached
+    assert apulld_ping(node)["backend"] == "fscache"
+    before = fetched(node)
+    pull = nodes.ssh(node, f"{CRI} pull --json {lazy_image.ref}", timeout=300)
+    assert pull.returncode == 0, pull.stderr
+    run = run_on(
+        node, f"{K8S_CTR} run --rm --snapshotter apull {lazy_image.ref} lazy1 cat /data/hello"
+    )
+    assert run.stdout == lazy_image.files["data/hello"].decode(), run.stderr
+    mounts = run_on(node, "grep ' erofs ' /proc/mounts").stdout.splitlines()
+    ours = [m for m in mounts if "/var/lib/containerd-apull/snapshots/" in m]
+    assert len(ours) >= 2 and all("fsid=" in m for m in ours), mounts
+    got = fetched(node) - before
+    share = 100 * got / lazy_image.erofs_bytes
+    seconds = json.loads(pull.stdout)["seconds"]
+    print(
+        f"{node.name}: pull {seconds} s; fetched {got} of {lazy_image.erofs_bytes} ({share:.1f}%)"
+    )
+    assert 0 < got < 0.15 * lazy_image.erofs_bytes
+
+
+def test_apulld_restart_while_a_container_reads(lazy_node, lazy_image):
+    node = lazy_node
+    pid = run_on(node, "systemctl show -p MainPID --value apulld").stdout.strip()
+    run_on(node, "rm -f /run/lazy2.out /run/lazy2.rc")
+    started = run_on(
+        node,
+        f"nohup sh -c '{K8S_CTR} run --rm --snapshotter apull {lazy_image.ref} lazy2 "
+        f"sha256sum /{BIG} > /run/lazy2.out 2>&1; echo $? > /run/lazy2.rc' >/dev/null 2>&1 &",
+    )
+    assert started.returncode == 0, started.stderr
+    # Restart once the big file is being fetched (and the container has not finished).
+    base = fetched(node)
+    deadline = time.monotonic() + 300
+    while fetched(node) - base < (2 << 20):
+        assert time.monotonic() < deadline, "the container never started reading"
+        time.sleep(0.3)
+    restart = run_on(node, "test ! -e /run/lazy2.rc && systemctl restart apulld")
+    assert restart.returncode == 0, "the read finished before the restart: make the file bigger"
+    deadline = time.monotonic() + 600
+    while run_on(node, "test -e /run/lazy2.rc").returncode != 0:
+        assert time.monotonic() < deadline, "the reading container did not finish"
+        time.sleep(2)
+    out = run_on(node, "cat /run/lazy2.out /run/lazy2.rc").stdout.split()
+    assert out[0] == lazy_image.sha256(BIG) and out[-1] == "0", out
+    assert run_on(node, "systemctl show -p MainPID --value apulld").stdout.strip() != pid
+
+
+def test_registry_down_is_a_clear_error_and_the_node_stays_healthy(lazy_node, lazy_image):
+    node = lazy_node
+    since = run_on(node, "date +%s").stdout.strip()
+    # The registry's address as the node reaches it (QEMU's guestfwd) becomes unreachable.
+    assert run_on(node, "ip route add prohibit 10.0.2.100/32").returncode == 0
+    try:
+        run = nodes.ssh(
+            node,
+            f"{K8S_CTR} run --rm --snapshotter apull {lazy_image.ref} lazy3 sha256sum /{OTHER}",
+            timeout=600,
+        )
+        assert run.returncode != 0 and lazy_image.sha256(OTHER) not in run.stdout, run.stdout
+        log = run_on(node, f"journalctl -u apulld --since @{since} --no-pager").stdout
+        assert "registry.lab:5000" in log and "test/lazy" in log, log[-3000:]
+        for service in ("apulld", "apull-snapshotter", "containerd"):
+            assert run_on(node, f"systemctl is-active {service}").stdout.strip() == "active"
+        assert apulld_ping(node)["backend"] == "fscache"
+    finally:
+        run_on(node, "ip route del prohibit 10.0.2.100/32")
+    time.sleep(3)  # past apulld's short memory of a failed registry
+    again = nodes.ssh(
+        node,
+        f"{K8S_CTR} run --rm --snapshotter apull {lazy_image.ref} lazy4 sha256sum /{OTHER}",
+        timeout=600,
+    )
+    assert again.stdout.split()[:1] == [lazy_image.sha256(OTHER)], again.stderr
 
 
 def test_clean_restores_containerd_config_byte_for_byte(lab):
