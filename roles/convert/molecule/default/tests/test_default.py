@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 testinfra_hosts = ["ansible://localhost"]
-REGISTRY = "http://127.0.0.1:5000/v2/lab/busybox"
+REGISTRY = f"http://127.0.0.1:{os.environ.get('APULL_LAB_REGISTRY_PORT', '5000')}/v2/lab/busybox"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
@@ -26,7 +26,7 @@ def test_target_is_an_apull_image_of_the_source() -> None:
     tag = ephemeral("target_tag").read_text().strip()
     manifest = json.loads(get(f"{REGISTRY}/manifests/{tag}"))
     notes = manifest["annotations"]
-    assert notes["io.apull.image.format-version"] == "1"
+    assert notes["io.apull.image.format-version"] == "2"
     source = get(f"{REGISTRY}/manifests/latest")
     assert notes["io.apull.image.source-manifest"] == "sha256:" + hashlib.sha256(source).hexdigest()
     [layer] = manifest["layers"]
