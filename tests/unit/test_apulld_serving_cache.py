@@ -83,6 +83,57 @@ def test_sequential_reads_fetch_ahead_in_growing_windows(tmp_path: Path, monkeyp
     assert source.calls == [(5 * CHUNK, 6 * CHUNK, ""), (2 * CHUNK, 3 * CHUNK, "")]
 
 
+def test_prefetch_fetches_whole_windows_ahead_in_the_background(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(chunk_cache, "READ_AHEAD_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(chunk_cache, "PREFETCH_WINDOWS", 2)
+    cache = ChunkCache(tmp_path, 1 << 30, Counters(), prefetch=True)
+    source = FakeSource(delay=0.02)
+    source.bad[6 * CHUNK + 1] = 1  # in a window fetched ahead: checked, fetched again
+    for offset in range(0, len(DATA), CHUNK):  # a streaming reader, one chunk at a time
+        assert cache.read(SPEC, source, offset, CHUNK) == DATA[offset : offset + CHUNK]
+    cache.close()
+    ranges = sorted((start // CHUNK, -(-end // CHUNK)) for start, end, _ in source.calls)
+    # Its own first two chunks, then whole windows of 1, 2, 2... chunks claimed ahead of it
+    # (each chunk fetched once, but for the bad one, fetched again by itself).
+    assert ranges == [(0, 1), (1, 2), (2, 3), (3, 5), (5, 7), (6, 7), (7, 9), (9, 11)]
+    assert len(source.marked) == 1
+    # Everything fetched ahead was verified and stored: reading it all again costs nothing.
+    again = ChunkCache(tmp_path, 1 << 30, Counters(), prefetch=True)
+    quiet = FakeSource()
+    assert again.read(SPEC, quiet, 0, len(DATA)) == DATA
+    assert quiet.calls == []
+    again.close()
+
+
+def test_prefetch_failures_free_the_reader(tmp_path: Path) -> None:
+    class Flaky(FakeSource):
+        def fetch(self, start: int, end: int, avoid: str = "") -> tuple[bytes, str]:
+            if start >= 2 * CHUNK:
+                time.sleep(0.05)
+                raise OSError("registry down")
+            return super().fetch(start, end, avoid)
+
+    cache = ChunkCache(tmp_path, 1 << 30, Counters(), prefetch=True)
+    source = Flaky()
+    assert cache.read(SPEC, source, 0, CHUNK) == DATA[:CHUNK]
+    assert cache.read(SPEC, source, CHUNK, CHUNK) == DATA[CHUNK : 2 * CHUNK]
+    with pytest.raises(ChunkUnavailableError, match="registry down"):
+        cache.read(SPEC, source, 2 * CHUNK, CHUNK)  # claimed ahead; its fetch failed
+    cache.close()
+
+
+def test_reads_of_checked_cached_chunks_are_whole(tmp_path: Path) -> None:
+    cache, counters = make(tmp_path)
+    source = FakeSource()
+    cache.read(SPEC, source, 0, len(DATA))
+    for offset, size in [(0, len(DATA)), (100, 3 * CHUNK), (CHUNK - 1, 2), (len(DATA) - 5, 99)]:
+        assert bytes(cache.read(SPEC, source, offset, size)) == DATA[offset : offset + size]
+    assert len(source.calls) == 1
+    assert counters.get("chunks_from_cache") == 11 + 4 + 2 + 1
+
+
 def test_concurrent_readers_of_a_chunk_share_one_fetch(tmp_path: Path) -> None:
     cache, _ = make(tmp_path)
     source = FakeSource(delay=0.2)

@@ -32,7 +32,7 @@ class RegistrySource:
         self.fetcher = fetcher
         self.location = location
 
-    def fetch(self, start: int, end: int, avoid: str = "") -> tuple[bytes, str]:
+    def fetch(self, start: int, end: int, avoid: str = "") -> tuple[bytes | bytearray, str]:
         return self.fetcher.fetch(self.location, start, end, avoid)
 
     def mark_bad(self, endpoint: str) -> None:

@@ -17,7 +17,8 @@ Rules:
   reads each of them (so a torn write or a crash between data and bitmap cannot leak bad
   bytes); from then on they are trusted.
 - Readers wanting the same missing chunk share one fetch; missing neighbours are fetched
-  with one range request; sequential readers fetch ahead (a doubling window).
+  with one range request; sequential readers fetch ahead (a doubling window), with
+  ``prefetch=True`` in background threads, several windows deep, while they are served.
 - The sum of cached chunk sizes stays under the limit: least recently used chunks, of any
   blob, are punched out of their data files. Order after a restart: blobs whose bitmap
   changed least recently go first.
@@ -36,6 +37,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -49,6 +51,10 @@ FETCH_TRIES = 3
 #: Sequential reads fetch ahead: the window doubles with each sequential fetch up to this
 #: many bytes, so a streaming reader makes few large range requests, not one per chunk.
 READ_AHEAD_BYTES = 4 << 20
+#: With ChunkCache(prefetch=True), a sequential reader's next windows (each up to
+#: READ_AHEAD_BYTES, growing as above) are fetched by background threads, this many windows
+#: ahead of it, while it is served: fetching, checking and storing overlap with the reads.
+PREFETCH_WINDOWS = 3
 #: A chunk that could not be had fails again at once for this many seconds (the kernel
 #: retries a failed read-ahead page by page; each would pay for the same fetches).
 FAILURE_MEMORY_SECONDS = 2.0
@@ -61,7 +67,7 @@ class ChunkUnavailableError(Exception):
 class Source(Protocol):
     """Where missing chunks come from (the registry, through mirrors)."""
 
-    def fetch(self, start: int, end: int, avoid: str = "") -> tuple[bytes, str]:
+    def fetch(self, start: int, end: int, avoid: str = "") -> tuple[bytes | bytearray, str]:
         """Bytes [start, end) and the name of the endpoint that sent them."""
 
     def mark_bad(self, endpoint: str) -> None: ...
@@ -80,7 +86,7 @@ class BlobSpec:
 
 
 #: Chunk bytes: a fetched response is cut into chunks without copying.
-Buffer = bytes | memoryview
+Buffer = bytes | bytearray | memoryview
 #: Read results per chunk index: (blob offset of the data, the data).
 Pieces = dict[int, tuple[int, Buffer]]
 
@@ -93,7 +99,10 @@ class _Flight:
 
 
 class ChunkCache:
-    def __init__(self, root: Path, limit_bytes: int, counters: Counters, keep: bool = True) -> None:
+    def __init__(
+        self, root: Path, limit_bytes: int, counters: Counters, keep: bool = True,
+        prefetch: bool = False,
+    ) -> None:  # fmt: skip
         self.root = root
         self.limit = limit_bytes
         self.counters = counters
@@ -106,6 +115,13 @@ class ChunkCache:
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._failed: dict[tuple[str, int], tuple[float, str]] = {}
         self._punch_warned = False
+        # Background fetches ahead need keep=True: what they fetch must be stored for the
+        # reads that come for it.
+        self._prefetcher = (
+            ThreadPoolExecutor(PREFETCH_WINDOWS, thread_name_prefix="prefetch")
+            if prefetch and keep
+            else None
+        )
         if keep:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._scan()
@@ -165,11 +181,14 @@ class ChunkCache:
 
     # -- reading --------------------------------------------------------------------------
 
-    def read(self, spec: BlobSpec, source: Source, offset: int, size: int) -> bytes:
+    def read(self, spec: BlobSpec, source: Source, offset: int, size: int) -> Buffer:
         """Verified bytes [offset, offset + size) of the blob (short at its end)."""
         end = min(offset + size, spec.size)
         if offset >= end:
             return b""
+        whole = self._read_trusted(spec, source, offset, end)
+        if whole is not None:
+            return whole
         pieces = self._gather(spec, source, offset, end, whole=False)
         chunk = spec.table.chunk_size
         parts = []
@@ -177,7 +196,38 @@ class ChunkCache:
             at, data = pieces[index]
             low, high = max(offset, index * chunk), min(end, (index + 1) * chunk)
             parts.append(memoryview(data)[low - at : high - at])
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_trusted(self, spec: BlobSpec, source: Source, offset: int, end: int) -> bytes | None:
+        """[offset, end) with one pread (no copy per chunk, no join) when every chunk of it
+        is cached and was checked by this process; else None (the general path)."""
+        if not self.keep:
+            return None
+        chunk = spec.table.chunk_size
+        first, last = offset // chunk, (end - 1) // chunk
+        with self._lock:
+            state = self._state(spec)
+            self._recent_failure(state.key, first, last)
+            indexes = range(first, last + 1)
+            if not all(state.has(i) and state.trusted[i] for i in indexes):
+                return None
+            for index in indexes:
+                key = (state.key, index)
+                self._pins[key] += 1
+                self._lru.move_to_end(key)
+            ahead = self._advance(state, first, last)
+        self._start_prefetch(state, spec, source, ahead)
+        try:
+            data = os.pread(state.data_fd, end - offset, offset)
+        finally:
+            with self._lock:
+                for index in indexes:
+                    self._unpin((state.key, index))
+        if len(data) != end - offset:
+            return None
+        self.counters.add("chunks_from_cache", len(indexes))
+        self.counters.add("bytes_from_cache", len(data))
+        return data
 
     def read_span(
         self, spec: BlobSpec, source: Source, offset: int, size: int
@@ -202,6 +252,7 @@ class ChunkCache:
         chunk = spec.table.chunk_size
         first, last = offset // chunk, (end - 1) // chunk
         cached, waits, mine = [], {}, []
+        ahead: list[list[int]] = []
         with self._lock:
             state = self._state(spec)
             self._recent_failure(state.key, first, last)
@@ -216,9 +267,13 @@ class ChunkCache:
                 else:
                     self._flights[key] = _Flight()
                     mine.append(index)
-            mine += self._read_ahead(state, first, last, mine)
+            if self._prefetcher is not None:
+                ahead = self._advance(state, first, last)
+            else:
+                mine += self._read_ahead(state, first, last, mine)
             if not self.keep and mine:
                 state.last_read = max(state.last_read, mine[-1])
+        self._start_prefetch(state, spec, source, ahead)
         pieces: Pieces = {}
         try:
             for index in cached:
@@ -245,10 +300,7 @@ class ChunkCache:
 
     def _read_ahead(self, state: BlobState, first: int, last: int, mine: list[int]) -> list[int]:
         """Claim missing chunks after a sequential read's own (lock held)."""
-        sequential = state.last_read <= first <= state.last_read + 1
-        state.last_read = last
-        if not sequential:
-            state.ahead = 0
+        if not self._sequential(state, first, last):
             return []
         if not mine or mine[-1] != last:
             return []
@@ -262,6 +314,68 @@ class ChunkCache:
             self._flights[key] = _Flight()
             extra.append(index)
         return extra
+
+    def _advance(self, state: BlobState, first: int, last: int) -> list[list[int]]:
+        """With prefetch: note the read; for a sequential one claim the missing chunks of
+        the next windows, up to PREFETCH_WINDOWS windows ahead of it (lock held). Returns
+        the runs to fetch in the background, one request each."""
+        if self._prefetcher is None:
+            self._sequential(state, first, last)
+            return []
+        if not self._sequential(state, first, last):
+            state.prefetched = last + 1
+            return []
+        limit = max(1, READ_AHEAD_BYTES // state.chunk_size)
+        state.ahead = min(limit, max(1, state.ahead * 2))
+        start = max(state.prefetched, last + 1)
+        depth = PREFETCH_WINDOWS if state.ahead == limit else 1  # deep once it streams
+        target = last + 1 + depth * state.ahead
+        runs: list[list[int]] = []
+        while start < state.count and start + state.ahead <= target:  # whole windows
+            stop = min(state.count, start + state.ahead)
+            run: list[int] = []
+            for index in range(start, stop):
+                key = (state.key, index)
+                if state.has(index) or key in self._flights:
+                    if run:
+                        runs.append(run)
+                        run = []
+                    continue
+                self._flights[key] = _Flight()
+                run.append(index)
+            if run:
+                runs.append(run)
+            start = stop
+        state.prefetched = max(state.prefetched, start)
+        return runs
+
+    def _start_prefetch(
+        self, state: BlobState, spec: BlobSpec, source: Source, runs: list[list[int]]
+    ) -> None:
+        for run in runs:
+            assert self._prefetcher is not None
+            try:
+                self._prefetcher.submit(self._prefetch, state, spec, source, run)
+            except RuntimeError:  # shut down: nobody may wait for ever on what was claimed
+                for index in run:
+                    self._finish(state, index, b"", "apulld is stopping")
+
+    def _prefetch(self, state: BlobState, spec: BlobSpec, source: Source, run: list[int]) -> None:
+        try:
+            self._fetch_runs(state, spec, source, run, {})  # errors: finished with them
+        except Exception:
+            log.exception("fetching chunks %d-%d of %s ahead failed", run[0], run[-1], state.key)
+            for index in run:
+                self._finish(state, index, b"", "fetching ahead failed")
+
+    @staticmethod
+    def _sequential(state: BlobState, first: int, last: int) -> bool:
+        """Whether this read continues the previous one; remembers it (lock held)."""
+        sequential = state.last_read <= first <= state.last_read + 1
+        state.last_read = last
+        if not sequential:
+            state.ahead = 0
+        return sequential
 
     def _recent_failure(self, key: str, first: int, last: int) -> None:
         """Fail at once if one of the chunks failed moments ago (lock held)."""
@@ -351,7 +465,7 @@ class ChunkCache:
 
     def _refetch(
         self, state: BlobState, spec: BlobSpec, source: Source, index: int, endpoint: str
-    ) -> bytes:
+    ) -> bytes | bytearray:
         a, b = state.bounds(index)
         for attempt in range(2, FETCH_TRIES + 1):
             self.counters.add("verify_failures")
@@ -441,6 +555,8 @@ class ChunkCache:
             log.warning("cannot punch holes in %s: evicted chunks keep their disk space", state.dir)
 
     def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
         with self._lock:
             for state in self._states.values():
                 state.close()

@@ -35,6 +35,7 @@ class BlobState:
         self.state_fd = -1
         self.last_read = -2  # last chunk of the previous read (sequential detection)
         self.ahead = 0  # chunks fetched ahead of a sequential read, doubling
+        self.prefetched = 0  # with prefetch: chunks before this one were claimed ahead
 
     @classmethod
     def create(cls, directory: Path, chunk_size: int, data_size: int) -> BlobState:

@@ -73,7 +73,7 @@ class FileBackend:
         self.counters = Counters()
         self.fetcher = RangeFetcher(config.fetch, self.counters)
         self.cache = ChunkCache(
-            config.cache_dir / "chunks", config.cache_limit_bytes, self.counters
+            config.cache_dir / "chunks", config.cache_limit_bytes, self.counters, prefetch=True
         )
         self.tables = TableStore(config.cache_dir / "tables", self.fetcher)
         self.mountpoint = str(config.mountpoint)
@@ -298,7 +298,7 @@ class FileBackend:
             else:
                 self._open.pop(nodeid, None)
 
-    def read(self, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+    def read(self, nodeid: int, fh: int, offset: int, size: int) -> fp.Payload:
         config = self._blob(nodeid)
         self.counters.add("read_requests")
         try:

@@ -138,7 +138,11 @@ class Attr:
         )  # fmt: skip
 
 
-def reply(unique: int, *payload: bytes) -> list[bytes]:
+#: Reply payloads: writev() takes any buffer (a read's data is not copied into bytes).
+Payload = bytes | bytearray | memoryview
+
+
+def reply(unique: int, *payload: Payload) -> list[Payload]:
     """A successful reply as buffers for one writev()."""
     length = OUT_HEADER.size + sum(len(p) for p in payload)
     return [OUT_HEADER.pack(length, 0, unique), *payload]

@@ -17,6 +17,7 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 from apull.daemon import fuse_protocol as fp
@@ -46,7 +47,7 @@ class Filesystem(Protocol):
     def open(self, nodeid: int, flags: int) -> tuple[int, int]:
         """(file handle, FOPEN_* flags)."""
 
-    def read(self, nodeid: int, fh: int, offset: int, size: int) -> bytes: ...
+    def read(self, nodeid: int, fh: int, offset: int, size: int) -> fp.Payload: ...
 
     def release(self, nodeid: int, fh: int) -> None: ...
 
@@ -156,6 +157,7 @@ class FuseSession:
             return
         if request.opcode in fp.NO_REPLY:
             return
+        answer: Sequence[fp.Payload]
         try:
             answer = self._dispatch(request)
         except FuseError as err:
@@ -174,7 +176,7 @@ class FuseSession:
             elif err.errno != errno.ENOENT:  # ENOENT: the caller gave up (interrupted)
                 log.error("answering request %d failed: %s", request.opcode, err)
 
-    def _dispatch(self, request: fp.Request) -> list[bytes]:
+    def _dispatch(self, request: fp.Request) -> list[fp.Payload]:
         op, unique, node, fs = request.opcode, request.unique, request.nodeid, self.fs
         if op == fp.Op.INIT:
             kernel = fp.parse_init(request.body)

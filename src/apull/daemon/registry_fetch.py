@@ -125,11 +125,11 @@ class _Endpoint:
 class _Reply:
     status: int
     headers: dict[str, str]
-    body: bytes  # at most the request's limit
+    body: bytes | bytearray  # at most the request's limit
     complete: bool  # the whole body was read
 
 
-_Taker = Callable[[_Reply], bytes]
+_Taker = Callable[[_Reply], bytes | bytearray]
 
 
 @dataclass
@@ -156,7 +156,9 @@ class RangeFetcher:
 
     # -- public ---------------------------------------------------------------------------
 
-    def fetch(self, blob: BlobLocation, start: int, end: int, avoid: str = "") -> tuple[bytes, str]:
+    def fetch(
+        self, blob: BlobLocation, start: int, end: int, avoid: str = ""
+    ) -> tuple[bytes | bytearray, str]:
         """Bytes [start, end) of the blob and the endpoint that sent them. `avoid` names an
         endpoint that just sent bad data (it is tried last)."""
         what = f"{blob} bytes {start}-{end - 1}"
@@ -167,14 +169,14 @@ class RangeFetcher:
     def fetch_whole(self, blob: BlobLocation, limit: int = MAX_WHOLE_BLOB) -> bytes:
         """A small blob whole (a chunk table); the caller checks its digest."""
 
-        def body(reply: _Reply) -> bytes:
+        def body(reply: _Reply) -> bytes | bytearray:
             if reply.status != 200:
                 raise _Final(f"HTTP {reply.status} instead of 200")
             if not reply.complete:
                 raise _Final(f"more than {limit} bytes")
             return reply.body
 
-        return self._with_retries(blob, f"{blob}", {}, body, limit, "")[0]
+        return bytes(self._with_retries(blob, f"{blob}", {}, body, limit, "")[0])
 
     def mark_bad(self, endpoint: str) -> None:
         """An endpoint sent bytes that failed verification: rest it if it is a mirror."""
@@ -208,7 +210,7 @@ class RangeFetcher:
         take: _Taker,
         limit: int,
         avoid: str,
-    ) -> tuple[bytes, str]:
+    ) -> tuple[bytes | bytearray, str]:
         path = f"/v2/{blob.repo}/blobs/{blob.digest}"
         errors: list[str] = []
         with self._lock:
@@ -276,13 +278,13 @@ class RangeFetcher:
             with self._lock:
                 self._auth[key] = token
         if reply.status == 401:
-            raise _Final(f"access denied ({error_text(401, reply.body)})")
+            raise _Final(f"access denied ({error_text(401, bytes(reply.body))})")
         if reply.status == 429 or reply.status >= 500:
-            raise _Retryable(error_text(reply.status, reply.body))
+            raise _Retryable(error_text(reply.status, bytes(reply.body)))
         if reply.status == 404:
-            raise _Final(f"not found ({error_text(404, reply.body)})")
+            raise _Final(f"not found ({error_text(404, bytes(reply.body))})")
         if reply.status >= 400:
-            raise _Final(error_text(reply.status, reply.body))
+            raise _Final(error_text(reply.status, bytes(reply.body)))
         return reply
 
     def _follow(self, url: str, headers: dict[str, str], endpoint: _Endpoint, limit: int) -> _Reply:
@@ -333,7 +335,7 @@ class RangeFetcher:
                 want = limit if resp.status < 400 else 1 << 16
                 if resp.length is not None:  # read() allocates what it is asked for
                     want = min(want, resp.length)
-                body = resp.read(want)
+                body = _read_body(resp, want)
                 complete = resp.isclosed() or not resp.read(1)
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
@@ -407,7 +409,8 @@ class RangeFetcher:
         reply = self._follow(url, headers, endpoint, 1 << 20)
         who = f"as {cred.username}" if cred else "anonymously"
         if reply.status != 200:
-            raise _Final(f"token for {repo} refused {who}: {error_text(reply.status, reply.body)}")
+            why = error_text(reply.status, bytes(reply.body))
+            raise _Final(f"token for {repo} refused {who}: {why}")
         try:
             document = json.loads(reply.body)
             token = document.get("token") or document.get("access_token")
@@ -418,7 +421,26 @@ class RangeFetcher:
         return str(token)
 
 
-def _range_body(reply: _Reply, start: int, end: int) -> bytes:
+def _read_body(resp: http.client.HTTPResponse, want: int) -> bytes | bytearray:
+    """Up to `want` bytes of the body, received straight into one buffer when the length is
+    known (read() would receive into a buffer and then copy it)."""
+    if resp.status != 206 or resp.length is None or want != resp.length or want == 0:
+        return resp.read(want)
+    body = bytearray(want)
+    view = memoryview(body)
+    got = 0
+    while got < want:
+        n = resp.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    view.release()
+    if got < want:
+        del body[got:]
+    return body  # a bytearray: bytes for every use here, without a copy
+
+
+def _range_body(reply: _Reply, start: int, end: int) -> bytes | bytearray:
     want = end - start
     if reply.status == 206:
         match = _CONTENT_RANGE.fullmatch(reply.headers.get("content-range", "").strip())
