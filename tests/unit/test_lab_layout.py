@@ -11,7 +11,9 @@ from apull.lab.image import LabImages
 
 def test_node_addresses_are_fixed_by_index():
     node = layout.LabNode(2, "stock")
-    assert (node.name, node.ssh_port, node.lan_addr) == ("node2", 2222, "10.10.0.12")
+    # 2222 unless APULL_LAB_SSH_PORT_BASE moves the lab (two labs on one host).
+    port = layout.SSH_PORT_BASE + 2
+    assert (node.name, node.ssh_port, node.lan_addr) == ("node2", port, "10.10.0.12")
 
 
 def test_qemu_command_isolates_the_node_and_forwards_only_ssh_and_registry(tmp_path, monkeypatch):
@@ -20,7 +22,7 @@ def test_qemu_command_isolates_the_node_and_forwards_only_ssh_and_registry(tmp_p
     cmd = nodes.qemu_command(nodes.NodeDir(layout.LabNode(3, "ondemand")), images)
     wan = cmd[cmd.index("-netdev") + 1]
     assert "restrict=on" in wan
-    assert "hostfwd=tcp:127.0.0.1:2223-:22" in wan
+    assert f"hostfwd=tcp:127.0.0.1:{layout.SSH_PORT_BASE + 3}-:22" in wan
     assert f"guestfwd=tcp:{layout.GUEST_REGISTRY_ADDR}:{layout.REGISTRY_PORT}-cmd:" in wan
     append = cmd[cmd.index("-append") + 1]
     assert "apull_lab.hostname=node3" in append
