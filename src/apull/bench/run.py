@@ -71,7 +71,9 @@ class TargetResult:
             "lazy_bytes_vs_full": lazy_b / full_b if full_b else float("nan"),
             "cold_read_mb_s": cold,
             "http_mb_s": http,
-            "cold_vs_http": cold / http if http else float("nan"),
+            # Per run (the read and the GET back to back), then the median: the two
+            # medians' quotient would mix runs of a loaded machine.
+            "cold_vs_http": median([c / h for c, h in zip(self.cold_read, self.http, strict=True)]),
             "warm_read_mb_s": median(self.warm_read),
         }
 
