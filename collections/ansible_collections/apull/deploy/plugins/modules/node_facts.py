@@ -217,6 +217,9 @@ def os_release():
 
 
 def device_holder(device="/dev/cachefiles"):
+    """The process serving the device. systemd (pid 1) also holds it when apulld keeps its fd
+    in the service's fd store: it is named only when nothing else holds the device."""
+    found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -228,10 +231,12 @@ def device_holder(device="/dev/cachefiles"):
         for fd in fds:
             try:
                 if os.readlink(os.path.join(fd_dir, fd)) == device:
-                    return {"pid": int(pid), "comm": read("/proc/%s/comm" % pid)}
+                    found.append({"pid": int(pid), "comm": read("/proc/%s/comm" % pid)})
+                    break
             except OSError:
                 continue
-    return None
+    serving = [h for h in found if h["pid"] != 1]
+    return (serving or found or [None])[0]
 
 
 def modprobe(name, remove=False):
