@@ -77,8 +77,7 @@ def prepare_image(client: RegistryClient, chunk_size: int) -> ImageFacts:
     apull_bytes, apull_layers = _image_bytes(client, big_image.APULL_TAG)
     # The layer with READ_FILE: the last library layer (after the busybox base).
     read_blob = apull_layers[len(big_image.LIBRARY_LAYERS)]
-    files = sum(size for _, entries in big_image.LIBRARY_LAYERS for _, size in entries)
-    return ImageFacts(plain_bytes, apull_bytes, files, read_blob)
+    return ImageFacts(plain_bytes, apull_bytes, big_image.FILES_BYTES, read_blob)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -100,10 +100,6 @@ def read_through_apulld(target: Target) -> float:
     return _dd_rate(out)
 
 
-def drop_page_cache(target: Target) -> None:
-    target.run("sync; echo 3 > /proc/sys/vm/drop_caches")
-
-
 def http_download(target: Target, repo: str, digest: str) -> float:
     """MB/s of a plain GET of the blob from the same registry, on the target."""
     out = target.run(

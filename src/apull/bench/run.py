@@ -26,7 +26,6 @@ from apull.bench import big_image
 from apull.bench.measure import (
     RegistryLog,
     StartRun,
-    drop_page_cache,
     http_download,
     median,
     read_through_apulld,
@@ -93,7 +92,7 @@ def run_target(
         run = start_to_first_output(target, log, refs["apull"], "apull", f"bench-lazy-{i}")
         result.lazy.append(run)
         result.cold_read.append(read_through_apulld(target))
-        drop_page_cache(target)
+        target.drop_page_cache()
         result.warm_read.append(read_through_apulld(target))
         result.http.append(http_download(target, big_image.REPO, image.read_blob))
         say(

@@ -114,6 +114,9 @@ class Target(ABC):
         self.remove_images(refs)
         self.wipe_daemon_caches()
         self.wait_for_snapshotter()
+        self.drop_page_cache()
+
+    def drop_page_cache(self) -> None:
         self.run("sync; echo 3 > /proc/sys/vm/drop_caches")
 
 
