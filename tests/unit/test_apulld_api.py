@@ -163,7 +163,7 @@ def test_socket_and_data_dirs_are_private(daemon: Daemon) -> None:
 def test_blob_config_add_list_replace_delete(daemon: Daemon) -> None:
     status, _, body = daemon.request("PUT", "/v1.0/apulld/blob_config", BLOB)
     assert status == 201
-    assert body == {**BLOB, "fsid": "", "created": True}
+    assert body == {**BLOB, "fsid": "", "created": True, "backend": "none"}
     assert daemon.request("PUT", "/v1.0/apulld/ping")[2]["blobs"] == 1
 
     bigger = {**BLOB, "size": 999}

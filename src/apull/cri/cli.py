@@ -83,6 +83,9 @@ def _as_dict(info: ImageInfo) -> dict[str, object]:
 
 
 def _pull(client: ImageClient, args: argparse.Namespace) -> int:
+    # Like kubelet: ImageStatus first (which also opens the connection), then PullImage;
+    # "seconds" is the PullImage call alone.
+    client.status(args.image)
     started = time.monotonic()
     ref = client.pull(args.image, args.creds, timeout=args.timeout or DEFAULT_PULL_TIMEOUT)
     seconds = time.monotonic() - started

@@ -124,6 +124,24 @@ def parse_blob_config(raw: object) -> BlobConfig:
     return config
 
 
+def parse_image_manifest(raw: object) -> tuple[str, str, str]:
+    """A prefetch request body: (registry, repo, manifest digest); BlobConfigError names the
+    first bad field."""
+    if not isinstance(raw, dict):
+        raise BlobConfigError("body", "expected a JSON object")
+    for name in raw:
+        if name not in ("registry", "repo", "manifest"):
+            raise BlobConfigError(name, "unknown field (known: manifest, registry, repo)")
+    for name in ("registry", "repo", "manifest"):
+        if raw.get(name) in (None, ""):
+            raise BlobConfigError(name, "required")
+    return (
+        _text(raw, "registry", _REGISTRY, "host[:port] (no scheme, no path)"),
+        _text(raw, "repo", _REPO, "a repository name (lowercase path)"),
+        _text(raw, "manifest", _DIGEST, "sha256:<64 hex> or sha512:<128 hex>"),
+    )
+
+
 class BlobRegistry:
     """Thread-safe blob table persisted to `path`."""
 

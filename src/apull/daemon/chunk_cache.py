@@ -246,6 +246,30 @@ class ChunkCache:
             index += 1
         return first * chunk, b"".join(parts)
 
+    def warm(self, spec: BlobSpec, source: Source, offset: int, size: int) -> int:
+        """Fetch and store the missing chunks of [offset, offset + size) before anyone reads
+        them (not a read: no read-ahead follows). Chunks cached, in flight or failed moments
+        ago are left alone; a failure is only logged (a read fetches again). Returns the
+        bytes fetched; 0 with keep=False (nothing would keep them)."""
+        end = min(offset + size, spec.size)
+        if not self.keep or offset >= end:
+            return 0
+        chunk = spec.table.chunk_size
+        mine: list[int] = []
+        with self._lock:
+            state = self._state(spec)
+            for index in range(offset // chunk, (end - 1) // chunk + 1):
+                key = (state.key, index)
+                if state.has(index) or key in self._flights or key in self._failed:
+                    continue
+                self._flights[key] = _Flight()
+                mine.append(index)
+        pieces: Pieces = {}
+        errors = self._fetch_runs(state, spec, source, mine, pieces)
+        if errors:
+            log.warning("warming %s: %s", state.key, errors[0])
+        return sum(len(data) for _, data in pieces.values())
+
     def _gather(self, spec: BlobSpec, source: Source, offset: int, end: int, whole: bool) -> Pieces:
         """Verified pieces of every chunk of [offset, end) and of the chunks fetched ahead;
         with `whole`, cached chunks are read whole too, else only their part in the range."""

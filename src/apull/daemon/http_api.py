@@ -6,6 +6,10 @@ PUT        /v1.0/apulld/blob_config  -> 201 the stored blob (JSON body: see blob
                                         "mount_options" (fsid=<blob_id>[,domain_id=...])
 GET        /v1.0/apulld/blob_config  -> 200 {"blobs":[...]}
 DELETE     /v1.0/apulld/blob_config?blob_id=ID -> 204, 404 when unknown
+PUT        /v1.0/apulld/prefetch     -> 202 {"started": true|false} (JSON body: registry,
+                                        repo, manifest digest): warm the image's layers in the
+                                        background (image_warmup.py); "started" false when it
+                                        was warmed moments ago or prefetch is off
 Errors are JSON {"error": "..."}: 400 bad request, 404 unknown path/blob, 405 wrong method,
 409 the blob is in use (open or mounted) and cannot be removed or replaced.
 """
@@ -31,10 +35,14 @@ from apull.daemon.blob_registry import (
     BlobRegistry,
     BlobStoreError,
     parse_blob_config,
+    parse_image_manifest,
 )
+from apull.daemon.image_warmup import ImageWarmup
+from apull.daemon.registry_fetch import BlobLocation
 
 PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"
+PREFETCH_PATH = "/v1.0/apulld/prefetch"
 MAX_BODY = 64 * 1024
 log = logging.getLogger("apulld.api")
 
@@ -70,6 +78,8 @@ class ApiState:
     backend: BackendChoice
     blobs: BlobRegistry
     serving: Serving | None = None
+    #: Image warm-ups (None: prefetch_enable is off or nothing serves blobs).
+    warmup: ImageWarmup | None = None
 
 
 class ApiError(Exception):
@@ -121,6 +131,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 "PUT": self._put_blob,
                 "DELETE": self._delete_blob,
             },
+            PREFETCH_PATH: {"PUT": self._prefetch},
         }
 
     def _dispatch(self, method: str) -> None:
@@ -212,7 +223,17 @@ class ApiHandler(BaseHTTPRequestHandler):
         except BlobStoreError as err:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, str(err)) from None
         log.info("blob %s %s", config.blob_id, "added" if created else "replaced")
-        return HTTPStatus.CREATED, {**config.to_json(), **extra, "created": created}
+        answer = {**config.to_json(), **extra, "created": created}
+        return HTTPStatus.CREATED, {**answer, "backend": self.server.state.backend.name}
+
+    def _prefetch(self) -> Reply:
+        try:
+            registry, repo, digest = parse_image_manifest(json.loads(self._body))
+        except ValueError as err:  # BlobConfigError too
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        warmup = self.server.state.warmup
+        started = warmup is not None and warmup.request(BlobLocation(registry, repo, digest))
+        return HTTPStatus.ACCEPTED, {"started": started}
 
     def _delete_blob(self) -> Reply:
         values = parse_qs(self._url.query).get("blob_id", [])

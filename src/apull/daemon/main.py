@@ -35,6 +35,7 @@ from apull.daemon.blob_registry import BlobRegistry, BlobStoreError
 from apull.daemon.file_backend import FileBackend, FileBackendConfig, FileBackendError
 from apull.daemon.fscache_backend import FscacheBackend, FscacheBackendConfig
 from apull.daemon.http_api import ApiState, ApulldHttpServer, Serving
+from apull.daemon.image_warmup import ImageWarmup
 from apull.daemon.registry_fetch import FetchSettings, parse_mirrors
 from apull.service import sdnotify
 from apull.service.logs import setup_logging
@@ -155,6 +156,16 @@ def start_fscache_backend(
     return backend
 
 
+def image_warmup(
+    settings: ApulldSettings, backend: FileBackend | FscacheBackend | None
+) -> ImageWarmup | None:
+    """Warm-ups of pulled images with the backend's fetcher and caches (prefetch_enable)."""
+    if backend is None or not settings.prefetch_enable:
+        return None
+    whole = max(0, settings.prefetch_layer_max_mb) << 20
+    return ImageWarmup(backend.fetcher, backend.tables, backend.cache, backend.counters, whole)
+
+
 def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
     os.umask(0o077)
     try:
@@ -188,9 +199,10 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
     else:
         discard_fds(inherited, log)
     serving: Serving | None = file_backend or fscache_backend
+    warmup = image_warmup(settings, file_backend or fscache_backend)
 
     try:
-        state = ApiState(backend=choice, blobs=blobs, serving=serving)
+        state = ApiState(backend=choice, blobs=blobs, serving=serving, warmup=warmup)
         server = ApulldHttpServer(settings.address, state)
         restrict_socket(settings.address)
     except OSError as err:
@@ -230,6 +242,8 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
     server.server_close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(settings.address)
+    if warmup is not None:
+        warmup.close()
     if fscache_backend is not None:
         fscache_backend.stop()
     if file_backend is not None:

@@ -45,6 +45,12 @@ MIRROR_REST_SECONDS = 30.0
 #: round of backoff.
 FAIL_FAST_SECONDS = 2.0
 MAX_WHOLE_BLOB = 64 << 20
+MAX_MANIFEST = 4 << 20
+#: What apulld accepts when it fetches a manifest by digest (an image's, with layers).
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
 
 
 class FetchError(RuntimeError):
@@ -178,6 +184,22 @@ class RangeFetcher:
 
         return bytes(self._with_retries(blob, f"{blob}", {}, body, limit, "")[0])
 
+    def fetch_manifest(self, manifest: BlobLocation, limit: int = MAX_MANIFEST) -> bytes:
+        """An image manifest by digest (OCI or Docker v2); the caller checks its digest."""
+
+        def body(reply: _Reply) -> bytes | bytearray:
+            if reply.status != 200:
+                raise _Final(f"HTTP {reply.status} instead of 200")
+            if not reply.complete:
+                raise _Final(f"manifest of more than {limit} bytes")
+            return reply.body
+
+        headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+        what = f"manifest {manifest}"
+        return bytes(
+            self._with_retries(manifest, what, headers, body, limit, "", kind="manifests")[0]
+        )
+
     def mark_bad(self, endpoint: str) -> None:
         """An endpoint sent bytes that failed verification: rest it if it is a mirror."""
         with self._lock:
@@ -210,8 +232,9 @@ class RangeFetcher:
         take: _Taker,
         limit: int,
         avoid: str,
+        kind: str = "blobs",
     ) -> tuple[bytes | bytearray, str]:
-        path = f"/v2/{blob.repo}/blobs/{blob.digest}"
+        path = f"/v2/{blob.repo}/{kind}/{blob.digest}"
         errors: list[str] = []
         with self._lock:
             failing = self._failing.get(blob.registry, 0.0) > time.monotonic()
@@ -232,7 +255,10 @@ class RangeFetcher:
                         continue
                     raise FetchError(f"{what}: {err}") from None
                 ranged = "Range" in headers  # a chunk range, not a whole chunk table
-                self.counters.add("bytes_fetched" if ranged else "table_bytes_fetched", len(data))
+                counter = "bytes_fetched" if ranged else "table_bytes_fetched"
+                if kind == "manifests":
+                    counter = "manifest_bytes_fetched"
+                self.counters.add(counter, len(data))
                 self.counters.add("fetch_requests")
                 if endpoint.mirror and ranged:
                     self.counters.add("bytes_from_mirrors", len(data))

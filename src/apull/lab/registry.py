@@ -30,6 +30,8 @@ log:
 storage:
   filesystem:
     rootdirectory: {registry_dir() / "data"}
+  cache:
+    blobdescriptor: inmemory
   delete:
     enabled: true
 http:
@@ -40,13 +42,14 @@ http:
 def ensure_registry(timeout: float = 30.0) -> RegistryClient:
     client = RegistryClient(layout.host_registry())
     pidfile = registry_dir() / "registry.pid"
-    if processes.is_alive(pidfile) and client.ping():
+    config = registry_dir() / "config.yml"
+    current = config.exists() and config.read_text() == _config()
+    if current and processes.is_alive(pidfile) and client.ping():
         return client
     processes.stop(pidfile)
     if client.ping():
         raise LabError(f"another registry already answers on {layout.host_registry()}")
     registry_dir().mkdir(parents=True, exist_ok=True)
-    config = registry_dir() / "config.yml"
     config.write_text(_config())
     with access_log().open("a") as log:
         proc = subprocess.Popen(

@@ -44,7 +44,10 @@ class ApulldSettings:
     # The cachefiles tag (one daemon per tag may bind /dev/cachefiles).
     fscache_tag: str = "apull"
     thread_num: int = 4
-    prefetch_enable: bool = False
+    # When containerd pulls an apull image, fetch every layer's chunk table and first chunk
+    # at once in the background, and layers of at most prefetch_layer_max_mb whole.
+    prefetch_enable: bool = True
+    prefetch_layer_max_mb: int = 4
     cache_size_limit_mb: int = 10240
     registry_auth_file: str = "/etc/apull/registry-auth.json"
     # Registry mirrors tried before the origin, comma-separated: "URL" mirrors every

@@ -1,8 +1,8 @@
 """A small client for apulld's HTTP API on its unix socket (see apull.daemon.http_api).
 
-The snapshotter uses ping (which backend serves blobs), PUT blob_config (register a layer
-blob; the file backend answers with the blob's file), GET blob_config (what is registered) and
-DELETE blob_config.
+The snapshotter uses PUT blob_config (register a layer blob; the answer names the backend,
+and the file backend's the blob's file), ping (why no backend serves blobs), PUT prefetch
+(warm an image's layers), GET blob_config (what is registered) and DELETE blob_config.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 
 PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"
+PREFETCH_PATH = "/v1.0/apulld/prefetch"
 #: Seconds for connecting and for each answer; apulld answers from memory.
 DEFAULT_TIMEOUT = 30.0
 
@@ -63,6 +64,11 @@ class ApulldClient:
     def put_blob(self, config: dict[str, Any]) -> dict[str, Any]:
         """Register (or re-register) a blob; the answer has "path" with the file backend."""
         return self._call("PUT", BLOB_CONFIG_PATH, config)[1]
+
+    def prefetch(self, registry: str, repo: str, manifest: str) -> bool:
+        """Ask apulld to warm an image's layers in the background; True when it started."""
+        body = {"registry": registry, "repo": repo, "manifest": manifest}
+        return bool(self._call("PUT", PREFETCH_PATH, body)[1].get("started"))
 
     def blob_ids(self) -> list[str]:
         """The blob_ids apulld has registered."""

@@ -5,7 +5,10 @@ as labels. For an apull layer with a target (`containerd.io/snapshot.ref`) the P
 
 1. works out the blob (remote_layer: digest, size, chunk table) and its registry/repository
    (from CRI's image-ref label);
-2. asks apulld which backend serves blobs (ping) and registers the blob (PUT blob_config);
+2. at the first layer of an image, asks apulld to warm all its layers at once (PUT prefetch
+   with CRI's manifest-digest label: chunk tables and first chunks fetched in parallel, so
+   the layer mounts that follow one by one find them cached); registers the blob (PUT
+   blob_config), whose answer names the backend that serves it;
 3. creates the active snapshot `key`, mounts the EROFS layer read-only on its `fs`
    (fscache: `none` with fsid=<blob_id>; file: the blob's file from apulld's answer);
 4. commits it as the target, with the request's labels and BLOB_ID_LABEL, and answers
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +50,7 @@ from apull.snapshotter.errors import (
 from apull.snapshotter.overlay import OverlaySnapshotter, PrepareRequest
 from apull.snapshotter.remote_layer import (
     BLOB_ID_LABEL,
+    CRI_MANIFEST_DIGEST_LABEL,
     RemoteLayer,
     is_apull_layer,
     remote_layer,
@@ -58,6 +63,8 @@ log = logging.getLogger(__name__)
 FSCACHE, FILE = "fscache", "file"
 #: Seconds per apulld call while starting (it answers from memory; a hung one is skipped).
 STARTUP_TIMEOUT = 5.0
+#: An image's warm-up is asked for once in this many seconds (at its first layer's Prepare).
+PREFETCH_AGAIN_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class RemoteSnapshots:
         # One lock per blob: registering, mounting and forgetting a blob never interleave.
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
+        self._prefetched: dict[str, float] = {}  # manifest digest -> when asked
 
     def _lock(self, blob_id: str) -> threading.RLock:
         with self._guard:
@@ -103,6 +111,7 @@ class RemoteSnapshots:
                 self.parents_ready(snapshotter, chain)
                 raise AlreadyExistsError(f"target snapshot {request.target!r} already exists")
             started = time.monotonic()
+            self.prefetch(request.labels, layer)
             source = self.register(layer)
             labels = {**request.labels, BLOB_ID_LABEL: layer.blob_id}
             snapshotter.create(Kind.ACTIVE, request.key, request.parent, labels)
@@ -122,19 +131,33 @@ class RemoteSnapshots:
             f"target snapshot {request.target!r}: mounted remotely ({layer.describe()})"
         )
 
+    def prefetch(self, labels: Mapping[str, str], layer: RemoteLayer) -> None:
+        """Ask apulld to warm the image's layers, once per image and minute; best effort
+        (without CRI's manifest label, or when apulld refuses, each mount fetches its own)."""
+        manifest = labels.get(CRI_MANIFEST_DIGEST_LABEL, "")
+        if not manifest:
+            return
+        now = time.monotonic()
+        with self._guard:
+            for digest in [d for d, at in self._prefetched.items()
+                           if at + PREFETCH_AGAIN_SECONDS < now]:  # fmt: skip
+                del self._prefetched[digest]
+            if manifest in self._prefetched:
+                return
+            self._prefetched[manifest] = now
+        try:
+            self.apulld.prefetch(layer.registry, layer.repo, manifest)
+        except ApulldError as err:
+            log.warning("image %s/%s@%s not warmed: %s", layer.registry, layer.repo, manifest, err)
+
     def register(self, layer: RemoteLayer) -> MountSource:
         """Tell apulld about the blob; how to mount it. FailedPrecondition says what to do."""
         try:
-            ping = self.apulld.ping()
-            backend = ping.get("backend", "")
-            if backend not in (FSCACHE, FILE):
-                reasons = "; ".join(str(r) for r in ping.get("reasons", [])) or "none given"
-                raise FailedPreconditionError(
-                    f"{layer.describe()}: apulld at {self.apulld.address} serves no layer data "
-                    f"(backend {backend!r}; reasons: {reasons}). Fix the node (kernel with "
-                    "EROFS over fscache or file-backed EROFS) and restart apulld"
-                )
             answer = self.apulld.put_blob(layer.blob_config())
+            # An older apulld names no backend in its answer: ask it.
+            backend = answer.get("backend") or self.apulld.ping().get("backend", "")
+            if backend not in (FSCACHE, FILE):
+                self._refuse_unserved(layer, backend)
         except ApulldUnreachableError as err:
             raise FailedPreconditionError(
                 f"{layer.describe()} cannot be mounted: {err}. Is apulld running "
@@ -152,6 +175,17 @@ class RemoteSnapshots:
                 "answered without the blob's file path"
             )
         return MountSource(backend, layer.blob_id, path if backend == FILE else "")
+
+    def _refuse_unserved(self, layer: RemoteLayer, backend: str) -> None:
+        """apulld took the blob but serves no layer data: forget the blob again, say why."""
+        ping = self.apulld.ping()
+        self.apulld.delete_blob(layer.blob_id)
+        reasons = "; ".join(str(r) for r in ping.get("reasons", [])) or "none given"
+        raise FailedPreconditionError(
+            f"{layer.describe()}: apulld at {self.apulld.address} serves no layer data "
+            f"(backend {backend!r}; reasons: {reasons}). Fix the node (kernel with "
+            "EROFS over fscache or file-backed EROFS) and restart apulld"
+        )
 
     # -- mounts handed out on top of remote layers
 

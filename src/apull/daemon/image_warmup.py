@@ -1,0 +1,200 @@
+"""Warming an image's layers before containerd mounts them (PUT /v1.0/apulld/prefetch).
+
+containerd's CRI unpacker Prepares an image's layers one after the other, and each remote
+snapshot's mount waits for its blob's chunk table and first chunk (the EROFS superblock and
+root directory), two registry round trips per layer in a row. At the first Prepare of an
+image the snapshotter names the image's manifest (CRI's
+`containerd.io/snapshot/cri.manifest-digest` label); apulld fetches it, checks its digest,
+and fetches for all apull layers at once, in the background: the chunk tables, each layer's
+first chunk, and layers of at most `whole_max_bytes` whole (base layers: the shell and libc
+nearly every container start reads). The later Prepares find what their mounts read here.
+
+Nothing is registered (the snapshotter's Prepares still register each blob); this only
+fills caches: the verified chunk table store and, with the file backend, the chunk cache.
+The fscache backend keeps no chunks of its own (the kernel's cache files do, once a blob is
+open), so it warms chunk tables only. Everything fetched is verified like any read's fetch.
+Failures are logged and otherwise ignored: reads fetch whatever is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from apull.daemon.blob_registry import BlobConfig, BlobConfigError, parse_blob_config
+from apull.daemon.blob_source import RegistrySource, TableError, TableStore, location_of
+from apull.daemon.chunk_cache import BlobSpec, ChunkCache
+from apull.daemon.counters import Counters
+from apull.daemon.registry_fetch import BlobLocation, FetchError, RangeFetcher
+from apull.image import format as fmt
+
+log = logging.getLogger("apulld.warmup")
+#: A manifest warmed this recently is not warmed again (each layer's Prepare may ask).
+RECENT_SECONDS = 60.0
+#: Layers warmed at once.
+LAYER_WORKERS = 3
+
+
+class ManifestError(ValueError):
+    """The manifest is not one apulld can warm; the message says why."""
+
+
+def _digest_matches(raw: bytes, digest: str) -> bool:
+    algorithm, _, hexdigest = digest.partition(":")
+    if algorithm not in ("sha256", "sha512"):
+        return False
+    return hashlib.new(algorithm, raw).hexdigest() == hexdigest
+
+
+def _number(annotations: dict[str, Any], key: str) -> int:
+    value = str(annotations.get(key, ""))
+    if not value.isdigit():
+        raise BlobConfigError(key, f"{value!r} is not a number")
+    return int(value)
+
+
+def apull_layers(raw: bytes, manifest: BlobLocation) -> list[BlobConfig]:
+    """Blob configs of the manifest's apull layers (the format version this apulld serves),
+    bottom first, as the snapshotter would register them."""
+    if not _digest_matches(raw, manifest.digest):
+        raise ManifestError(f"manifest {manifest}: the bytes do not match the digest")
+    try:
+        document = json.loads(raw)
+    except ValueError as err:
+        raise ManifestError(f"manifest {manifest}: not JSON: {err}") from None
+    layers = document.get("layers") if isinstance(document, dict) else None
+    if not isinstance(layers, list):
+        raise ManifestError(f"manifest {manifest}: no layers (an index, not an image manifest?)")
+    found = []
+    for index, layer in enumerate(layers):
+        annotations = layer.get("annotations") if isinstance(layer, dict) else None
+        if not isinstance(annotations, dict):
+            continue
+        if annotations.get(fmt.LAYER_FORMAT_VERSION) != fmt.FORMAT_VERSION:
+            continue
+        digest = str(annotations.get(fmt.LAYER_BLOB_DIGEST, ""))
+        try:
+            config = parse_blob_config({
+                "blob_id": digest.replace(":", "-", 1),
+                "fsid": digest.replace(":", "-", 1),
+                "registry": manifest.registry,
+                "repo": manifest.repo,
+                "digest": digest,
+                "size": _number(annotations, fmt.LAYER_BLOB_SIZE),
+                "chunk_table": str(annotations.get(fmt.LAYER_CHUNK_TABLE, "")),
+                "chunk_table_size": _number(annotations, fmt.LAYER_CHUNK_TABLE_SIZE),
+                "chunk_size": _number(annotations, fmt.LAYER_CHUNK_SIZE),
+            })  # fmt: skip
+        except BlobConfigError as err:
+            log.warning("manifest %s: layer %d not warmed: %s", manifest, index, err)
+            continue
+        if not config.chunk_table or not config.chunk_size:
+            log.warning("manifest %s: layer %d has no chunk table: not warmed", manifest, index)
+            continue
+        found.append(config)
+    return found
+
+
+class ImageWarmup:
+    """Background warm-ups, one per manifest at a time; see the module's docstring."""
+
+    def __init__(
+        self,
+        fetcher: RangeFetcher,
+        tables: TableStore,
+        cache: ChunkCache | None,
+        counters: Counters,
+        whole_max_bytes: int,
+    ) -> None:
+        self.fetcher = fetcher
+        self.tables = tables
+        self.cache = cache if cache is not None and cache.keep else None
+        self.counters = counters
+        self.whole_max_bytes = whole_max_bytes
+        self._lock = threading.Lock()
+        self._recent: dict[str, float] = {}
+        self._images = ThreadPoolExecutor(2, thread_name_prefix="warm-image")
+        self._layers = ThreadPoolExecutor(LAYER_WORKERS, thread_name_prefix="warm-layer")
+
+    def request(self, manifest: BlobLocation) -> bool:
+        """Start warming the image; False when it was warmed (or started) moments ago."""
+        now = time.monotonic()
+        with self._lock:
+            for digest in [d for d, at in self._recent.items() if at + RECENT_SECONDS < now]:
+                del self._recent[digest]
+            if manifest.digest in self._recent:
+                return False
+            self._recent[manifest.digest] = now
+        try:
+            self._images.submit(self._warm_image, manifest)
+        except RuntimeError:  # shutting down
+            return False
+        return True
+
+    def _warm_image(self, manifest: BlobLocation) -> None:
+        started = time.monotonic()
+        try:
+            raw = self.fetcher.fetch_manifest(manifest)
+            layers = apull_layers(raw, manifest)
+        except (FetchError, ManifestError) as err:
+            log.warning("not warming %s: %s", manifest, err)
+            with self._lock:
+                self._recent.pop(manifest.digest, None)
+            return
+        self.counters.add("warmed_images")
+        # First what every mount reads (tables, first chunks), then small layers whole.
+        fetched = self._each(self._warm_first, layers)
+        small = [c for c in layers if c.size <= self.whole_max_bytes]
+        fetched += self._each(self._warm_whole, small)
+        log.info(
+            "warmed %s: %d apull layers (%d whole), %d bytes fetched ahead in %.0f ms",
+            manifest, len(layers), len(small), fetched, (time.monotonic() - started) * 1000,
+        )  # fmt: skip
+
+    def _each(self, warm: Callable[[BlobConfig], int], layers: list[BlobConfig]) -> int:
+        """Run `warm` on the layers at once; the bytes fetched."""
+        futures = []
+        for config in layers:
+            try:
+                futures.append(self._layers.submit(warm, config))
+            except RuntimeError:  # shutting down
+                break
+        return sum(f.result() for f in futures)
+
+    def _spec(self, config: BlobConfig) -> BlobSpec | None:
+        try:
+            table = self.tables.get(config)
+        except TableError as err:
+            log.warning("warming blob %s: %s", config.blob_id, err)
+            return None
+        return BlobSpec(config.digest, config.size, table)
+
+    def _warm_first(self, config: BlobConfig) -> int:
+        """The chunk table and, with a chunk cache, the first chunk."""
+        spec = self._spec(config)
+        if spec is None or self.cache is None:
+            return 0
+        return self._warm(config, spec, spec.table.chunk_size)
+
+    def _warm_whole(self, config: BlobConfig) -> int:
+        spec = self._spec(config)
+        if spec is None or self.cache is None:
+            return 0
+        return self._warm(config, spec, config.size)
+
+    def _warm(self, config: BlobConfig, spec: BlobSpec, size: int) -> int:
+        assert self.cache is not None
+        source = RegistrySource(self.fetcher, location_of(config))
+        fetched = self.cache.warm(spec, source, 0, size)
+        self.counters.add("warmed_bytes", fetched)
+        return fetched
+
+    def close(self) -> None:
+        self._images.shutdown(wait=False, cancel_futures=True)
+        self._layers.shutdown(wait=False, cancel_futures=True)

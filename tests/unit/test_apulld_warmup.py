@@ -1,0 +1,124 @@
+"""PUT /v1.0/apulld/prefetch against a real registry (behind the counting proxy): apulld
+fetches the image manifest, then each apull layer's chunk table and first chunk, and small
+layers whole, before anything is registered or read; the reads that follow are served from
+the cache without another registry request."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from serving_support import MULTI_REPO, Apulld, Layer, Proxy
+
+from apull.daemon.backend import NodePaths, probe_file
+from apull.lab import test_image
+from apull.registry.client import RegistryClient
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="FUSE needs root"),
+    pytest.mark.skipif(not probe_file(NodePaths())[0], reason="no file-backed EROFS here"),
+]
+PREFETCH = "/v1.0/apulld/prefetch"
+#: Layers up to this size are warmed whole: busybox's (about 1 MiB), not the 4.7 MiB one.
+WHOLE_MB = 3
+
+
+def manifest_of(registry: RegistryClient, repo: str) -> str:
+    digest = registry.manifest_digest(repo, "apull")
+    assert digest is not None
+    return digest
+
+
+def wait_warmed(apulld: Apulld, proxy: Proxy, repo: str, manifest: str) -> None:
+    line = f"warmed {proxy.address}/{repo}@{manifest}"
+    deadline = time.monotonic() + 20
+    while line not in apulld.log():
+        assert time.monotonic() < deadline, f"no {line!r} in the log:\n{apulld.log()}"
+        time.sleep(0.05)
+
+
+def warm(apulld: Apulld, proxy: Proxy, registry: RegistryClient, repo: str) -> None:
+    manifest = manifest_of(registry, repo)
+    body = {"registry": proxy.address, "repo": repo, "manifest": manifest}
+    assert apulld.request("PUT", PREFETCH, body) == (202, {"started": True})
+    # Asked again at once (the next layer's Prepare): nothing started twice.
+    assert apulld.request("PUT", PREFETCH, body) == (202, {"started": False})
+    wait_warmed(apulld, proxy, repo, manifest)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as stream:
+        return stream.read()
+
+
+def test_small_layers_are_fetched_whole_and_large_ones_their_first_chunk(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, tmp_path: Path
+) -> None:
+    busybox, multi = images["busybox"], images["multi"]
+    assert busybox.size <= WHOLE_MB << 20 < multi.size
+    apulld = Apulld(tmp_path, {"prefetch_layer_max_mb": WHOLE_MB})
+    try:
+        apulld.start()
+        warm(apulld, proxy, registry, test_image.REPO)
+        warm(apulld, proxy, registry, MULTI_REPO)
+        assert proxy.bytes_of(busybox.digest) == busybox.size
+        assert proxy.bytes_of(multi.digest) == multi.chunk_size
+        stats = apulld.stats()
+        assert stats["warmed_images"] == 2
+        assert stats["warmed_bytes"] == busybox.size + multi.chunk_size
+        assert stats["table_bytes_fetched"] == busybox.chunk_table_size + multi.chunk_table_size
+        requests = len(proxy.state.requests)
+
+        # Registered and read afterwards: no registry request, the same bytes.
+        data = read_file(apulld.put(busybox, proxy.address))
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == busybox.digest
+        with open(apulld.put(multi, proxy.address), "rb") as stream:
+            first = stream.read(multi.chunk_size)
+        assert len(first) == multi.chunk_size
+        assert len(proxy.state.requests) == requests
+        assert apulld.stats()["bytes_fetched"] == busybox.size + multi.chunk_size
+    finally:
+        apulld.close()
+
+
+def test_bad_requests_are_refused_and_unknown_manifests_only_logged(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, apulld: Apulld
+) -> None:
+    apulld.start()
+    manifest = manifest_of(registry, MULTI_REPO)
+    good = {"registry": proxy.address, "repo": MULTI_REPO, "manifest": manifest}
+    for body, field in (
+        ({k: v for k, v in good.items() if k != "manifest"}, "manifest: required"),
+        ({**good, "registry": "http://x"}, "registry: 'http://x' is not host[:port]"),
+        ({**good, "manifest": "sha256:12"}, "manifest: 'sha256:12' is not sha256:"),
+        ({**good, "tag": "latest"}, "tag: unknown field"),
+    ):
+        status, answer = apulld.request("PUT", PREFETCH, body)
+        assert status == 400 and answer["error"].startswith(field), answer
+    missing = "sha256:" + "0" * 64
+    assert apulld.request("PUT", PREFETCH, {**good, "manifest": missing})[1] == {"started": True}
+    deadline = time.monotonic() + 10
+    while f"not warming {proxy.address}/{MULTI_REPO}@{missing}" not in apulld.log():
+        assert time.monotonic() < deadline, apulld.log()
+        time.sleep(0.05)
+    assert "not found" in apulld.log()
+    assert apulld.stats().get("warmed_images", 0) == 0
+    assert proxy.bytes_of(images["multi"].digest) == 0
+
+
+def test_prefetch_off_fetches_nothing(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, tmp_path: Path
+) -> None:
+    apulld = Apulld(tmp_path, {"prefetch_enable": False})
+    try:
+        apulld.start()
+        body = {"registry": proxy.address, "repo": MULTI_REPO,
+                "manifest": manifest_of(registry, MULTI_REPO)}  # fmt: skip
+        assert apulld.request("PUT", PREFETCH, body) == (202, {"started": False})
+        time.sleep(0.3)
+        assert proxy.state.requests == []
+    finally:
+        apulld.close()
