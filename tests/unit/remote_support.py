@@ -4,6 +4,7 @@ for a converted image pulled through CRI."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -17,14 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from serving_support import multi_tar
 
 from apull.image import format as fmt
+from apull.image.convert import ConvertOptions, convert
+from apull.image.reference import parse_reference
+from apull.lab import test_image
+from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
 from apull.service import mount_syscalls
 from apull.snapshotter.api import snapshots_pb2 as pb
 from apull.snapshotter.api import snapshots_pb2_grpc as pb_grpc
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+TWO_LAYER_REPO = "test/run"
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,10 @@ def unpack_requests(
             "containerd.io/snapshot/cri.image-ref": image_ref,
             "containerd.io/snapshot/cri.manifest-digest": digest,
             "containerd.io/snapshot/cri.layer-digest": layer["digest"],
-            "containerd.io/snapshot/cri.image-layers": ",".join(x["digest"] for x in layers),
+            # This layer and the ones above it.
+            "containerd.io/snapshot/cri.image-layers": ",".join(
+                x["digest"] for x in layers[layers.index(layer) :]
+            ),
         })  # fmt: skip
         unique = f"{time.time_ns()}-{next(_counter)}"
         key = f"k8s.io/{next(_counter)}/extract-{unique} {chain}"
@@ -200,3 +210,30 @@ def overlay_options(mounts: list) -> dict[str, str]:
     (mount,) = mounts
     assert mount.type == "overlay", mount
     return dict(o.split("=", 1) for o in mount.options if "=" in o)
+
+
+def push_two_layer_image(
+    registry: RegistryClient, repo: str = TWO_LAYER_REPO
+) -> tuple[list[dict], bytes]:
+    """busybox, then the multi-file layer (etc/hostname, data/*), converted: its layers'
+    descriptors and the text file's content."""
+    busybox_tar = gzip.decompress(test_image.build()[1].data)
+    tars = [busybox_tar, multi_tar()]
+    layers = [Blob(OCI_LAYER_GZIP, gzip.compress(t, compresslevel=1, mtime=0)) for t in tars]
+    config = {
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers",
+                   "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]},
+    }  # fmt: skip
+    registry.push_image(repo, "latest", Blob(OCI_CONFIG, json.dumps(config).encode()), layers)
+    result = convert(
+        ConvertOptions(
+            source=parse_reference(f"{registry.address}/{repo}:latest"),
+            target=parse_reference(f"{registry.address}/{repo}:apull"),
+            source_insecure=True,
+            target_insecure=True,
+            chunk_size=64 * 1024,
+        )
+    )
+    return [{"digest": x.layer.digest, "size": x.layer.size} for x in result.layers], tars[1]

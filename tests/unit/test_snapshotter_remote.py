@@ -16,7 +16,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from remote_support import Snapshotter, overlay_options, unpack_requests
+from remote_support import (
+    TWO_LAYER_REPO,
+    Snapshotter,
+    overlay_options,
+    push_two_layer_image,
+    unpack_requests,
+)
 from serving_support import MULTI_REPO, Apulld, Layer, Proxy
 
 from apull.image import format as fmt
@@ -200,6 +206,39 @@ def test_an_ordinary_layer_still_gets_an_ordinary_snapshot(node: Node):
     assert node.snap.stat("k8s.io/1/extract-1 sha256:ab").kind == 2  # ACTIVE
     assert node.snap.erofs_mounts() == {}
     assert node.blob_ids() == set()
+
+
+def test_layers_below_the_top_are_mounted_in_the_background_and_the_top_waits(
+    node: Node, registry: RegistryClient
+):
+    """A lower layer's Prepare commits and answers without waiting for its mount (the next
+    layer's Prepare overlaps it); the top layer's waits for the whole chain, so a lower
+    layer that cannot be mounted fails the pull there, by name."""
+    push_two_layer_image(registry, TWO_LAYER_REPO)
+    lower, top = node.requests(TWO_LAYER_REPO)
+    assert top.labels["containerd.io/snapshot/cri.image-layers"] == top.blob_digest
+    # A chunk table apulld cannot fetch: the lower layer's mount can only fail.
+    lower.labels[fmt.LAYER_CHUNK_TABLE] = "sha256:" + "0" * 64
+    err = node.snap.unpack(lower)
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err.details()
+    assert node.snap.stat(lower.chain_id).kind == 3  # COMMITTED, its mount not awaited
+    err = node.snap.unpack(top)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+    assert f"remote snapshot {lower.chain_id} (an image layer) is not mounted" in err.details()
+    # The top layer itself mounted fine: kept; the lower one stays committed, unmounted.
+    (source,) = node.snap.erofs_mounts().values()
+    assert Path(source).name == blob_id_of(top.blob_digest)
+    assert sorted(node.snap.committed()) == sorted([lower.chain_id, top.chain_id])
+    assert f"remote snapshot {lower.chain_id} not mounted" in node.snap.log_text()
+    # Without the fault, the same two Prepares: both mounted by the time the top answers.
+    node.snap.remove(top.chain_id)
+    node.snap.remove(lower.chain_id)
+    lower, top = node.requests(TWO_LAYER_REPO)
+    assert node.snap.unpack(lower).code() == grpc.StatusCode.ALREADY_EXISTS
+    assert node.snap.unpack(top).code() == grpc.StatusCode.ALREADY_EXISTS
+    assert sorted(Path(s).name for s in node.snap.erofs_mounts().values()) == sorted(
+        blob_id_of(r.blob_digest) for r in (lower, top)
+    )
 
 
 # -- failing clearly ----------------------------------------------------------------------------

@@ -6,9 +6,7 @@ everything down again with the layers still mounted."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -19,15 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from remote_support import Snapshotter
-from serving_support import Apulld, Proxy, multi_tar, tar_contents
+from remote_support import TWO_LAYER_REPO, Snapshotter, push_two_layer_image
+from serving_support import Apulld, Proxy, tar_contents
 
 from apull.cri.client import CriError, ImageClient
 from apull.image import format as fmt
-from apull.image.convert import ConvertOptions, convert
-from apull.image.reference import parse_reference
-from apull.lab import test_image
-from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
+from apull.registry.client import RegistryClient
 from apull.testing.cri_containerd import CriContainerd
 from apull.testing.host_containerd import containerd_binary, unmount_all
 
@@ -36,38 +31,13 @@ pytestmark = pytest.mark.skipif(
     reason="containerd and runc are not installed (make deps installs them)",
 )
 
-REPO = "test/run"
+REPO = TWO_LAYER_REPO
 #: containerd (1.6 and 2.x) treats a manifest entry as a layer, and passes its annotations to
 #: the snapshotter, only when images.IsLayerType says so: Docker layer types, or OCI types
 #: starting with this. Other entries are fetched whole as plain children (our EROFS blob
 #: included), and the layers are then unpacked without any labels.
 OCI_LAYER_PREFIX = "application/vnd.oci.image.layer."
 SCRIPT = Path(__file__).resolve().parents[2] / "roles/apull/files/remove-apull-snapshots.sh"
-
-
-def push_two_layer_image(registry: RegistryClient) -> tuple[list[dict], bytes]:
-    """busybox, then the multi-file layer (etc/hostname, data/*), converted: its layers'
-    descriptors and the text file's content."""
-    busybox_tar = gzip.decompress(test_image.build()[1].data)
-    tars = [busybox_tar, multi_tar()]
-    layers = [Blob(OCI_LAYER_GZIP, gzip.compress(t, compresslevel=1, mtime=0)) for t in tars]
-    config = {
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers",
-                   "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]},
-    }  # fmt: skip
-    registry.push_image(REPO, "latest", Blob(OCI_CONFIG, json.dumps(config).encode()), layers)
-    result = convert(
-        ConvertOptions(
-            source=parse_reference(f"{registry.address}/{REPO}:latest"),
-            target=parse_reference(f"{registry.address}/{REPO}:apull"),
-            source_insecure=True,
-            target_insecure=True,
-            chunk_size=64 * 1024,
-        )
-    )
-    return [{"digest": x.layer.digest, "size": x.layer.size} for x in result.layers], tars[1]
 
 
 class Containerd(CriContainerd):

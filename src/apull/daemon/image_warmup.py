@@ -38,7 +38,7 @@ log = logging.getLogger("apulld.warmup")
 #: A manifest warmed this recently is not warmed again (each layer's Prepare may ask).
 RECENT_SECONDS = 60.0
 #: Layers warmed at once.
-LAYER_WORKERS = 3
+LAYER_WORKERS = 2
 
 
 class ManifestError(ValueError):

@@ -254,6 +254,9 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
+    # Threads waiting on I/O (a FUSE read, an API call) get the interpreter back sooner
+    # from threads that compute (hashing, JSON): 0.5 ms instead of Python's 5 ms.
+    sys.setswitchinterval(0.0005)
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(Path(args.config))

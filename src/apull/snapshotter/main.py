@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     remote = RemoteSnapshots(ApulldClient(settings.snapshotter.apulld_address))
     try:
         snapshotter = OverlaySnapshotter(
-            root, [remote.prepare], [remote.removed], [remote.parents_ready]
+            root, [remote.prepare], [remote.removed], [remote.parents_ready], [remote.removing]
         )
     except (OSError, RuntimeError, sqlite3.Error) as err:
         log.error("cannot open %s: %s", root, err)
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s: stopping", signal.Signals(received).name)
     sdnotify.stopping()
     server.stop()
+    remote.close()
     snapshotter.close()
     return 0
 

@@ -72,6 +72,13 @@ class ParentsHook(Protocol):
     ) -> None: ...
 
 
+class RemovingHook(Protocol):
+    """Told the id of a snapshot about to be removed, before its record and directory go
+    (a remote layer's mount still under way finishes first)."""
+
+    def __call__(self, snapshotter: OverlaySnapshotter, snapshot_id: str) -> None: ...
+
+
 class RemoveHook(Protocol):
     """Told about each removed snapshot after its record and its directory are gone."""
 
@@ -106,6 +113,7 @@ class OverlaySnapshotter:
         prepare_hooks: Iterable[PrepareHook] = (),
         remove_hooks: Iterable[RemoveHook] = (),
         parents_hooks: Iterable[ParentsHook] = (),
+        removing_hooks: Iterable[RemovingHook] = (),
     ) -> None:
         self.layout = Layout(root)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -117,6 +125,7 @@ class OverlaySnapshotter:
         self.prepare_hooks = list(prepare_hooks)
         self.remove_hooks = list(remove_hooks)
         self.parents_hooks = list(parents_hooks)
+        self.removing_hooks = list(removing_hooks)
         self._overlay_options = overlay_options()
         self._reap_temporaries()
 
@@ -239,6 +248,11 @@ class OverlaySnapshotter:
             return tx.update(name, labels, paths)
 
     def remove(self, key: str) -> None:
+        if self.removing_hooks:
+            with self.store.transaction() as tx:
+                snapshot_id = tx.info(key)[0]
+            for removing in self.removing_hooks:
+                removing(self, snapshot_id)
         with self.store.transaction() as tx:
             info = tx.info(key)[1]
             snapshot_id, _ = tx.remove(key)

@@ -9,10 +9,15 @@ as labels. For an apull layer with a target (`containerd.io/snapshot.ref`) the P
    with CRI's manifest-digest label: chunk tables and first chunks fetched in parallel, so
    the layer mounts that follow one by one find them cached); registers the blob (PUT
    blob_config), whose answer names the backend that serves it;
-3. creates the active snapshot `key`, mounts the EROFS layer read-only on its `fs`
-   (fscache: `none` with fsid=<blob_id>; file: the blob's file from apulld's answer);
-4. commits it as the target, with the request's labels and BLOB_ID_LABEL, and answers
-   AlreadyExists: containerd finds the committed target and downloads nothing.
+3. creates the active snapshot `key` and commits it as the target, with the request's
+   labels and BLOB_ID_LABEL, and answers AlreadyExists: containerd finds the committed
+   target and downloads nothing;
+4. meanwhile mounts the EROFS layer read-only on its `fs` in the background (fscache:
+   `none` with fsid=<blob_id>; file: the blob's file from apulld's answer), so that the
+   mounts of an image's layers overlap instead of waiting for each other. The image's last
+   layer waits for all of them (a layer that cannot be mounted fails the pull there), and
+   anything that stacks on a layer (Prepare, View, Mounts) or removes it waits for its
+   mount.
 
 The mount is the snapshot: containers stack overlayfs on it like on any parent. At start
 `restore` registers every committed remote snapshot again and mounts those that are not
@@ -29,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +56,7 @@ from apull.snapshotter.errors import (
 from apull.snapshotter.overlay import OverlaySnapshotter, PrepareRequest
 from apull.snapshotter.remote_layer import (
     BLOB_ID_LABEL,
+    CRI_IMAGE_LAYERS_LABEL,
     CRI_MANIFEST_DIGEST_LABEL,
     RemoteLayer,
     is_apull_layer,
@@ -63,6 +70,8 @@ log = logging.getLogger(__name__)
 FSCACHE, FILE = "fscache", "file"
 #: Seconds per apulld call while starting (it answers from memory; a hung one is skipped).
 STARTUP_TIMEOUT = 5.0
+#: Remote layers mounted at once in the background (their mounts mostly wait for apulld).
+MOUNT_WORKERS = 4
 #: An image's warm-up is asked for once in this many seconds (at its first layer's Prepare).
 PREFETCH_AGAIN_SECONDS = 60.0
 
@@ -91,6 +100,9 @@ class RemoteSnapshots:
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
         self._prefetched: dict[str, float] = {}  # manifest digest -> when asked
+        # Mounts of just committed remote snapshots, under way: snapshot id -> its mount.
+        self._pending: dict[str, Future[None]] = {}
+        self._mounter = ThreadPoolExecutor(MOUNT_WORKERS, thread_name_prefix="remote-mount")
 
     def _lock(self, blob_id: str) -> threading.RLock:
         with self._guard:
@@ -99,37 +111,102 @@ class RemoteSnapshots:
     # -- Prepare
 
     def prepare(self, snapshotter: OverlaySnapshotter, request: PrepareRequest) -> None:
-        """PrepareHook: provide an apull layer as a committed remote snapshot."""
+        """PrepareHook: provide an apull layer as a committed remote snapshot.
+
+        containerd prepares an image's layers one after the other; each waits for the one
+        before. So the layer is registered and committed here and mounted in the background
+        while containerd goes on to the next layer (the mounts overlap, and with apulld's
+        warm-up most find their first chunk cached). The image's last layer (CRI's
+        image-layers label names only it), or a Prepare without that label, waits for the
+        mounts of the whole chain: a layer that cannot be mounted fails the pull there.
+        """
         if not is_apull_layer(request.labels) or not request.target:
             return
         layer = remote_layer(request.labels, self.apulld.address)
         with self._lock(layer.blob_id):
-            if _exists(snapshotter, request.target):
-                # Another namespace pulled it: make sure it is mounted, then it is there.
-                with snapshotter.store.transaction() as tx:
-                    chain = tx.chain(request.target)
-                self.parents_ready(snapshotter, chain)
-                raise AlreadyExistsError(f"target snapshot {request.target!r} already exists")
-            started = time.monotonic()
-            self.prefetch(request.labels, layer)
-            source = self.register(layer)
-            labels = {**request.labels, BLOB_ID_LABEL: layer.blob_id}
-            snapshotter.create(Kind.ACTIVE, request.key, request.parent, labels)
+            exists = _exists(snapshotter, request.target)
+            if not exists:
+                snapshot_id = self._commit(snapshotter, request, layer)
+        with snapshotter.store.transaction() as tx:
+            chain = tx.chain(request.target)
+        if exists:
+            # Another namespace pulled it: make sure it is mounted, then it is there.
+            self.parents_ready(snapshotter, chain)
+            raise AlreadyExistsError(f"target snapshot {request.target!r} already exists")
+        if _last_layer(request.labels, layer):
             try:
-                fs = snapshotter.fs_dir(request.key)
-                _mount(source, fs, layer)
-                snapshotter.commit(request.target, request.key, labels, Usage(size=layer.size))
-            except BaseException:
-                _discard(snapshotter, request.key)
+                self.parents_ready(snapshotter, chain)
+            except FailedPreconditionError:
+                if mount_at(str(snapshotter.layout.fs_dir(snapshot_id))) is None:
+                    _discard(snapshotter, request.target)  # ours, never handed out
                 raise
-            log.info(
-                "remote snapshot %s: %s mounted on %s (%s backend, %.0f ms)",
-                request.target, layer.describe(), fs, source.backend,
-                (time.monotonic() - started) * 1000,
-            )  # fmt: skip
         raise AlreadyExistsError(
             f"target snapshot {request.target!r}: mounted remotely ({layer.describe()})"
         )
+
+    def _commit(
+        self, snapshotter: OverlaySnapshotter, request: PrepareRequest, layer: RemoteLayer
+    ) -> str:
+        """Register the blob, commit the target, start its mount; the snapshot id."""
+        started = time.monotonic()
+        self.prefetch(request.labels, layer)
+        source = self.register(layer)
+        labels = {**request.labels, BLOB_ID_LABEL: layer.blob_id}
+        snapshotter.create(Kind.ACTIVE, request.key, request.parent, labels)
+        try:
+            with snapshotter.store.transaction() as tx:
+                snapshot_id = tx.info(request.key)[0]
+            snapshotter.commit(request.target, request.key, labels, Usage(size=layer.size))
+        except BaseException:
+            _discard(snapshotter, request.key)
+            raise
+        future = self._mounter.submit(
+            self._mount_committed, snapshotter, snapshot_id, request.target, source, layer,
+            started,
+        )  # fmt: skip
+        with self._guard:
+            self._pending[snapshot_id] = future
+        future.add_done_callback(lambda _: self._settled(snapshot_id))
+        return snapshot_id
+
+    def _mount_committed(
+        self, snapshotter: OverlaySnapshotter, snapshot_id: str, name: str,
+        source: MountSource, layer: RemoteLayer, started: float,
+    ) -> None:  # fmt: skip
+        """The background mount of a remote snapshot just committed; a failure is logged
+        (the chain's last layer, or the first use, mounts it or says why)."""
+        fs = snapshotter.layout.fs_dir(snapshot_id)
+        with self._lock(layer.blob_id):
+            if not fs.is_dir() or mount_at(str(fs)) is not None:
+                return  # removed, or mounted by a user that did not wait
+            try:
+                _mount(source, fs, layer)
+            except SnapshotError as err:
+                log.error("remote snapshot %s not mounted: %s", name, err)
+                return
+        log.info(
+            "remote snapshot %s: %s mounted on %s (%s backend, %.0f ms after its Prepare)",
+            name, layer.describe(), fs, source.backend, (time.monotonic() - started) * 1000,
+        )  # fmt: skip
+
+    def _settled(self, snapshot_id: str) -> None:
+        with self._guard:
+            self._pending.pop(snapshot_id, None)
+
+    def wait_for_mount(self, snapshot_id: str) -> None:
+        """Until the background mount of that snapshot, if one is under way, is over."""
+        with self._guard:
+            future = self._pending.get(snapshot_id)
+        if future is not None:
+            future.result()
+
+    def removing(self, snapshotter: OverlaySnapshotter, snapshot_id: str) -> None:
+        """RemovingHook: a mount under way finishes before the snapshot's directory goes."""
+        self.wait_for_mount(snapshot_id)
+
+    def close(self) -> None:
+        """Let the mounts under way finish."""
+        self._mounter.shutdown(wait=True)
 
     def prefetch(self, labels: Mapping[str, str], layer: RemoteLayer) -> None:
         """Ask apulld to warm the image's layers, once per image and minute; best effort
@@ -199,6 +276,7 @@ class RemoteSnapshots:
             blob_id = info.labels.get(BLOB_ID_LABEL, "")
             if not blob_id or info.kind != Kind.COMMITTED:
                 continue
+            self.wait_for_mount(snapshot_id)  # outside the blob's lock: the mount takes it
             fs = snapshotter.layout.fs_dir(snapshot_id)
             if entries is None:
                 entries = read_mountinfo()
@@ -317,6 +395,13 @@ class RemoteSnapshots:
                 log.warning("blob %s used by no snapshot, still registered: %s", blob_id, err)
             else:
                 log.info("blob %s used by no snapshot: unregistered", blob_id)
+
+
+def _last_layer(labels: Mapping[str, str], layer: RemoteLayer) -> bool:
+    """Whether this is the image's top layer by CRI's image-layers label (this layer and the
+    ones above it; truncated by containerd only when long); True without the label."""
+    layers = labels.get(CRI_IMAGE_LAYERS_LABEL, "")
+    return not layers or layers.split(",") == [layer.digest]
 
 
 def _exists(snapshotter: OverlaySnapshotter, name: str) -> bool:

@@ -27,6 +27,8 @@ from apull.snapshotter.errors import FailedPreconditionError, InvalidArgumentErr
 
 #: Set by CRI (containerd's image pull with snapshot annotations): the image being pulled.
 CRI_IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
+#: Set by CRI too: the layer's digest and those of the layers above it, comma-separated.
+CRI_IMAGE_LAYERS_LABEL = "containerd.io/snapshot/cri.image-layers"
 #: Set by CRI too: the digest of the image manifest the layer belongs to.
 CRI_MANIFEST_DIGEST_LABEL = "containerd.io/snapshot/cri.manifest-digest"
 #: Ours, on every remote snapshot: the blob_id apulld knows the layer blob by.

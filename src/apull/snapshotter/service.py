@@ -51,13 +51,28 @@ def _status(err: SnapshotError) -> Any:
     return grpc.StatusCode.UNKNOWN
 
 
-def _describe(request: Any) -> str:
-    return str(text_format.MessageToString(request, as_one_line=True))
+class _Described:
+    """A request as one line of text, made only when a log line is written (formatting a
+    Prepare's labels costs more than answering it)."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+
+    def __str__(self) -> str:
+        return str(text_format.MessageToString(self.request, as_one_line=True))
+
+
+def _describe(request: Any) -> _Described:
+    return _Described(request)
 
 
 def _abort(context: Any, name: str, err: Exception) -> None:
     """Log the failure and end the RPC with its status (context.abort raises)."""
-    if isinstance(err, SnapshotError):
+    if isinstance(err, AlreadyExistsError):
+        # The normal answer for a remote snapshot (and for containerd's retries).
+        code = _status(err)
+        log.debug("%s: %s: %s", name, code.name, err)
+    elif isinstance(err, SnapshotError):
         code = _status(err)
         log.warning("%s failed (%s): %s", name, code.name, err)
     else:
