@@ -5,19 +5,19 @@ as labels. For an apull layer with a target (`containerd.io/snapshot.ref`) the P
 
 1. works out the blob (remote_layer: digest, size, chunk table) and its registry/repository
    (from CRI's image-ref label);
-2. at the first layer of an image, asks apulld to warm all its layers at once (PUT prefetch
-   with CRI's manifest-digest label: chunk tables and first chunks fetched in parallel, so
-   the layer mounts that follow one by one find them cached); registers the blob (PUT
-   blob_config), whose answer names the backend that serves it;
-3. creates the active snapshot `key` and commits it as the target, with the request's
+2. creates the active snapshot `key` and commits it as the target, with the request's
    labels and BLOB_ID_LABEL, and answers AlreadyExists: containerd finds the committed
    target and downloads nothing;
-4. meanwhile mounts the EROFS layer read-only on its `fs` in the background (fscache:
-   `none` with fsid=<blob_id>; file: the blob's file from apulld's answer), so that the
-   mounts of an image's layers overlap instead of waiting for each other. The image's last
-   layer waits for all of them (a layer that cannot be mounted fails the pull there), and
-   anything that stacks on a layer (Prepare, View, Mounts) or removes it waits for its
-   mount.
+3. meanwhile, in the background: at the first layer of an image, asks apulld to warm all
+   its layers at once (PUT prefetch with CRI's manifest-digest label: chunk tables and
+   first chunks fetched ahead); registers the blob (PUT blob_config, whose answer names the
+   backend that serves it) and mounts the EROFS layer read-only on its `fs` (fscache:
+   `none` with fsid=<blob_id>; file: the blob's file from apulld's answer). So an image's
+   layers are registered and mounted while containerd goes on to the next ones, instead
+   of one after the other. The image's top layer waits for all of them: a layer that
+   cannot be registered or mounted (apulld down, a bad chunk table) fails the pull there,
+   with the reason; anything that stacks on a layer (Prepare, View, Mounts) or removes it
+   waits for its mount.
 
 The mount is the snapshot: containers stack overlayfs on it like on any parent. At start
 `restore` registers every committed remote snapshot again and mounts those that are not
@@ -114,7 +114,7 @@ class RemoteSnapshots:
         """PrepareHook: provide an apull layer as a committed remote snapshot.
 
         containerd prepares an image's layers one after the other; each waits for the one
-        before. So the layer is registered and committed here and mounted in the background
+        before. So the layer is committed here and registered and mounted in the background
         while containerd goes on to the next layer (the mounts overlap, and with apulld's
         warm-up most find their first chunk cached). The image's last layer (CRI's
         image-layers label names only it), or a Prepare without that label, waits for the
@@ -147,10 +147,8 @@ class RemoteSnapshots:
     def _commit(
         self, snapshotter: OverlaySnapshotter, request: PrepareRequest, layer: RemoteLayer
     ) -> str:
-        """Register the blob, commit the target, start its mount; the snapshot id."""
+        """Commit the target, start registering and mounting it; the snapshot id."""
         started = time.monotonic()
-        self.prefetch(request.labels, layer)
-        source = self.register(layer)
         labels = {**request.labels, BLOB_ID_LABEL: layer.blob_id}
         snapshotter.create(Kind.ACTIVE, request.key, request.parent, labels)
         try:
@@ -160,10 +158,10 @@ class RemoteSnapshots:
         except BaseException:
             _discard(snapshotter, request.key)
             raise
+        self._mounter.submit(self.prefetch, request.labels, layer)
         future = self._mounter.submit(
-            self._mount_committed, snapshotter, snapshot_id, request.target, source, layer,
-            started,
-        )  # fmt: skip
+            self._mount_committed, snapshotter, snapshot_id, request.target, layer, started
+        )
         with self._guard:
             self._pending[snapshot_id] = future
         future.add_done_callback(lambda _: self._settled(snapshot_id))
@@ -171,15 +169,17 @@ class RemoteSnapshots:
 
     def _mount_committed(
         self, snapshotter: OverlaySnapshotter, snapshot_id: str, name: str,
-        source: MountSource, layer: RemoteLayer, started: float,
+        layer: RemoteLayer, started: float,
     ) -> None:  # fmt: skip
-        """The background mount of a remote snapshot just committed; a failure is logged
-        (the chain's last layer, or the first use, mounts it or says why)."""
+        """The background registration and mount of a remote snapshot just committed; a
+        failure is logged (the chain's top layer, or the first use, tries again and fails
+        with the reason)."""
         fs = snapshotter.layout.fs_dir(snapshot_id)
         with self._lock(layer.blob_id):
             if not fs.is_dir() or mount_at(str(fs)) is not None:
                 return  # removed, or mounted by a user that did not wait
             try:
+                source = self.register(layer)
                 _mount(source, fs, layer)
             except SnapshotError as err:
                 log.error("remote snapshot %s not mounted: %s", name, err)
