@@ -86,7 +86,7 @@ def test_sequential_reads_fetch_ahead_in_growing_windows(tmp_path: Path, monkeyp
 def test_prefetch_fetches_whole_windows_ahead_in_the_background(
     tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(chunk_cache, "READ_AHEAD_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(chunk_cache, "PREFETCH_WINDOW_BYTES", 2 * CHUNK)
     monkeypatch.setattr(chunk_cache, "PREFETCH_WINDOWS", 2)
     cache = ChunkCache(tmp_path, 1 << 30, Counters(), prefetch=True)
     source = FakeSource(delay=0.02)
