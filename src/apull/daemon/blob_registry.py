@@ -124,7 +124,7 @@ def parse_blob_config(raw: object) -> BlobConfig:
     return config
 
 
-def parse_image_manifest(raw: object) -> tuple[str, str, str]:
+def parse_prefetch_request(raw: object) -> tuple[str, str, str]:
     """A prefetch request body: (registry, repo, manifest digest); BlobConfigError names the
     first bad field."""
     if not isinstance(raw, dict):

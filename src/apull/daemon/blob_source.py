@@ -43,7 +43,8 @@ def location_of(config: BlobConfig) -> BlobLocation:
     return BlobLocation(config.registry, config.repo, config.digest)
 
 
-def _digest_of(data: bytes, algorithm: str) -> str:
+def digest_of(data: bytes, algorithm: str) -> str:
+    """`<algorithm>:<hex>` of the bytes (sha256 or sha512)."""
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
@@ -81,13 +82,13 @@ class TableStore:
         raw = b""
         with contextlib.suppress(OSError):
             raw = path.read_bytes()
-        if not raw or _digest_of(raw, algorithm) != digest:
+        if not raw or digest_of(raw, algorithm) != digest:
             table_blob = BlobLocation(config.registry, config.repo, digest)
             try:
                 raw = self.fetcher.fetch_whole(table_blob, MAX_TABLE_SIZE)
             except FetchError as err:
                 raise TableError(f"chunk table of blob {config.blob_id}: {err}") from err
-            got = _digest_of(raw, algorithm)
+            got = digest_of(raw, algorithm)
             if got != digest:
                 raise TableError(
                     f"chunk table {table_blob}: got {len(raw)} bytes with digest {got}"

@@ -35,7 +35,7 @@ from apull.daemon.blob_registry import (
     BlobRegistry,
     BlobStoreError,
     parse_blob_config,
-    parse_image_manifest,
+    parse_prefetch_request,
 )
 from apull.daemon.image_warmup import ImageWarmup
 from apull.daemon.registry_fetch import BlobLocation
@@ -228,7 +228,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _prefetch(self) -> Reply:
         try:
-            registry, repo, digest = parse_image_manifest(json.loads(self._body))
+            registry, repo, digest = parse_prefetch_request(json.loads(self._body))
         except ValueError as err:  # BlobConfigError too
             raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
         warmup = self.server.state.warmup

@@ -18,21 +18,25 @@ Failures are logged and otherwise ignored: reads fetch whatever is missing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from apull.daemon.blob_registry import BlobConfig, BlobConfigError, parse_blob_config
-from apull.daemon.blob_source import RegistrySource, TableError, TableStore, location_of
+from apull.daemon.blob_source import (
+    RegistrySource,
+    TableError,
+    TableStore,
+    digest_of,
+    location_of,
+)
 from apull.daemon.chunk_cache import BlobSpec, ChunkCache
 from apull.daemon.counters import Counters
 from apull.daemon.registry_fetch import BlobLocation, FetchError, RangeFetcher
 from apull.image import format as fmt
+from apull.image.oci import ManifestError, media_type_of, parse_image_manifest
 
 log = logging.getLogger("apulld.warmup")
 #: A manifest warmed this recently is not warmed again (each layer's Prepare may ask).
@@ -41,19 +45,8 @@ RECENT_SECONDS = 60.0
 LAYER_WORKERS = 2
 
 
-class ManifestError(ValueError):
-    """The manifest is not one apulld can warm; the message says why."""
-
-
-def _digest_matches(raw: bytes, digest: str) -> bool:
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm not in ("sha256", "sha512"):
-        return False
-    return hashlib.new(algorithm, raw).hexdigest() == hexdigest
-
-
-def _number(annotations: dict[str, Any], key: str) -> int:
-    value = str(annotations.get(key, ""))
+def _number(annotations: dict[str, str], key: str) -> int:
+    value = annotations.get(key, "")
     if not value.isdigit():
         raise BlobConfigError(key, f"{value!r} is not a number")
     return int(value)
@@ -62,23 +55,16 @@ def _number(annotations: dict[str, Any], key: str) -> int:
 def apull_layers(raw: bytes, manifest: BlobLocation) -> list[BlobConfig]:
     """Blob configs of the manifest's apull layers (the format version this apulld serves),
     bottom first, as the snapshotter would register them."""
-    if not _digest_matches(raw, manifest.digest):
-        raise ManifestError(f"manifest {manifest}: the bytes do not match the digest")
-    try:
-        document = json.loads(raw)
-    except ValueError as err:
-        raise ManifestError(f"manifest {manifest}: not JSON: {err}") from None
-    layers = document.get("layers") if isinstance(document, dict) else None
-    if not isinstance(layers, list):
-        raise ManifestError(f"manifest {manifest}: no layers (an index, not an image manifest?)")
+    what = f"manifest {manifest}"
+    if digest_of(raw, manifest.digest.partition(":")[0]) != manifest.digest:
+        raise ManifestError(f"{what}: the bytes do not match the digest")
+    image = parse_image_manifest(raw, media_type_of(raw, "", what), what)
     found = []
-    for index, layer in enumerate(layers):
-        annotations = layer.get("annotations") if isinstance(layer, dict) else None
-        if not isinstance(annotations, dict):
-            continue
+    for index, layer in enumerate(image.layers):
+        annotations = layer.annotations
         if annotations.get(fmt.LAYER_FORMAT_VERSION) != fmt.FORMAT_VERSION:
             continue
-        digest = str(annotations.get(fmt.LAYER_BLOB_DIGEST, ""))
+        digest = annotations.get(fmt.LAYER_BLOB_DIGEST, "")
         try:
             config = parse_blob_config({
                 "blob_id": digest.replace(":", "-", 1),
@@ -87,7 +73,7 @@ def apull_layers(raw: bytes, manifest: BlobLocation) -> list[BlobConfig]:
                 "repo": manifest.repo,
                 "digest": digest,
                 "size": _number(annotations, fmt.LAYER_BLOB_SIZE),
-                "chunk_table": str(annotations.get(fmt.LAYER_CHUNK_TABLE, "")),
+                "chunk_table": annotations.get(fmt.LAYER_CHUNK_TABLE, ""),
                 "chunk_table_size": _number(annotations, fmt.LAYER_CHUNK_TABLE_SIZE),
                 "chunk_size": _number(annotations, fmt.LAYER_CHUNK_SIZE),
             })  # fmt: skip
@@ -177,20 +163,17 @@ class ImageWarmup:
 
     def _warm_first(self, config: BlobConfig) -> int:
         """The chunk table and, with a chunk cache, the first chunk."""
-        spec = self._spec(config)
-        if spec is None or self.cache is None:
-            return 0
-        return self._warm(config, spec, spec.table.chunk_size)
+        return self._warm(config, whole=False)
 
     def _warm_whole(self, config: BlobConfig) -> int:
+        return self._warm(config, whole=True)
+
+    def _warm(self, config: BlobConfig, whole: bool) -> int:
         spec = self._spec(config)
         if spec is None or self.cache is None:
             return 0
-        return self._warm(config, spec, config.size)
-
-    def _warm(self, config: BlobConfig, spec: BlobSpec, size: int) -> int:
-        assert self.cache is not None
         source = RegistrySource(self.fetcher, location_of(config))
+        size = config.size if whole else spec.table.chunk_size
         fetched = self.cache.warm(spec, source, 0, size)
         self.counters.add("warmed_bytes", fetched)
         return fetched

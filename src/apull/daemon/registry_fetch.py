@@ -174,31 +174,14 @@ class RangeFetcher:
 
     def fetch_whole(self, blob: BlobLocation, limit: int = MAX_WHOLE_BLOB) -> bytes:
         """A small blob whole (a chunk table); the caller checks its digest."""
-
-        def body(reply: _Reply) -> bytes | bytearray:
-            if reply.status != 200:
-                raise _Final(f"HTTP {reply.status} instead of 200")
-            if not reply.complete:
-                raise _Final(f"more than {limit} bytes")
-            return reply.body
-
-        return bytes(self._with_retries(blob, f"{blob}", {}, body, limit, "")[0])
+        return bytes(self._with_retries(blob, f"{blob}", {}, _whole(limit), limit, "")[0])
 
     def fetch_manifest(self, manifest: BlobLocation, limit: int = MAX_MANIFEST) -> bytes:
         """An image manifest by digest (OCI or Docker v2); the caller checks its digest."""
-
-        def body(reply: _Reply) -> bytes | bytearray:
-            if reply.status != 200:
-                raise _Final(f"HTTP {reply.status} instead of 200")
-            if not reply.complete:
-                raise _Final(f"manifest of more than {limit} bytes")
-            return reply.body
-
         headers = {"Accept": ", ".join(MANIFEST_TYPES)}
         what = f"manifest {manifest}"
-        return bytes(
-            self._with_retries(manifest, what, headers, body, limit, "", kind="manifests")[0]
-        )
+        take = _whole(limit)
+        return bytes(self._with_retries(manifest, what, headers, take, limit, "", "manifests")[0])
 
     def mark_bad(self, endpoint: str) -> None:
         """An endpoint sent bytes that failed verification: rest it if it is a mirror."""
@@ -464,6 +447,19 @@ def _read_body(resp: http.client.HTTPResponse, want: int) -> bytes | bytearray:
     if got < want:
         del body[got:]
     return body  # a bytearray: bytes for every use here, without a copy
+
+
+def _whole(limit: int) -> _Taker:
+    """Takes a whole 200 body of at most `limit` bytes."""
+
+    def take(reply: _Reply) -> bytes | bytearray:
+        if reply.status != 200:
+            raise _Final(f"HTTP {reply.status} instead of 200")
+        if not reply.complete:
+            raise _Final(f"more than {limit} bytes")
+        return reply.body
+
+    return take
 
 
 def _range_body(reply: _Reply, start: int, end: int) -> bytes | bytearray:

@@ -127,15 +127,13 @@ class RemoteSnapshots:
             exists = _exists(snapshotter, request.target)
             if not exists:
                 snapshot_id = self._commit(snapshotter, request, layer)
-        with snapshotter.store.transaction() as tx:
-            chain = tx.chain(request.target)
         if exists:
             # Another namespace pulled it: make sure it is mounted, then it is there.
-            self.parents_ready(snapshotter, chain)
+            self.parents_ready(snapshotter, _chain(snapshotter, request.target))
             raise AlreadyExistsError(f"target snapshot {request.target!r} already exists")
         if _last_layer(request.labels, layer):
             try:
-                self.parents_ready(snapshotter, chain)
+                self.parents_ready(snapshotter, _chain(snapshotter, request.target))
             except FailedPreconditionError:
                 if mount_at(str(snapshotter.layout.fs_dir(snapshot_id))) is None:
                     _discard(snapshotter, request.target)  # ours, never handed out
@@ -395,6 +393,11 @@ class RemoteSnapshots:
                 log.warning("blob %s used by no snapshot, still registered: %s", blob_id, err)
             else:
                 log.info("blob %s used by no snapshot: unregistered", blob_id)
+
+
+def _chain(snapshotter: OverlaySnapshotter, name: str) -> list[tuple[str, Info]]:
+    with snapshotter.store.transaction() as tx:
+        return tx.chain(name)
 
 
 def _last_layer(labels: Mapping[str, str], layer: RemoteLayer) -> bool:
