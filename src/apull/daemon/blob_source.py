@@ -12,6 +12,8 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from apull.daemon.blob_registry import BlobConfig
@@ -19,6 +21,8 @@ from apull.daemon.registry_fetch import BlobLocation, FetchError, RangeFetcher
 from apull.image.chunks import ChunkTable, ChunkTableError
 
 MAX_TABLE_SIZE = 64 << 20
+#: Chunk tables fetched at once in the background (see TableStore.soon).
+TABLE_WORKERS = 4
 
 
 class TableError(Exception):
@@ -48,6 +52,31 @@ def digest_of(data: bytes, algorithm: str) -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
+class PendingTable:
+    """A chunk table being fetched. Its chunk size and data size come from the blob config,
+    so the chunk cache can fetch chunks meanwhile; `digests` waits for the table (and raises
+    TableError when it cannot be had): nothing is verified, let alone served, before."""
+
+    def __init__(self, config: BlobConfig, table: Future[ChunkTable]) -> None:
+        self.config = config
+        self.chunk_size = config.chunk_size
+        self.data_size = config.size
+        self._table = table
+
+    def ready(self) -> ChunkTable:
+        """The table, once here, checked to fit this blob config; TableError if not."""
+        try:
+            table = self._table.result()
+        except CancelledError as err:
+            raise TableError("apulld is stopping: the chunk table was not fetched") from err
+        _check_fits(self.config, table)
+        return table
+
+    @property
+    def digests(self) -> Sequence[bytes]:
+        return self.ready().digests
+
+
 class TableStore:
     def __init__(self, root: Path, fetcher: RangeFetcher) -> None:
         self.root = root
@@ -55,7 +84,43 @@ class TableStore:
         self._tables: dict[str, ChunkTable] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._fetching: dict[str, Future[ChunkTable]] = {}
+        self._fetcher = ThreadPoolExecutor(TABLE_WORKERS, thread_name_prefix="table")
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def soon(self, config: BlobConfig) -> ChunkTable | PendingTable:
+        """The table if it is here; else, when the config names the chunk size, one being
+        fetched in the background (a first read fetches its chunks and the table at once:
+        one registry round trip instead of two in a row); else `get`. A reader of a
+        PendingTable calls its `ready()` before it answers: the config must fit the table
+        even when every chunk it read was cached (checked against the same table digest by
+        an earlier reader)."""
+        digest = config.chunk_table
+        future: Future[ChunkTable] | None = None
+        started = False
+        with self._lock:
+            table = self._tables.get(digest)
+            if table is None and config.chunk_size and digest:
+                future = self._fetching.get(digest)
+                if future is None:
+                    future = self._fetcher.submit(self.get, config)
+                    self._fetching[digest] = future
+                    started = True
+        if future is not None:
+            if started:  # outside the lock: a future already done calls back at once
+                future.add_done_callback(lambda _: self._fetched(digest))
+            return PendingTable(config, future)
+        if table is not None:
+            _check_fits(config, table)
+            return table
+        return self.get(config)
+
+    def _fetched(self, digest: str) -> None:
+        with self._lock:
+            self._fetching.pop(digest, None)
+
+    def close(self) -> None:
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
 
     def get(self, config: BlobConfig) -> ChunkTable:
         digest = config.chunk_table

@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from apull.daemon.chunk_state import BlobState, punch_hole
+from apull.daemon.chunk_state import BlobState, Table, punch_hole
 from apull.daemon.counters import Counters
-from apull.image.chunks import ChunkTable
 
 log = logging.getLogger("apulld.cache")
 FETCH_TRIES = 3
@@ -80,7 +79,7 @@ class Source(Protocol):
 class BlobSpec:
     digest: str
     size: int
-    table: ChunkTable
+    table: Table
 
     @property
     def key(self) -> str:
@@ -453,14 +452,18 @@ class ChunkCache:
         """Fetch our claimed chunks (neighbours together); fill `pieces`; return errors."""
         errors: list[str] = []
         for run in _runs(mine):
+            # Any other exception (the chunk table cannot be had) is not the chunks' fault:
+            # their failure is not remembered.
+            error, remember = "not fetched", False
             try:
                 self._fetch_run(state, spec, source, run, pieces)
             except ChunkUnavailableError as err:
                 errors.append(str(err))
+                error, remember = str(err), True
             finally:
                 for index in run:  # nobody may wait for ever on a chunk we claimed
                     if index not in pieces:
-                        self._finish(state, index, b"", errors[-1] if errors else "not fetched")
+                        self._finish(state, index, b"", error, remember=remember)
         return errors
 
     def _fetch_run(
@@ -516,13 +519,16 @@ class ChunkCache:
             f"in {FETCH_TRIES} fetches (last from {endpoint})"
         )
 
-    def _finish(self, state: BlobState, index: int, data: Buffer, error: str = "") -> None:
-        """Store a verified chunk (when it fits) and hand it to whoever waits for it."""
+    def _finish(
+        self, state: BlobState, index: int, data: Buffer, error: str = "", remember: bool = True
+    ) -> None:
+        """Store a verified chunk (when it fits) and hand it to whoever waits for it; a
+        failure is remembered for FAILURE_MEMORY_SECONDS unless `remember` is False."""
         if data and not error:
             self._store(state, index, data)
         with self._lock:
             flight = self._flights.pop((state.key, index), None)
-            if error:
+            if error and remember:
                 self._failed[(state.key, index)] = (
                     time.monotonic() + FAILURE_MEMORY_SECONDS,
                     error,

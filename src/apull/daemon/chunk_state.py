@@ -11,14 +11,28 @@ import ctypes
 import ctypes.util
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-
-from apull.image.chunks import ChunkTable
+from typing import Protocol
 
 _HEADER = struct.Struct("<8sIIQQ")
 _MAGIC = b"APULLCC\0"
 _VERSION = 1
 _FALLOC_PUNCH_HOLE = 0x02 | 0x01  # PUNCH_HOLE | KEEP_SIZE
+
+
+class Table(Protocol):
+    """What the cache needs of a chunk table (apull.image.chunks.ChunkTable, or one still
+    being fetched: blob_source.PendingTable, whose digests wait for it)."""
+
+    @property
+    def chunk_size(self) -> int: ...
+
+    @property
+    def data_size(self) -> int: ...
+
+    @property
+    def digests(self) -> Sequence[bytes]: ...
 
 
 class BlobState:
@@ -30,7 +44,7 @@ class BlobState:
         self.count = -(-data_size // chunk_size)
         self.present = bytearray(-(-self.count // 8))
         self.trusted = bytearray(self.count)  # checked by this process
-        self.table: ChunkTable | None = None
+        self.table: Table | None = None
         self.data_fd = -1
         self.state_fd = -1
         self.last_read = -2  # last chunk of the previous read (sequential detection)

@@ -33,7 +33,13 @@ from apull.daemon import fdstore
 from apull.daemon import fuse_mount as fm
 from apull.daemon import fuse_protocol as fp
 from apull.daemon.blob_registry import BlobConfig, BlobRegistry
-from apull.daemon.blob_source import RegistrySource, TableError, TableStore, location_of
+from apull.daemon.blob_source import (
+    PendingTable,
+    RegistrySource,
+    TableError,
+    TableStore,
+    location_of,
+)
 from apull.daemon.chunk_cache import BlobSpec, ChunkCache, ChunkUnavailableError
 from apull.daemon.counters import Counters
 from apull.daemon.fuse_server import FuseError, FuseSession
@@ -173,6 +179,7 @@ class FileBackend:
         os.close(self._fd)
         self._fd = -1
         self.cache.close()
+        self.tables.close()
 
     # -- blob config hooks (http_api.Serving) ---------------------------------------------
 
@@ -302,10 +309,13 @@ class FileBackend:
         config = self._blob(nodeid)
         self.counters.add("read_requests")
         try:
-            table = self.tables.get(config)
+            table = self.tables.soon(config)
             source = RegistrySource(self.fetcher, location_of(config))
             spec = BlobSpec(config.digest, config.size, table)
-            return self.cache.read(spec, source, offset, size)
+            data = self.cache.read(spec, source, offset, size)
+            if isinstance(table, PendingTable):
+                table.ready()  # fetched alongside the chunks: this config must fit it
+            return data
         except (TableError, ChunkUnavailableError) as err:
             self.counters.add("read_errors")
             log.error("read of blob %s bytes %d-%d failed (EIO): %s",

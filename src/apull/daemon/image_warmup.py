@@ -2,12 +2,13 @@
 
 containerd's CRI unpacker Prepares an image's layers one after the other, and each remote
 snapshot's mount waits for its blob's chunk table and first chunk (the EROFS superblock and
-root directory), two registry round trips per layer in a row. At the first Prepare of an
-image the snapshotter names the image's manifest (CRI's
-`containerd.io/snapshot/cri.manifest-digest` label); apulld fetches it, checks its digest,
-and fetches for all apull layers at once, in the background: the chunk tables, each layer's
-first chunk, and layers of at most `whole_max_bytes` whole (base layers: the shell and libc
-nearly every container start reads). The later Prepares find what their mounts read here.
+root directory). At the first Prepare of an image the snapshotter names the image's
+manifest (CRI's `containerd.io/snapshot/cri.manifest-digest` label); apulld fetches it,
+checks its digest, and fetches for all apull layers, LAYER_WORKERS at a time, in the
+background: the chunk tables and each layer's first chunk (fetched together: tables.soon),
+or the whole layer when it is at most `whole_max_bytes` (base layers: the shell and libc
+nearly every container start reads; one request instead of two). The later Prepares find
+what their mounts read here.
 
 Nothing is registered (the snapshotter's Prepares still register each blob); this only
 fills caches: the verified chunk table store and, with the file backend, the chunk cache.
@@ -42,7 +43,7 @@ log = logging.getLogger("apulld.warmup")
 #: A manifest warmed this recently is not warmed again (each layer's Prepare may ask).
 RECENT_SECONDS = 60.0
 #: Layers warmed at once.
-LAYER_WORKERS = 2
+LAYER_WORKERS = 3
 
 
 def _number(annotations: dict[str, str], key: str) -> int:
@@ -134,10 +135,10 @@ class ImageWarmup:
                 self._recent.pop(manifest.digest, None)
             return
         self.counters.add("warmed_images")
-        # First what every mount reads (tables, first chunks), then small layers whole.
-        fetched = self._each(self._warm_first, layers)
+        # What every mount reads: tables and first chunks; small layers whole at once (one
+        # request instead of two: their first chunk would be fetched again with the rest).
         small = [c for c in layers if c.size <= self.whole_max_bytes]
-        fetched += self._each(self._warm_whole, small)
+        fetched = self._each(self._warm_layer, layers)
         log.info(
             "warmed %s: %d apull layers (%d whole), %d bytes fetched ahead in %.0f ms",
             manifest, len(layers), len(small), fetched, (time.monotonic() - started) * 1000,
@@ -153,28 +154,21 @@ class ImageWarmup:
                 break
         return sum(f.result() for f in futures)
 
-    def _spec(self, config: BlobConfig) -> BlobSpec | None:
+    def _warm_layer(self, config: BlobConfig) -> int:
+        """The chunk table and, with a chunk cache, the first chunk or the whole layer (the
+        chunks fetched while the table is: tables.soon)."""
+        whole = config.size <= self.whole_max_bytes
         try:
-            table = self.tables.get(config)
+            if self.cache is None:
+                self.tables.get(config)
+                return 0
+            spec = BlobSpec(config.digest, config.size, self.tables.soon(config))
+            source = RegistrySource(self.fetcher, location_of(config))
+            size = config.size if whole else spec.table.chunk_size
+            fetched = self.cache.warm(spec, source, 0, size)
         except TableError as err:
             log.warning("warming blob %s: %s", config.blob_id, err)
-            return None
-        return BlobSpec(config.digest, config.size, table)
-
-    def _warm_first(self, config: BlobConfig) -> int:
-        """The chunk table and, with a chunk cache, the first chunk."""
-        return self._warm(config, whole=False)
-
-    def _warm_whole(self, config: BlobConfig) -> int:
-        return self._warm(config, whole=True)
-
-    def _warm(self, config: BlobConfig, whole: bool) -> int:
-        spec = self._spec(config)
-        if spec is None or self.cache is None:
             return 0
-        source = RegistrySource(self.fetcher, location_of(config))
-        size = config.size if whole else spec.table.chunk_size
-        fetched = self.cache.warm(spec, source, 0, size)
         self.counters.add("warmed_bytes", fetched)
         return fetched
 

@@ -29,7 +29,7 @@ from apull.snapshotter.errors import NotFoundError
 from apull.snapshotter.filters import Adaptor, Filter, parse_filters
 from apull.snapshotter.layout import REMOVING_PREFIX, TEMP_PREFIX, Layout
 from apull.snapshotter.mounts import Mount, overlay_options, snapshot_mounts
-from apull.snapshotter.store import Info, Kind, MetaStore, validate_labels
+from apull.snapshotter.store import Info, Kind, MetaStore, Snapshot, validate_labels
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,21 @@ class OverlaySnapshotter:
 
     def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         """Record the snapshot and build its directory, both or neither."""
+        snapshot = self._build(kind, key, parent, labels, None)
+        return snapshot_mounts(self.layout, snapshot, self._overlay_options)
+
+    def create_committed(
+        self, name: str, parent: str, labels: Mapping[str, str], usage: Usage
+    ) -> str:
+        """A committed snapshot with an empty `fs` directory, in one step (a remote layer,
+        mounted there afterwards; nothing is unpacked into it); its id. AlreadyExists when
+        `name` is taken."""
+        validate_labels(labels)
+        return self._build(Kind.COMMITTED, name, parent, labels, usage).id
+
+    def _build(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], usage: Usage | None
+    ) -> Snapshot:
         temp: Path | None = None
         final: Path | None = None
         try:
@@ -174,7 +189,7 @@ class OverlaySnapshotter:
                 if kind == Kind.ACTIVE:
                     (temp / "work").mkdir()
                     os.chmod(temp / "work", 0o711)
-                snapshot = tx.create(kind, key, parent, labels)
+                snapshot = tx.create(kind, key, parent, labels, usage)
                 if snapshot.parent_ids:
                     # The new upper layer starts owned like the parent's root directory.
                     st = os.stat(self.layout.fs_dir(snapshot.parent_ids[0]))
@@ -192,7 +207,7 @@ class OverlaySnapshotter:
                 if leftover is not None:
                     self._delete_tree(leftover)
             raise
-        return snapshot_mounts(self.layout, snapshot, self._overlay_options)
+        return snapshot
 
     # -- reading
 

@@ -50,7 +50,6 @@ from apull.snapshotter.diskusage import Usage
 from apull.snapshotter.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
-    NotFoundError,
     SnapshotError,
 )
 from apull.snapshotter.overlay import OverlaySnapshotter, PrepareRequest
@@ -124,9 +123,11 @@ class RemoteSnapshots:
             return
         layer = remote_layer(request.labels, self.apulld.address)
         with self._lock(layer.blob_id):
-            exists = _exists(snapshotter, request.target)
-            if not exists:
+            try:
                 snapshot_id = self._commit(snapshotter, request, layer)
+                exists = False
+            except AlreadyExistsError:
+                exists = True
         if exists:
             # Another namespace pulled it: make sure it is mounted, then it is there.
             self.parents_ready(snapshotter, _chain(snapshotter, request.target))
@@ -145,17 +146,14 @@ class RemoteSnapshots:
     def _commit(
         self, snapshotter: OverlaySnapshotter, request: PrepareRequest, layer: RemoteLayer
     ) -> str:
-        """Commit the target, start registering and mounting it; the snapshot id."""
+        """Record the target as committed (containerd's active `key` is never needed: nothing
+        is unpacked), start registering and mounting it; the snapshot id. AlreadyExists
+        when the target is there (another namespace pulled it)."""
         started = time.monotonic()
         labels = {**request.labels, BLOB_ID_LABEL: layer.blob_id}
-        snapshotter.create(Kind.ACTIVE, request.key, request.parent, labels)
-        try:
-            with snapshotter.store.transaction() as tx:
-                snapshot_id = tx.info(request.key)[0]
-            snapshotter.commit(request.target, request.key, labels, Usage(size=layer.size))
-        except BaseException:
-            _discard(snapshotter, request.key)
-            raise
+        snapshot_id = snapshotter.create_committed(
+            request.target, request.parent, labels, Usage(size=layer.size)
+        )
         self._mounter.submit(self.prefetch, request.labels, layer)
         future = self._mounter.submit(
             self._mount_committed, snapshotter, snapshot_id, request.target, layer, started
@@ -405,14 +403,6 @@ def _last_layer(labels: Mapping[str, str], layer: RemoteLayer) -> bool:
     ones above it; truncated by containerd only when long); True without the label."""
     layers = labels.get(CRI_IMAGE_LAYERS_LABEL, "")
     return not layers or layers.split(",") == [layer.digest]
-
-
-def _exists(snapshotter: OverlaySnapshotter, name: str) -> bool:
-    try:
-        snapshotter.stat(name)
-    except NotFoundError:
-        return False
-    return True
 
 
 def _discard(snapshotter: OverlaySnapshotter, key: str) -> None:

@@ -247,9 +247,18 @@ class Transaction:
             [(snapshot_id, k, v) for k, v in labels.items() if v],
         )
 
-    def create(self, kind: Kind, name: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
-        """Record a new active snapshot or view on top of the committed `parent` (or none)."""
-        if kind not in (Kind.ACTIVE, Kind.VIEW):
+    def create(
+        self,
+        kind: Kind,
+        name: str,
+        parent: str,
+        labels: Mapping[str, str],
+        usage: Usage | None = None,
+    ) -> Snapshot:
+        """Record a new active snapshot or view on top of the committed `parent` (or none);
+        or, given its usage, a committed one at once (a remote layer: nothing to unpack)."""
+        allowed = (Kind.COMMITTED,) if usage is not None else (Kind.ACTIVE, Kind.VIEW)
+        if kind not in allowed:
             raise InvalidArgumentError(f"cannot create a snapshot of kind {kind.name}")
         if not name:
             raise InvalidArgumentError("snapshot key must not be empty")
@@ -264,10 +273,11 @@ class Transaction:
             raise AlreadyExistsError(f"snapshot {name!r} already exists")
         now = time.time_ns()
         parent_id = parent_row.id if parent_row else None
+        size, inodes = (usage.size, usage.inodes) if usage is not None else (0, 0)
         cursor = self._db.execute(
-            "INSERT INTO snapshots (name, parent_id, kind, created_ns, updated_ns)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (name, parent_id, int(kind), now, now),
+            "INSERT INTO snapshots (name, parent_id, kind, created_ns, updated_ns, size, inodes)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, parent_id, int(kind), now, now, size, inodes),
         )
         snapshot_id = cursor.lastrowid
         assert snapshot_id is not None
