@@ -92,9 +92,9 @@ class TableStore:
         """The table if it is here; else, when the config names the chunk size, one being
         fetched in the background (a first read fetches its chunks and the table at once:
         one registry round trip instead of two in a row); else `get`. A reader of a
-        PendingTable calls its `ready()` before it answers: the config must fit the table
-        even when every chunk it read was cached (checked against the same table digest by
-        an earlier reader)."""
+        PendingTable calls its `ready()` before it answers: the config must fit its table
+        even when every chunk the read wanted was cached already (checked when another
+        reader of the same blob fetched it)."""
         digest = config.chunk_table
         future: Future[ChunkTable] | None = None
         started = False
