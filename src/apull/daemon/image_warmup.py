@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from apull.daemon.blob_registry import BlobConfig, BlobConfigError, parse_blob_config
@@ -137,27 +136,27 @@ class ImageWarmup:
         self.counters.add("warmed_images")
         # What every mount reads: tables and first chunks; small layers whole at once (one
         # request instead of two: their first chunk would be fetched again with the rest).
-        small = [c for c in layers if c.size <= self.whole_max_bytes]
-        fetched = self._each(self._warm_layer, layers)
-        log.info(
-            "warmed %s: %d apull layers (%d whole), %d bytes fetched ahead in %.0f ms",
-            manifest, len(layers), len(small), fetched, (time.monotonic() - started) * 1000,
-        )  # fmt: skip
-
-    def _each(self, warm: Callable[[BlobConfig], int], layers: list[BlobConfig]) -> int:
-        """Run `warm` on the layers at once; the bytes fetched."""
         futures = []
         for config in layers:
             try:
-                futures.append(self._layers.submit(warm, config))
+                futures.append(self._layers.submit(self._warm_layer, config))
             except RuntimeError:  # shutting down
                 break
-        return sum(f.result() for f in futures)
+        fetched = sum(f.result() for f in futures)
+        log.info(
+            "warmed %s: %d apull layers (%d whole), %d bytes fetched ahead in %.0f ms",
+            manifest, len(layers), sum(map(self._whole, layers)), fetched,
+            (time.monotonic() - started) * 1000,
+        )  # fmt: skip
+
+    def _whole(self, config: BlobConfig) -> bool:
+        """Whether the layer is warmed whole (else its first chunk)."""
+        return config.size <= self.whole_max_bytes
 
     def _warm_layer(self, config: BlobConfig) -> int:
         """The chunk table and, with a chunk cache, the first chunk or the whole layer (the
         chunks fetched while the table is: tables.soon)."""
-        whole = config.size <= self.whole_max_bytes
+        whole = self._whole(config)
         try:
             if self.cache is None:
                 self.tables.get(config)

@@ -30,6 +30,7 @@ Usage of a remote snapshot is its blob size: measuring the mount would fetch it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -122,13 +123,10 @@ class RemoteSnapshots:
         if not is_apull_layer(request.labels) or not request.target:
             return
         layer = remote_layer(request.labels, self.apulld.address)
-        with self._lock(layer.blob_id):
-            try:
-                snapshot_id = self._commit(snapshotter, request, layer)
-                exists = False
-            except AlreadyExistsError:
-                exists = True
-        if exists:
+        snapshot_id = None
+        with self._lock(layer.blob_id), contextlib.suppress(AlreadyExistsError):
+            snapshot_id = self._commit(snapshotter, request, layer)
+        if snapshot_id is None:
             # Another namespace pulled it: make sure it is mounted, then it is there.
             self.parents_ready(snapshotter, _chain(snapshotter, request.target))
             raise AlreadyExistsError(f"target snapshot {request.target!r} already exists")
@@ -406,7 +404,8 @@ def _last_layer(labels: Mapping[str, str], layer: RemoteLayer) -> bool:
 
 
 def _discard(snapshotter: OverlaySnapshotter, key: str) -> None:
-    """Remove the half-made active snapshot (unmounted first); a failure is only logged."""
+    """Remove a remote snapshot we made and never handed out (unmounted first); a failure
+    is only logged."""
     try:
         snapshotter.remove(key)
     except Exception as err:
