@@ -167,6 +167,7 @@ class ProxyState:
     delay: float = 0.0  # seconds before answering a blob GET
     waiting: threading.Event = field(default_factory=threading.Event)
     credentials: tuple[str, str] | None = None  # require a token, given for these
+    connections: int = 0  # accepted so far (TLS attempts too: they never become requests)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -181,6 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         with self.server.state.lock:
             self.server.connections.add(self.connection)
+            self.server.state.connections += 1
 
     def finish(self) -> None:
         with self.server.state.lock:

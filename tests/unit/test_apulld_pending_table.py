@@ -16,6 +16,7 @@ from apull.daemon.blob_source import PendingTable, TableError, TableStore
 from apull.daemon.chunk_cache import BlobSpec, ChunkCache
 from apull.daemon.counters import Counters
 from apull.daemon.registry_fetch import BlobLocation, FetchError
+from apull.daemon.whole_blob import _Whole
 from apull.image.chunks import ChunkTable
 
 CHUNK = 4096
@@ -111,3 +112,42 @@ def test_a_table_that_cannot_be_had_fails_the_read(tmp_path: Path) -> None:
     finally:
         tables.close()
         cache.close()
+
+
+def test_a_reader_first_does_not_stall_a_layer_warmed_whole(tmp_path: Path) -> None:
+    """The warm-up announced it computes the table from the whole layer (TableStore.expect),
+    but a reader claimed the first chunk before it: the warm-up fetches the rest, so it has
+    no whole blob to compute the table from, and sends for it (else both would wait for a
+    table nobody fetches)."""
+    fetcher = GatedTables()
+    tables = TableStore(tmp_path / "tables", fetcher)  # type: ignore[arg-type]
+    cache = ChunkCache(tmp_path / "chunks", 1 << 30, Counters())
+    reader_source, warm_source = Source(fetcher), Source(fetcher)
+    expected = tables.expect(CONFIG)
+    assert expected is not None
+    pending = tables.soon(CONFIG)
+    assert isinstance(pending, PendingTable)
+    spec = BlobSpec(CONFIG.digest, CONFIG.size, pending)
+    got: list[bytes] = []
+    warmed: list[int] = []
+    reader = threading.Thread(
+        target=lambda: got.append(bytes(cache.read(spec, reader_source, 0, 100))), daemon=True
+    )
+    whole = _Whole(warm_source, CONFIG, tables, expected)
+    warmer = threading.Thread(
+        target=lambda: warmed.append(cache.warm(spec, whole, 0, CONFIG.size)), daemon=True
+    )
+    try:
+        reader.start()
+        assert fetcher.chunk_asked.wait(5)  # the reader has claimed and fetched chunk 0
+        warmer.start()
+        reader.join(5)
+        warmer.join(5)
+        assert got == [DATA[:100]]
+        assert warmed == [len(DATA) - CHUNK]
+        assert warm_source.calls == [(CHUNK, len(DATA))]
+        assert fetcher.table_fetches == 1
+    finally:
+        tables.settle(CONFIG, expected, None)  # the old code left it pending
+        cache.close()
+        tables.close()

@@ -3,6 +3,7 @@ backoff, errors that name what failed, mirrors before the origin."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 
@@ -58,6 +59,31 @@ def test_ranges_and_whole_blobs(pushed, proxy) -> None:
         f"bytes=0-{len(DATA) - 1}",
         "",
     ]
+
+
+def test_a_plain_http_registry_is_probed_once_across_restarts(pushed, proxy, tmp_path) -> None:
+    """HTTPS is tried first (the registry is allowed plain HTTP); what it speaks is kept,
+    so a restarted apulld (a new fetcher on the same file) goes straight to HTTP."""
+    kept = tmp_path / "registry-schemes.json"
+    where = BlobLocation(proxy.address, REPO, pushed)
+    assert fetcher(schemes_file=kept)[0].fetch(where, 0, 10)[0] == DATA[:10]
+    assert proxy.state.connections == 2  # the TLS attempt, then HTTP
+    assert json.loads(kept.read_text()) == {proxy.address: "http"}
+    assert fetcher(schemes_file=kept)[0].fetch(where, 0, 10)[0] == DATA[:10]
+    assert proxy.state.connections == 3
+    # Not kept: every new fetcher probes again.
+    assert fetcher()[0].fetch(where, 0, 10)[0] == DATA[:10]
+    assert proxy.state.connections == 5
+
+
+def test_a_kept_scheme_that_fails_is_probed_again(pushed, proxy, tmp_path) -> None:
+    kept = tmp_path / "registry-schemes.json"
+    kept.write_text(json.dumps({proxy.address: "https", "other:5000": "gopher"}))
+    fetch, counters = fetcher(schemes_file=kept)
+    where = BlobLocation(proxy.address, REPO, pushed)
+    assert fetch.fetch(where, 0, 10)[0] == DATA[:10]
+    assert counters.get("fetch_retries") == 1
+    assert json.loads(kept.read_text()) == {proxy.address: "http"}
 
 
 def test_server_errors_are_retried_with_backoff(pushed, proxy) -> None:

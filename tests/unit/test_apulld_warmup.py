@@ -1,7 +1,7 @@
 """PUT /v1.0/apulld/prefetch against a real registry (behind the counting proxy): apulld
 fetches the image manifest, then each apull layer's chunk table and first chunk, and small
-layers whole, before anything is registered or read; the reads that follow are served from
-the cache without another registry request."""
+layers whole (their tables computed from them, not fetched), before anything is registered
+or read; the reads that follow are served from the cache without another registry request."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving_support import MULTI_REPO, Apulld, Layer, Proxy
+from serving_support import MULTI_REPO, Apulld, Corruption, Layer, Proxy
 
 from apull.daemon.backend import NodePaths, probe_file
 from apull.lab import test_image
@@ -69,7 +69,12 @@ def test_small_layers_are_fetched_whole_and_large_ones_their_first_chunk(
         stats = apulld.stats()
         assert stats["warmed_images"] == 2
         assert stats["warmed_bytes"] == busybox.size + multi.chunk_size
-        assert stats["table_bytes_fetched"] == busybox.chunk_table_size + multi.chunk_table_size
+        # The small layer's table was computed from it: one request for that layer.
+        assert stats["table_bytes_fetched"] == multi.chunk_table_size
+        assert proxy.bytes_of(busybox.chunk_table) == 0
+        assert [r for r in proxy.state.requests if r[0] == busybox.digest] == [
+            (busybox.digest, f"bytes=0-{busybox.size - 1}", 206)
+        ]
         requests = len(proxy.state.requests)
 
         # Registered and read afterwards: no registry request, the same bytes.
@@ -80,6 +85,79 @@ def test_small_layers_are_fetched_whole_and_large_ones_their_first_chunk(
         assert len(first) == multi.chunk_size
         assert len(proxy.state.requests) == requests
         assert apulld.stats()["bytes_fetched"] == busybox.size + multi.chunk_size
+    finally:
+        apulld.close()
+
+
+def test_a_small_layer_that_does_not_match_its_table_is_warmed_the_usual_way(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, tmp_path: Path
+) -> None:
+    busybox = images["busybox"]
+    bad = busybox.size // 2
+    proxy.state.corrupt[busybox.digest] = Corruption(bad, times=1)
+    chunk_start = bad - bad % busybox.chunk_size
+    chunk_len = min(busybox.chunk_size, busybox.size - chunk_start)
+    apulld = Apulld(tmp_path, {"prefetch_layer_max_mb": WHOLE_MB})
+    try:
+        apulld.start()
+        warm(apulld, proxy, registry, test_image.REPO)
+        assert "does not match its chunk table" in apulld.log()
+        # The spoiled answer, then the table, and the bad chunk again (found by the table).
+        assert proxy.bytes_of(busybox.digest) == busybox.size + chunk_len
+        assert proxy.bytes_of(busybox.chunk_table) == busybox.chunk_table_size
+        assert apulld.stats()["verify_failures"] == 1
+        requests = len(proxy.state.requests)
+        data = read_file(apulld.put(busybox, proxy.address))
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == busybox.digest
+        assert len(proxy.state.requests) == requests
+    finally:
+        apulld.close()
+
+
+def test_a_read_while_a_layer_is_fetched_whole_waits_for_it(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, tmp_path: Path
+) -> None:
+    """The mount's first read comes while the warm-up's request is under way: it neither
+    fetches the chunk nor the chunk table itself."""
+    busybox = images["busybox"]
+    proxy.state.delay = 0.5
+    apulld = Apulld(tmp_path, {"prefetch_layer_max_mb": WHOLE_MB})
+    try:
+        apulld.start()
+        body = {"registry": proxy.address, "repo": test_image.REPO,
+                "manifest": manifest_of(registry, test_image.REPO)}  # fmt: skip
+        assert apulld.request("PUT", PREFETCH, body) == (202, {"started": True})
+        assert proxy.state.waiting.wait(10)
+        data = read_file(apulld.put(busybox, proxy.address))
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == busybox.digest
+        assert [r[0] for r in proxy.state.requests] == [busybox.digest]
+        assert proxy.bytes_of(busybox.chunk_table) == 0
+    finally:
+        apulld.close()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_small_layer_read_before_any_warm_up_is_fetched_whole(
+    images: dict[str, Layer], proxy: Proxy, tmp_path: Path, prefetch: bool
+) -> None:
+    """Its first read (a mount's superblock) fetches it whole, no chunk table fetched; with
+    prefetch off, only the chunks read, checked against the fetched table."""
+    busybox = images["busybox"]
+    apulld = Apulld(tmp_path, {"prefetch_layer_max_mb": WHOLE_MB, "prefetch_enable": prefetch})
+    try:
+        apulld.start()
+        path = apulld.put(busybox, proxy.address)
+        with open(path, "rb") as stream:
+            assert len(stream.read(4096)) == 4096
+        if not prefetch:
+            assert proxy.bytes_of(busybox.digest) < busybox.size
+            assert proxy.bytes_of(busybox.chunk_table) == busybox.chunk_table_size
+            return
+        assert proxy.state.requests == [(busybox.digest, f"bytes=0-{busybox.size - 1}", 206)]
+        assert apulld.stats().get("table_bytes_fetched", 0) == 0
+        data = read_file(path)  # the rest: from the cache
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == busybox.digest
+        assert len(proxy.state.requests) == 1
     finally:
         apulld.close()
 

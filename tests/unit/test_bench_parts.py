@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from apull.bench import big_image
-from apull.bench.measure import RegistryLog, _dd_rate
+from apull.bench.measure import RegistryCpu, RegistryLog, _cpu_use, _dd_rate
 from apull.bench.targets import TargetError, _quote
 
 LINES = [
@@ -45,6 +47,34 @@ def test_dd_rate_reads_gnu_dd_summary() -> None:
     assert _dd_rate(out) == pytest.approx(268435456 / 0.5 / 1e6)
     with pytest.raises(TargetError):
         _dd_rate("dd: failed to open 'x': No such file or directory\n")
+
+
+def test_cpu_use_counts_busy_and_idle_between_the_first_and_last_stat_lines() -> None:
+    out = (
+        "CPUSTAT cpu  1000 10 500 9000 100 5 20 3 0 0\n"
+        "268435456 bytes (268 MB, 256 MiB) copied, 0.5 s, 537 MB/s\n"
+        "CPUSTAT cpu  1060 10 520 9030 110 6 22 4 0 0\n"
+    )
+    use = _cpu_use(out, 0.25)
+    # busy: user 60 + system 20 + irq 1 + softirq 2 + steal 1; idle 30 + iowait 10.
+    assert use.busy_s == pytest.approx(0.84)
+    assert use.capacity_s == pytest.approx(1.24)
+    assert use.registry_s == 0.25
+    with pytest.raises(TargetError):
+        _cpu_use("CPUSTAT cpu  1 2 3 4 5 6 7 8\n", 0.0)
+
+
+def test_registry_cpu_reads_the_process_named_by_the_pid_file(tmp_path: Path) -> None:
+    pidfile = tmp_path / "registry.pid"
+    pidfile.write_text(f"{os.getpid()}\n")
+    before = RegistryCpu(pidfile).seconds()
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # this process stands in for the registry
+        pass
+    assert RegistryCpu(pidfile).seconds() - before >= 0.1
+    pidfile.write_text("999999999\n")
+    with pytest.raises(FileNotFoundError):
+        RegistryCpu(pidfile).seconds()
 
 
 def test_quote_survives_single_quotes() -> None:

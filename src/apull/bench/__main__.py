@@ -13,7 +13,7 @@ from rich.console import Console
 
 from apull.bench import big_image
 from apull.bench.host_stack import StackError
-from apull.bench.measure import RegistryLog
+from apull.bench.measure import RegistryCpu, RegistryLog
 from apull.bench.report import render
 from apull.bench.run import ImageFacts, TargetResult, run_target, scratch_dir, write_json
 from apull.bench.targets import HostTarget, NodeTarget, Target, TargetError, host_target
@@ -21,7 +21,7 @@ from apull.image.convert import ConvertError, ConvertOptions, convert, target_st
 from apull.image.format import DEFAULT_CHUNK_SIZE
 from apull.image.reference import parse_reference
 from apull.lab import layout
-from apull.lab.registry import access_log, ensure_registry
+from apull.lab.registry import access_log, ensure_registry, registry_dir
 from apull.lab.run import LabError
 from apull.registry.client import RegistryClient, RegistryError
 
@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]cannot prepare the benchmark image:[/] {err}")
         return 1
     log = RegistryLog(access_log(), big_image.REPO)
+    registry = RegistryCpu(registry_dir() / "registry.pid")
     results: list[TargetResult] = []
     targets: list[tuple[Target, dict[str, str]]] = []
     host: HostTarget | None = None
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets.append((host, _refs(layout.host_registry())))
         for target, refs in targets:
             say(f"{target.name} ({target.backend} backend): {args.runs} lazy and full runs")
-            results.append(run_target(target, log, refs, image, args.runs, say))
+            results.append(run_target(target, log, registry, refs, image, args.runs, say))
     except (TargetError, StackError, ValueError) as err:
         console.print(f"[red]benchmark failed:[/] {err}", markup=True)
         return 1

@@ -16,6 +16,10 @@ _ACCESS = re.compile(
     r'"(?:GET|HEAD) /v2/(?P<repo>[^ ]+?)/(?:blobs|manifests)/[^ ]* [^"]*" \d+ (?P<bytes>\d+)'
 )
 _DD = re.compile(r"^(?P<bytes>\d+) bytes .* copied, (?P<seconds>[0-9.]+) s", re.MULTILINE)
+#: `head -n 1 /proc/stat` on the target, marked: "CPUSTAT cpu  user nice system idle ...".
+_CPUSTAT = re.compile(r"^CPUSTAT cpu +(?P<fields>[0-9 ]+)$", re.MULTILINE)
+#: /proc/stat counts in USER_HZ, 100 on every Linux architecture that has containerd.
+USER_HZ = 100
 
 
 class RegistryLog:
@@ -33,6 +37,39 @@ class RegistryLog:
             log.seek(offset)
             text = log.read().decode(errors="replace")
         return sum(int(m["bytes"]) for m in _ACCESS.finditer(text) if m["repo"] == self.repo)
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU time spent while one read ran: a read through apulld costs more CPU per byte
+    than a plain download (every chunk is checked, stored and handed to the kernel), so on
+    a machine with few CPUs its speed is bounded by them; these figures show how close."""
+
+    #: CPU seconds the target machine was busy (all its CPUs; includes the registry when
+    #: the target is this host).
+    busy_s: float
+    #: CPU seconds it had: wall time x CPUs.
+    capacity_s: float
+    #: CPU seconds of the registry process (on this host) in the same span.
+    registry_s: float
+
+
+@dataclass(frozen=True)
+class ReadRun:
+    mb_s: float
+    cpu: CpuUse
+
+
+class RegistryCpu:
+    """CPU seconds used so far by the registry process (it runs on this host)."""
+
+    def __init__(self, pidfile: Path) -> None:
+        self.pidfile = pidfile
+
+    def seconds(self) -> float:
+        pid = self.pidfile.read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / USER_HZ  # utime, stime
 
 
 @dataclass(frozen=True)
@@ -90,22 +127,32 @@ def start_to_first_output(
     return StartRun(rpc + (first - pulled) / 1e9, rpc, served, wall)
 
 
-def read_through_apulld(target: Target) -> float:
-    """MB/s of reading READ_FILE in full from its layer's EROFS mount (served by apulld)."""
+def read_through_apulld(target: Target, registry: RegistryCpu) -> ReadRun:
+    """MB/s of reading READ_FILE in full from its layer's EROFS mount (served by apulld),
+    and the CPU time spent meanwhile."""
+    before = registry.seconds()
     out = target.run(
         f"f=$(ls {target.snapshotter_root}/snapshots/*/fs/{READ_FILE} | head -n 1)\n"
         'test -n "$f"\n'
+        'echo "CPUSTAT $(head -n 1 /proc/stat)"\n'
         'dd if="$f" of=/dev/null bs=1M 2>&1\n'
+        'echo "CPUSTAT $(head -n 1 /proc/stat)"\n'
     )
-    return _dd_rate(out)
+    return ReadRun(_dd_rate(out), _cpu_use(out, registry.seconds() - before))
 
 
-def http_download(target: Target, repo: str, digest: str) -> float:
-    """MB/s of a plain GET of the blob from the same registry, on the target."""
+def http_download(target: Target, registry: RegistryCpu, repo: str, digest: str) -> ReadRun:
+    """MB/s of a plain GET of the blob from the same registry, on the target, and the CPU
+    time spent meanwhile."""
+    before = registry.seconds()
     out = target.run(
         "python3 - <<'EOF'\n"
         "import http.client, time\n"
+        "def stat():\n"
+        "    with open('/proc/stat') as f:\n"
+        "        print('CPUSTAT', f.readline().strip())\n"
         f"c = http.client.HTTPConnection({target.registry!r}, timeout=120)\n"
+        "stat()\n"
         "t = time.monotonic()\n"
         f"c.request('GET', '/v2/{repo}/blobs/{digest}')\n"
         "r = c.getresponse()\n"
@@ -113,11 +160,28 @@ def http_download(target: Target, repo: str, digest: str) -> float:
         "n = 0\n"
         "while chunk := r.read(1 << 20):\n"
         "    n += len(chunk)\n"
-        "print(n, time.monotonic() - t)\n"
+        "t = time.monotonic() - t\n"
+        "stat()\n"
+        "print('GOT', n, t)\n"
         "EOF\n"
     )
-    size, seconds = out.split()
-    return int(size) / float(seconds) / 1e6
+    got = re.search(r"^GOT (\d+) ([0-9.e-]+)$", out, re.MULTILINE)
+    if got is None:
+        raise TargetError(f"{target.name}: no download figures in: {out!r}")
+    cpu = _cpu_use(out, registry.seconds() - before)
+    return ReadRun(int(got[1]) / float(got[2]) / 1e6, cpu)
+
+
+def _cpu_use(out: str, registry_s: float) -> CpuUse:
+    """CPU time between the first and last CPUSTAT lines of `out` (the all-CPU line of
+    /proc/stat: user nice system idle iowait irq softirq steal ...)."""
+    stats = [[int(v) for v in m["fields"].split()] for m in _CPUSTAT.finditer(out)]
+    if len(stats) < 2 or min(len(s) for s in stats) < 8:
+        raise TargetError(f"no CPU figures in: {out!r}")
+    delta = [b - a for a, b in zip(stats[0][:8], stats[-1][:8], strict=True)]
+    idle = delta[3] + delta[4]
+    busy = sum(delta) - idle
+    return CpuUse(busy / USER_HZ, (busy + idle) / USER_HZ, registry_s)
 
 
 def _dd_rate(out: str) -> float:

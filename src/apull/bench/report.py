@@ -22,6 +22,14 @@ def _mark(ok: bool) -> str:
     return "[green]ok[/]" if ok else "[red]below goal[/]"
 
 
+def _cpu(summary: dict[str, float], what: str) -> str:
+    """'0.80 of 1.03 s (registry 0.24)': CPU seconds busy of those the target had."""
+    return (
+        f"{summary[what + '_cpu_busy_s']:.2f} of {summary[what + '_cpu_capacity_s']:.2f} s "
+        f"(registry {summary[what + '_registry_cpu_s']:.2f})"
+    )
+
+
 def render(console: Console, image: ImageFacts, results: list[TargetResult], runs: int) -> None:
     console.print(
         f"image: {image.files_bytes / 2**30:.2f} GiB of files; plain image "
@@ -43,6 +51,8 @@ def render(console: Console, image: ImageFacts, results: list[TargetResult], run
         ("cold read through apulld", lambda s: f"{s['cold_read_mb_s']:.0f} MB/s"),
         ("plain HTTP GET of the blob", lambda s: f"{s['http_mb_s']:.0f} MB/s"),
         ("  cold read / HTTP", lambda s: f"{s['cold_vs_http']:.2f}"),
+        ("  CPU busy in the cold read", lambda s: _cpu(s, "cold_read")),
+        ("  CPU busy in the HTTP GET", lambda s: _cpu(s, "http")),
         ("warm read through apulld", lambda s: f"{s['warm_read_mb_s']:.0f} MB/s"),
     ]
     for label, cell in rows:

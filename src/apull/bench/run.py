@@ -24,6 +24,8 @@ from pathlib import Path
 
 from apull.bench import big_image
 from apull.bench.measure import (
+    CpuUse,
+    RegistryCpu,
     RegistryLog,
     StartRun,
     http_download,
@@ -51,6 +53,9 @@ class TargetResult:
     cold_read: list[float] = field(default_factory=list)
     warm_read: list[float] = field(default_factory=list)
     http: list[float] = field(default_factory=list)
+    #: CPU time during each cold read and each HTTP GET (see measure.CpuUse).
+    cold_read_cpu: list[CpuUse] = field(default_factory=list)
+    http_cpu: list[CpuUse] = field(default_factory=list)
 
     def summary(self, image: ImageFacts) -> dict[str, float]:
         lazy_s = median([r.seconds for r in self.lazy])
@@ -74,12 +79,23 @@ class TargetResult:
             # medians' quotient would mix runs of a loaded machine.
             "cold_vs_http": median([c / h for c, h in zip(self.cold_read, self.http, strict=True)]),
             "warm_read_mb_s": median(self.warm_read),
+            **_cpu_summary("cold_read", self.cold_read_cpu),
+            **_cpu_summary("http", self.http_cpu),
         }
+
+
+def _cpu_summary(what: str, uses: list[CpuUse]) -> dict[str, float]:
+    return {
+        f"{what}_cpu_busy_s": median([u.busy_s for u in uses]),
+        f"{what}_cpu_capacity_s": median([u.capacity_s for u in uses]),
+        f"{what}_registry_cpu_s": median([u.registry_s for u in uses]),
+    }
 
 
 def run_target(
     target: Target,
     log: RegistryLog,
+    registry: RegistryCpu,
     refs: dict[str, str],
     image: ImageFacts,
     runs: int,
@@ -91,15 +107,22 @@ def run_target(
         target.cold(everything)
         run = start_to_first_output(target, log, refs["apull"], "apull", f"bench-lazy-{i}")
         result.lazy.append(run)
-        result.cold_read.append(read_through_apulld(target))
+        cold = read_through_apulld(target, registry)
+        result.cold_read.append(cold.mb_s)
+        result.cold_read_cpu.append(cold.cpu)
         target.drop_page_cache()
-        result.warm_read.append(read_through_apulld(target))
-        result.http.append(http_download(target, big_image.REPO, image.read_blob))
+        result.warm_read.append(read_through_apulld(target, registry).mb_s)
+        http = http_download(target, registry, big_image.REPO, image.read_blob)
+        result.http.append(http.mb_s)
+        result.http_cpu.append(http.cpu)
         say(
             f"{target.name} lazy #{i + 1}: first output {run.seconds:.2f}s (pull "
             f"{run.pull_seconds:.2f}s), {run.bytes_served / 1e6:.2f} MB served; read cold "
             f"{result.cold_read[-1]:.0f} MB/s, warm {result.warm_read[-1]:.0f} MB/s, "
-            f"HTTP {result.http[-1]:.0f} MB/s"
+            f"HTTP {result.http[-1]:.0f} MB/s; CPU busy cold read {cold.cpu.busy_s:.2f} of "
+            f"{cold.cpu.capacity_s:.2f} s (registry {cold.cpu.registry_s:.2f}), HTTP "
+            f"{http.cpu.busy_s:.2f} of {http.cpu.capacity_s:.2f} s (registry "
+            f"{http.cpu.registry_s:.2f})"
         )
     for i in range(runs):
         target.cold(everything)

@@ -85,6 +85,7 @@ class TableStore:
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._fetching: dict[str, Future[ChunkTable]] = {}
+        self._expected: set[Future[ChunkTable]] = set()  # expect()ed, not settled yet
         self._fetcher = ThreadPoolExecutor(TABLE_WORKERS, thread_name_prefix="table")
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -140,6 +141,75 @@ class TableStore:
         _check_fits(config, table)
         return table
 
+    def expect(self, config: BlobConfig) -> Future[ChunkTable] | None:
+        """Announce that the caller fetches the blob whole and computes its chunk table from
+        it (`settle`): until then readers get the table pending (`soon`), as if it were being
+        fetched, and fetch no table of their own. None when the table is here, on its way,
+        or on disk (then nothing is to be computed)."""
+        digest = config.chunk_table
+        if not digest or not config.chunk_size or self._known(digest):
+            return None
+        algorithm, _, hexdigest = digest.partition(":")
+        if (self.root / f"{algorithm}-{hexdigest}").exists():
+            return None
+        with self._lock:
+            if digest in self._tables or digest in self._fetching:
+                return None
+            future: Future[ChunkTable] = Future()
+            self._fetching[digest] = future
+            self._expected.add(future)
+        future.add_done_callback(lambda _: self._fetched(digest))
+        return future
+
+    def _known(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._tables or digest in self._fetching
+
+    def settle(
+        self, config: BlobConfig, future: Future[ChunkTable], blob: bytes | bytearray | None
+    ) -> bool:
+        """Complete an expected table: computed from `blob` (the whole blob) when its digest
+        is the one the blob config names (then every chunk of `blob` is the blob's, as if
+        checked against the fetched table); else fetched from the registry in the
+        background. Whether `blob` matched; a table settled already is left alone."""
+        with self._lock:
+            if future not in self._expected:
+                return False
+            self._expected.discard(future)
+        table = self._derive(config, blob) if blob is not None else None
+        if table is not None:
+            future.set_result(table)
+            return True
+
+        stopping = TableError("apulld is stopping: the chunk table was not fetched")
+        try:
+            fetching = self._fetcher.submit(self.get, config)
+        except RuntimeError:  # shut down
+            future.set_exception(stopping)
+            return False
+        fetching.add_done_callback(lambda done: _pass_on(done, future, stopping))
+        return False
+
+    def _derive(self, config: BlobConfig, blob: bytes | bytearray) -> ChunkTable | None:
+        digest, chunk = config.chunk_table, config.chunk_size
+        if not blob or len(blob) != config.size:
+            return None
+        view = memoryview(blob)
+        try:
+            table = ChunkTable.from_chunks(
+                (view[at : at + chunk] for at in range(0, len(view), chunk)), chunk
+            )
+        except ChunkTableError:
+            return None
+        raw = table.to_bytes()
+        algorithm, _, hexdigest = digest.partition(":")
+        if digest_of(raw, algorithm) != digest:
+            return None
+        with self._lock:
+            table = self._tables.setdefault(digest, table)
+        self._save(self.root / f"{algorithm}-{hexdigest}", raw)
+        return table
+
     def _load(self, config: BlobConfig) -> ChunkTable:
         digest = config.chunk_table
         algorithm, _, hexdigest = digest.partition(":")
@@ -173,6 +243,16 @@ class TableStore:
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+
+
+def _pass_on(done: Future[ChunkTable], to: Future[ChunkTable], cancelled: TableError) -> None:
+    """Complete `to` as `done` ended (its table or its error; `cancelled` if it never ran)."""
+    if done.cancelled():
+        to.set_exception(cancelled)
+    elif (error := done.exception()) is not None:
+        to.set_exception(error)
+    else:
+        to.set_result(done.result())
 
 
 def _check_fits(config: BlobConfig, table: ChunkTable) -> None:

@@ -45,6 +45,7 @@ from apull.daemon.counters import Counters
 from apull.daemon.fuse_server import FuseError, FuseSession
 from apull.daemon.http_api import ServingError
 from apull.daemon.registry_fetch import FetchSettings, RangeFetcher
+from apull.daemon.whole_blob import fetch_whole
 
 log = logging.getLogger("apulld.file")
 ROOT = fp.ROOT_ID
@@ -62,6 +63,9 @@ class FileBackendConfig:
     fetch: FetchSettings
     cache_limit_bytes: int
     threads: int = 4
+    #: Blobs of at most this many bytes are fetched whole at their first read, their
+    #: chunk tables computed from them (whole_blob.py); 0: never.
+    whole_max_bytes: int = 0
 
 
 def node_id(config: BlobConfig) -> int:
@@ -309,8 +313,10 @@ class FileBackend:
         config = self._blob(nodeid)
         self.counters.add("read_requests")
         try:
-            table = self.tables.soon(config)
             source = RegistrySource(self.fetcher, location_of(config))
+            if config.size <= self.config.whole_max_bytes:
+                fetch_whole(self.cache, self.tables, config, source)  # unless known already
+            table = self.tables.soon(config)
             spec = BlobSpec(config.digest, config.size, table)
             data = self.cache.read(spec, source, offset, size)
             if isinstance(table, PendingTable):

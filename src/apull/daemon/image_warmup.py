@@ -7,8 +7,8 @@ manifest (CRI's `containerd.io/snapshot/cri.manifest-digest` label); apulld fetc
 checks its digest, and fetches for all apull layers, LAYER_WORKERS at a time, in the
 background: the chunk tables and each layer's first chunk (fetched together: tables.soon),
 or the whole layer when it is at most `whole_max_bytes` (base layers: the shell and libc
-nearly every container start reads; one request instead of two). The later Prepares find
-what their mounts read here.
+nearly every container start reads; whole_blob.py: one request, no chunk table fetched).
+The later Prepares find what their mounts read here.
 
 Nothing is registered (the snapshotter's Prepares still register each blob); this only
 fills caches: the verified chunk table store and, with the file backend, the chunk cache.
@@ -35,6 +35,7 @@ from apull.daemon.blob_source import (
 from apull.daemon.chunk_cache import BlobSpec, ChunkCache
 from apull.daemon.counters import Counters
 from apull.daemon.registry_fetch import BlobLocation, FetchError, RangeFetcher
+from apull.daemon.whole_blob import fetch_whole
 from apull.image import format as fmt
 from apull.image.oci import ManifestError, media_type_of, parse_image_manifest
 
@@ -155,16 +156,20 @@ class ImageWarmup:
 
     def _warm_layer(self, config: BlobConfig) -> int:
         """The chunk table and, with a chunk cache, the first chunk or the whole layer (the
-        chunks fetched while the table is: tables.soon)."""
-        whole = self._whole(config)
+        chunks fetched while the table is: tables.soon; a whole layer's table computed from
+        it: whole_blob)."""
         try:
             if self.cache is None:
                 self.tables.get(config)
                 return 0
-            spec = BlobSpec(config.digest, config.size, self.tables.soon(config))
             source = RegistrySource(self.fetcher, location_of(config))
-            size = config.size if whole else spec.table.chunk_size
-            fetched = self.cache.warm(spec, source, 0, size)
+            fetched = None
+            if self._whole(config):
+                fetched = fetch_whole(self.cache, self.tables, config, source)
+            if fetched is None:
+                spec = BlobSpec(config.digest, config.size, self.tables.soon(config))
+                size = config.size if self._whole(config) else spec.table.chunk_size
+                fetched = self.cache.warm(spec, source, 0, size)
         except TableError as err:
             log.warning("warming blob %s: %s", config.blob_id, err)
             return 0

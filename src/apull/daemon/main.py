@@ -92,6 +92,7 @@ def fetch_settings(settings: ApulldSettings) -> FetchSettings:
         auth_file=Path(settings.registry_auth_file) if settings.registry_auth_file else None,
         retries=max(0, settings.fetch_retries),
         timeout=float(max(1, settings.fetch_timeout_s)),
+        schemes_file=state_dir(settings.cache_dir) / "registry-schemes.json",
     )
 
 
@@ -105,7 +106,14 @@ def file_backend_config(settings: ApulldSettings) -> FileBackendConfig:
         fetch=fetch,
         cache_limit_bytes=max(1, settings.cache_size_limit_mb) << 20,
         threads=max(2, settings.thread_num),
+        whole_max_bytes=whole_max_bytes(settings),
     )
+
+
+def whole_max_bytes(settings: ApulldSettings) -> int:
+    """Layers of at most this size are fetched whole (prefetch_layer_max_mb; 0: prefetch
+    off, each read fetches its own chunks)."""
+    return max(0, settings.prefetch_layer_max_mb) << 20 if settings.prefetch_enable else 0
 
 
 def discard_fds(inherited: dict[str, int], log: logging.Logger) -> None:
@@ -162,8 +170,9 @@ def image_warmup(
     """Warm-ups of pulled images with the backend's fetcher and caches (prefetch_enable)."""
     if backend is None or not settings.prefetch_enable:
         return None
-    whole = max(0, settings.prefetch_layer_max_mb) << 20
-    return ImageWarmup(backend.fetcher, backend.tables, backend.cache, backend.counters, whole)
+    return ImageWarmup(
+        backend.fetcher, backend.tables, backend.cache, backend.counters, whole_max_bytes(settings)
+    )
 
 
 def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:

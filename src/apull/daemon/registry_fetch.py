@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from apull.daemon.counters import Counters
+from apull.daemon.registry_schemes import SchemeMemory
 from apull.image.registry_auth import (
     AuthError,
     Credentials,
@@ -106,6 +107,8 @@ class FetchSettings:
     timeout: float = 30.0
     backoff: float = 0.25
     backoff_max: float = 4.0
+    #: Where the schemes learned by probing are kept across restarts (None: not kept).
+    schemes_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ class RangeFetcher:
         self.counters = counters
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str], _Pool] = {}
-        self._schemes: dict[str, str] = {}
+        self._schemes = SchemeMemory(settings.schemes_file)
         self._auth: dict[tuple[str, str], str] = {}
         self._resting: dict[str, float] = {}
         self._failing: dict[str, float] = {}
@@ -311,8 +314,7 @@ class RangeFetcher:
     def _base(self, endpoint: _Endpoint) -> str:
         if endpoint.mirror:
             return endpoint.base
-        with self._lock:
-            scheme = self._schemes.get(endpoint.name)
+        scheme = self._schemes.get(endpoint.name)
         if scheme is None:
             scheme = "probe" if self._insecure(endpoint.name) else "https"
         return f"{scheme}://{endpoint.name}"
@@ -332,8 +334,7 @@ class RangeFetcher:
                     if scheme == "http" or not isinstance(err.__cause__, ssl.SSLError):
                         raise
                     continue
-                with self._lock:
-                    self._schemes[parts.netloc] = scheme
+                self._schemes.learned(parts.netloc, scheme)
                 return reply
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         for fresh in (False, True):
@@ -348,6 +349,7 @@ class RangeFetcher:
                 complete = resp.isclosed() or not resp.read(1)
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
+                self._schemes.forget(parts.netloc, parts.scheme)  # if learned: ask again
                 stale = isinstance(err, http.client.RemoteDisconnected | BrokenPipeError)
                 if not fresh and stale:
                     continue  # a pooled connection the server had closed

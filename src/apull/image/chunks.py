@@ -66,7 +66,7 @@ class ChunkTable:
     # -- building and (de)serialising -----------------------------------------------------
 
     @classmethod
-    def from_chunks(cls, chunks: Iterable[bytes], chunk_size: int) -> ChunkTable:
+    def from_chunks(cls, chunks: Iterable[bytes | memoryview], chunk_size: int) -> ChunkTable:
         """From the data, given as consecutive pieces of exactly chunk_size (last: shorter)."""
         digests: list[bytes] = []
         size = 0
