@@ -106,6 +106,7 @@ class Snapshotter:
         self.root = base / "root"
         self.address = str(base / "snap.sock")
         self.apulld_address = apulld_address
+        self.containerd_address = ""  # "": the default (/run/containerd/containerd.sock)
         self.log = base / "snapshotter.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
@@ -117,7 +118,9 @@ class Snapshotter:
         config.write_text(
             '[global]\nlog_level = "debug"\n'
             f"[snapshotter]\napulld_address = {json.dumps(self.apulld_address)}\n"
-        )
+            + (f"containerd_address = {json.dumps(self.containerd_address)}\n"
+               if self.containerd_address else "")
+        )  # fmt: skip
         notify_path = self.base / "notify.sock"
         notify_path.unlink(missing_ok=True)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

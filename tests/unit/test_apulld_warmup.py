@@ -5,7 +5,9 @@ or read; the reads that follow are served from the cache without another registr
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import os
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from serving_support import MULTI_REPO, Apulld, Corruption, Layer, Proxy
 
 from apull.daemon.backend import NodePaths, probe_file
 from apull.lab import test_image
-from apull.registry.client import RegistryClient
+from apull.registry.client import OCI_MANIFEST, RegistryClient
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="FUSE needs root"),
@@ -162,6 +164,30 @@ def test_a_small_layer_read_before_any_warm_up_is_fetched_whole(
         apulld.close()
 
 
+def test_a_manifest_given_with_the_request_is_used_when_it_is_the_manifest(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, apulld: Apulld
+) -> None:
+    apulld.start()
+    digest = manifest_of(registry, MULTI_REPO)
+    conn = http.client.HTTPConnection(registry.address, timeout=10)
+    conn.request("GET", f"/v2/{MULTI_REPO}/manifests/{digest}", headers={"Accept": OCI_MANIFEST})
+    raw = conn.getresponse().read()
+    conn.close()
+    body = {"registry": proxy.address, "repo": MULTI_REPO, "manifest": digest,
+            "manifest_data": base64.b64encode(raw).decode()}  # fmt: skip
+    assert apulld.request("PUT", PREFETCH, body) == (202, {"started": True})
+    wait_warmed(apulld, proxy, MULTI_REPO, digest)
+    assert apulld.stats().get("manifest_bytes_fetched", 0) == 0
+    # Bytes that are not the manifest: said, and the manifest fetched.
+    digest = manifest_of(registry, test_image.REPO)
+    body = {**body, "repo": test_image.REPO, "manifest": digest}
+    assert apulld.request("PUT", PREFETCH, body) == (202, {"started": True})
+    wait_warmed(apulld, proxy, test_image.REPO, digest)
+    assert "as given: " in apulld.log()
+    assert apulld.stats()["manifest_bytes_fetched"] > 0
+    assert proxy.bytes_of(images["multi"].digest) == images["multi"].chunk_size
+
+
 def test_bad_requests_are_refused_and_unknown_manifests_only_logged(
     images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, apulld: Apulld
 ) -> None:
@@ -173,6 +199,8 @@ def test_bad_requests_are_refused_and_unknown_manifests_only_logged(
         ({**good, "registry": "http://x"}, "registry: 'http://x' is not host[:port]"),
         ({**good, "manifest": "sha256:12"}, "manifest: 'sha256:12' is not sha256:"),
         ({**good, "tag": "latest"}, "tag: unknown field"),
+        ({**good, "manifest_data": "not base64!"}, "manifest_data: not base64"),
+        ({**good, "manifest_data": 12}, "manifest_data: base64 of at most"),
     ):
         status, answer = apulld.request("PUT", PREFETCH, body)
         assert status == 400 and answer["error"].startswith(field), answer

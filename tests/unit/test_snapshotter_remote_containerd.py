@@ -68,10 +68,11 @@ class Stack:
         self.apulld.start()
         self.snap = Snapshotter(base / "snap", self.apulld.address)
         self.snap.base.mkdir()
-        self.snap.start()
         self.containerd = Containerd(
             base / "containerd", self.snap.address, self.proxy.address, registry.address
         )
+        self.snap.containerd_address = self.containerd.address
+        self.snap.start()
         self.containerd.start()
         self.image = f"{self.proxy.address}/{REPO}:apull"
         self.registry = registry.address
@@ -146,6 +147,8 @@ def test_a_cri_pull_mounts_the_layers_and_ctr_run_reads_a_fraction(stack: Stack,
     while stack.apulld.stats().get("warmed_images", 0) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert stack.apulld.stats()["warmed_images"] == 1
+    # With the manifest the snapshotter read from containerd's content store: not fetched.
+    assert stack.apulld.stats().get("manifest_bytes_fetched", 0) == 0
 
     started = time.monotonic()
     assert stack.run("apull-e2e-cat", "/bin/cat", "/etc/hostname") == "apull\n"

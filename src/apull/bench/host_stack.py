@@ -52,6 +52,7 @@ class HostStack:
                 "address": self.snapshotter_address,
                 "root": str(self.snapshotter_root),
                 "apulld_address": self.apulld_address,
+                "containerd_address": self.containerd.address,
             },
             "apulld": {
                 "address": self.apulld_address,

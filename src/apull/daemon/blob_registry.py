@@ -8,6 +8,7 @@ change (temp file, fsync, rename), so a restart restores exactly the acknowledge
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -124,21 +125,42 @@ def parse_blob_config(raw: object) -> BlobConfig:
     return config
 
 
-def parse_prefetch_request(raw: object) -> tuple[str, str, str]:
-    """A prefetch request body: (registry, repo, manifest digest); BlobConfigError names the
-    first bad field."""
+@dataclass(frozen=True)
+class PrefetchRequest:
+    registry: str
+    repo: str
+    manifest: str
+    #: The manifest's bytes when the caller has them (containerd's content store): then
+    #: apulld need not fetch them; still checked against `manifest` before any use.
+    manifest_data: bytes | None = None
+
+
+def parse_prefetch_request(raw: object, max_manifest: int) -> PrefetchRequest:
+    """A prefetch request body: registry, repo, manifest digest, and optionally the
+    manifest's bytes (`manifest_data`, base64); BlobConfigError names the first bad field."""
     if not isinstance(raw, dict):
         raise BlobConfigError("body", "expected a JSON object")
+    known = ("manifest", "manifest_data", "registry", "repo")
     for name in raw:
-        if name not in ("registry", "repo", "manifest"):
-            raise BlobConfigError(name, "unknown field (known: manifest, registry, repo)")
+        if name not in known:
+            raise BlobConfigError(name, f"unknown field (known: {', '.join(known)})")
     for name in ("registry", "repo", "manifest"):
         if raw.get(name) in (None, ""):
             raise BlobConfigError(name, "required")
-    return (
+    data = None
+    if raw.get("manifest_data") is not None:
+        encoded = raw["manifest_data"]
+        if not isinstance(encoded, str) or len(encoded) > (max_manifest + 2) // 3 * 4:
+            raise BlobConfigError("manifest_data", f"base64 of at most {max_manifest} bytes")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise BlobConfigError("manifest_data", "not base64") from None
+    return PrefetchRequest(
         _text(raw, "registry", _REGISTRY, "host[:port] (no scheme, no path)"),
         _text(raw, "repo", _REPO, "a repository name (lowercase path)"),
         _text(raw, "manifest", _DIGEST, "sha256:<64 hex> or sha512:<128 hex>"),
+        data,
     )
 
 

@@ -7,7 +7,8 @@ PUT        /v1.0/apulld/blob_config  -> 201 the stored blob (JSON body: see blob
 GET        /v1.0/apulld/blob_config  -> 200 {"blobs":[...]}
 DELETE     /v1.0/apulld/blob_config?blob_id=ID -> 204, 404 when unknown
 PUT        /v1.0/apulld/prefetch     -> 202 {"started": true|false} (JSON body: registry,
-                                        repo, manifest digest): warm the image's layers in the
+                                        repo, manifest digest, optionally manifest_data: its
+                                        bytes, base64): warm the image's layers in the
                                         background (image_warmup.py); "started" false when it
                                         was warmed moments ago or prefetch is off
 Errors are JSON {"error": "..."}: 400 bad request, 404 unknown path/blob, 405 wrong method,
@@ -38,7 +39,7 @@ from apull.daemon.blob_registry import (
     parse_prefetch_request,
 )
 from apull.daemon.image_warmup import ImageWarmup
-from apull.daemon.registry_fetch import BlobLocation
+from apull.daemon.registry_fetch import MAX_MANIFEST, BlobLocation
 
 PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"
@@ -228,11 +229,12 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _prefetch(self) -> Reply:
         try:
-            registry, repo, digest = parse_prefetch_request(json.loads(self._body))
+            asked = parse_prefetch_request(json.loads(self._body), MAX_MANIFEST)
         except ValueError as err:  # BlobConfigError too
             raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
         warmup = self.server.state.warmup
-        started = warmup is not None and warmup.request(BlobLocation(registry, repo, digest))
+        where = BlobLocation(asked.registry, asked.repo, asked.manifest)
+        started = warmup is not None and warmup.request(where, asked.manifest_data)
         return HTTPStatus.ACCEPTED, {"started": started}
 
     def _delete_blob(self) -> Reply:

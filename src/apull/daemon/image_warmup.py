@@ -109,8 +109,10 @@ class ImageWarmup:
         self._images = ThreadPoolExecutor(2, thread_name_prefix="warm-image")
         self._layers = ThreadPoolExecutor(LAYER_WORKERS, thread_name_prefix="warm-layer")
 
-    def request(self, manifest: BlobLocation) -> bool:
-        """Start warming the image; False when it was warmed (or started) moments ago."""
+    def request(self, manifest: BlobLocation, data: bytes | None = None) -> bool:
+        """Start warming the image; False when it was warmed (or started) moments ago.
+        `data`: the manifest's bytes when the caller has them (checked like fetched ones;
+        fetched when they do not match)."""
         now = time.monotonic()
         with self._lock:
             for digest in [d for d, at in self._recent.items() if at + RECENT_SECONDS < now]:
@@ -119,16 +121,15 @@ class ImageWarmup:
                 return False
             self._recent[manifest.digest] = now
         try:
-            self._images.submit(self._warm_image, manifest)
+            self._images.submit(self._warm_image, manifest, data)
         except RuntimeError:  # shutting down
             return False
         return True
 
-    def _warm_image(self, manifest: BlobLocation) -> None:
+    def _warm_image(self, manifest: BlobLocation, data: bytes | None) -> None:
         started = time.monotonic()
         try:
-            raw = self.fetcher.fetch_manifest(manifest)
-            layers = apull_layers(raw, manifest)
+            layers = self._layers_of(manifest, data)
         except (FetchError, ManifestError) as err:
             log.warning("not warming %s: %s", manifest, err)
             with self._lock:
@@ -149,6 +150,16 @@ class ImageWarmup:
             manifest, len(layers), sum(map(self._whole, layers)), fetched,
             (time.monotonic() - started) * 1000,
         )  # fmt: skip
+
+    def _layers_of(self, manifest: BlobLocation, data: bytes | None) -> list[BlobConfig]:
+        """The manifest's apull layers, from `data` when it is the manifest (one registry
+        request less at the head of the pull), else from the registry."""
+        if data is not None:
+            try:
+                return apull_layers(data, manifest)
+            except ManifestError as err:
+                log.warning("manifest %s as given: %s; fetching it", manifest, err)
+        return apull_layers(self.fetcher.fetch_manifest(manifest), manifest)
 
     def _whole(self, config: BlobConfig) -> bool:
         """Whether the layer is warmed whole (else its first chunk)."""

@@ -14,6 +14,10 @@
 
 from __future__ import annotations
 
+# socket.getaddrinfo encodes host names with the idna codec, imported on first use: 12 ms
+# (unicodedata, stringprep) at the head of the first pull after apulld starts - a node that
+# boots and pulls at once. Imported with apulld instead.
+import encodings.idna  # noqa: F401
 import http.client
 import ipaddress
 import json

@@ -33,6 +33,9 @@ class SnapshotterSettings:
     root: str = "/var/lib/containerd-apull"
     # Where the snapshotter reaches apulld.
     apulld_address: str = "/run/apulld.sock"
+    # containerd's own socket: image manifests are read from its content store and handed
+    # to apulld with warm-ups ("" : apulld fetches them from the registry).
+    containerd_address: str = "/run/containerd/containerd.sock"
 
 
 @dataclass(frozen=True)

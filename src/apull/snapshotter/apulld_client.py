@@ -7,6 +7,7 @@ and the file backend's the blob's file), ping (why no backend serves blobs), PUT
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -65,9 +66,14 @@ class ApulldClient:
         """Register (or re-register) a blob; the answer has "path" with the file backend."""
         return self._call("PUT", BLOB_CONFIG_PATH, config)[1]
 
-    def prefetch(self, registry: str, repo: str, manifest: str) -> bool:
-        """Ask apulld to warm an image's layers in the background; True when it started."""
+    def prefetch(
+        self, registry: str, repo: str, manifest: str, manifest_data: bytes | None = None
+    ) -> bool:
+        """Ask apulld to warm an image's layers in the background (with the manifest's bytes
+        when we have them: apulld need not fetch it); True when it started."""
         body = {"registry": registry, "repo": repo, "manifest": manifest}
+        if manifest_data is not None:
+            body["manifest_data"] = base64.b64encode(manifest_data).decode()
         return bool(self._call("PUT", PREFETCH_PATH, body)[1].get("started"))
 
     def blob_ids(self) -> list[str]:

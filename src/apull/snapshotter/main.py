@@ -47,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here so that a settings error is reported even where grpc is broken.
     from apull.snapshotter.apulld_client import ApulldClient
+    from apull.snapshotter.content_reader import ContentReader
     from apull.snapshotter.overlay import OverlaySnapshotter
     from apull.snapshotter.remote import RemoteSnapshots
     from apull.snapshotter.server import SnapshotterServer
 
-    remote = RemoteSnapshots(ApulldClient(settings.snapshotter.apulld_address))
+    containerd = settings.snapshotter.containerd_address
+    content = ContentReader(containerd) if containerd else None
+    remote = RemoteSnapshots(ApulldClient(settings.snapshotter.apulld_address), content)
     try:
         snapshotter = OverlaySnapshotter(
             root, [remote.prepare], [remote.removed], [remote.parents_ready], [remote.removing]

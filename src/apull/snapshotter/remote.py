@@ -47,6 +47,7 @@ from apull.service.mount_syscalls import (
     read_mountinfo,
 )
 from apull.snapshotter.apulld_client import ApulldClient, ApulldError, ApulldUnreachableError
+from apull.snapshotter.content_reader import ContentReader
 from apull.snapshotter.diskusage import Usage
 from apull.snapshotter.errors import (
     AlreadyExistsError,
@@ -94,8 +95,9 @@ class MountSource:
 class RemoteSnapshots:
     """The Prepare and Remove hooks and the start-up restore, talking to one apulld."""
 
-    def __init__(self, apulld: ApulldClient) -> None:
+    def __init__(self, apulld: ApulldClient, content: ContentReader | None = None) -> None:
         self.apulld = apulld
+        self.content = content  # containerd's content store: the manifest for warm-ups
         # One lock per blob: registering, mounting and forgetting a blob never interleave.
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
@@ -203,8 +205,9 @@ class RemoteSnapshots:
         self._mounter.shutdown(wait=True)
 
     def prefetch(self, labels: Mapping[str, str], layer: RemoteLayer) -> None:
-        """Ask apulld to warm the image's layers, once per image and minute; best effort
-        (without CRI's manifest label, or when apulld refuses, each mount fetches its own)."""
+        """Ask apulld to warm the image's layers, once per image and minute, with the
+        manifest from containerd's content store when it can be read; best effort (without
+        CRI's manifest label, or when apulld refuses, each mount fetches its own)."""
         manifest = labels.get(CRI_MANIFEST_DIGEST_LABEL, "")
         if not manifest:
             return
@@ -216,8 +219,9 @@ class RemoteSnapshots:
             if manifest in self._prefetched:
                 return
             self._prefetched[manifest] = now
+        data = self.content.read(manifest) if self.content is not None else None
         try:
-            self.apulld.prefetch(layer.registry, layer.repo, manifest)
+            self.apulld.prefetch(layer.registry, layer.repo, manifest, data)
         except ApulldError as err:
             log.warning("image %s/%s@%s not warmed: %s", layer.registry, layer.repo, manifest, err)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 API_DIR = Path(__file__).resolve().parent
 SRC_ROOT = API_DIR.parents[2]
 PROTO_PACKAGE = API_DIR.relative_to(SRC_ROOT)  # apull/snapshotter/api
-PROTOS = ("mount.proto", "snapshots.proto")
+PROTOS = ("mount.proto", "snapshots.proto", "content.proto")
 #: Every package's .proto files (package paths relative to src/); stubs go next to them.
 PACKAGES: dict[Path, tuple[str, ...]] = {
     PROTO_PACKAGE: PROTOS,
