@@ -76,6 +76,18 @@ def test_a_plain_http_registry_is_probed_once_across_restarts(pushed, proxy, tmp
     assert proxy.state.connections == 5
 
 
+def test_a_pooled_connection_the_registry_closed_keeps_the_scheme(pushed, proxy, tmp_path) -> None:
+    kept = tmp_path / "registry-schemes.json"
+    fetch, _ = fetcher(schemes_file=kept)
+    where = BlobLocation(proxy.address, REPO, pushed)
+    assert fetch.fetch(where, 0, 10)[0] == DATA[:10]
+    proxy.down()  # closes the kept-alive connection too
+    proxy.up()
+    assert fetch.fetch(where, 0, 10)[0] == DATA[:10]
+    assert proxy.state.connections == 3  # one fresh plain connection, no TLS attempt
+    assert json.loads(kept.read_text()) == {proxy.address: "http"}
+
+
 def test_a_kept_scheme_that_fails_is_probed_again(pushed, proxy, tmp_path) -> None:
     kept = tmp_path / "registry-schemes.json"
     kept.write_text(json.dumps({proxy.address: "https", "other:5000": "gopher"}))

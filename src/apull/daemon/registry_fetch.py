@@ -353,10 +353,10 @@ class RangeFetcher:
                 complete = resp.isclosed() or not resp.read(1)
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
-                self._schemes.forget(parts.netloc, parts.scheme)  # if learned: ask again
                 stale = isinstance(err, http.client.RemoteDisconnected | BrokenPipeError)
                 if not fresh and stale:
                     continue  # a pooled connection the server had closed
+                self._schemes.forget(parts.netloc, parts.scheme)  # if learned: ask again
                 raise _Retryable(f"{parts.scheme}: {err or type(err).__name__}") from err
             headers_got = {k.lower(): v for k, v in resp.getheaders()}
             reply = _Reply(resp.status, headers_got, body, complete)
