@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from apull.daemon.blob_registry import BlobConfig
+from apull.daemon.files import replace_file
 from apull.daemon.registry_fetch import BlobLocation, FetchError, RangeFetcher
 from apull.image.chunks import ChunkTable, ChunkTableError
 
@@ -149,8 +148,7 @@ class TableStore:
         digest = config.chunk_table
         if not digest or not config.chunk_size or self._known(digest):
             return None
-        algorithm, _, hexdigest = digest.partition(":")
-        if (self.root / f"{algorithm}-{hexdigest}").exists():
+        if self._path(digest).exists():
             return None
         with self._lock:
             if digest in self._tables or digest in self._fetching:
@@ -202,18 +200,17 @@ class TableStore:
         except ChunkTableError:
             return None
         raw = table.to_bytes()
-        algorithm, _, hexdigest = digest.partition(":")
-        if digest_of(raw, algorithm) != digest:
+        if digest_of(raw, digest.partition(":")[0]) != digest:
             return None
         with self._lock:
             table = self._tables.setdefault(digest, table)
-        self._save(self.root / f"{algorithm}-{hexdigest}", raw)
+        self._save(self._path(digest), raw)
         return table
 
     def _load(self, config: BlobConfig) -> ChunkTable:
         digest = config.chunk_table
-        algorithm, _, hexdigest = digest.partition(":")
-        path = self.root / f"{algorithm}-{hexdigest}"
+        algorithm = digest.partition(":")[0]
+        path = self._path(digest)
         raw = b""
         with contextlib.suppress(OSError):
             raw = path.read_bytes()
@@ -234,15 +231,13 @@ class TableStore:
         except ChunkTableError as err:
             raise TableError(f"chunk table {digest} of blob {config.blob_id}: {err}") from err
 
+    def _path(self, digest: str) -> Path:
+        algorithm, _, hexdigest = digest.partition(":")
+        return self.root / f"{algorithm}-{hexdigest}"
+
     def _save(self, path: Path, raw: bytes) -> None:
-        fd, temp = tempfile.mkstemp(prefix=".table-", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(raw)
-            os.replace(temp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+        with contextlib.suppress(OSError):  # kept in memory anyway; fetched again next time
+            replace_file(path, raw)
 
 
 def _pass_on(done: Future[ChunkTable], to: Future[ChunkTable], cancelled: TableError) -> None:

@@ -8,13 +8,12 @@ next pull. A connection error with a remembered scheme forgets it: the next try 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
+
+from apull.daemon.files import replace_file
 
 log = logging.getLogger("apulld.fetch")
 SCHEMES = ("http", "https")
@@ -68,15 +67,6 @@ class SchemeMemory:
             return
         text = json.dumps(self._schemes, indent=1, sort_keys=True) + "\n"
         try:
-            fd, temp = tempfile.mkstemp(prefix=".schemes-", dir=self.path.parent)
+            replace_file(self.path, text.encode())
         except OSError as err:
             log.warning("cannot keep registry schemes in %s: %s", self.path, err)
-            return
-        try:
-            with os.fdopen(fd, "w") as stream:
-                stream.write(text)
-            os.replace(temp, self.path)
-        except OSError as err:
-            log.warning("cannot keep registry schemes in %s: %s", self.path, err)
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
