@@ -118,14 +118,20 @@ class FuseSession:
     # -- the loop ------------------------------------------------------------------------
 
     def _worker(self) -> None:
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        # Each worker waits in its own epoll with EPOLLEXCLUSIVE: a request wakes one idle
+        # worker, not all of them (with poll() every request woke every worker, and all but
+        # one found nothing to read: 3 wasted wake-ups per 128 KiB read of a cold file).
+        with select.epoll() as poller:
+            poller.register(self.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            poller.register(self._wake_r, select.EPOLLIN)
+            self._serve(poller)
+
+    def _serve(self, poller: select.epoll) -> None:
         while not self._stopping.is_set():
             events = dict(poller.poll())
             if self._wake_r in events:
                 return
-            if events.get(self.fd, 0) & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            if events.get(self.fd, 0) & (select.EPOLLERR | select.EPOLLHUP):
                 self._lost("the kernel closed the connection (unmounted or aborted)")
                 return
             try:

@@ -349,7 +349,9 @@ class RangeFetcher:
                 want = limit if resp.status < 400 else 1 << 16
                 if resp.length is not None:  # read() allocates what it is asked for
                     want = min(want, resp.length)
-                body = _read_body(resp, want)
+                # Received straight into the bytes it returns (io.BufferedReader reads big
+                # amounts into the result): no zeroed buffer first, no copy after.
+                body = resp.read(want)
                 complete = resp.isclosed() or not resp.read(1)
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
@@ -434,25 +436,6 @@ class RangeFetcher:
         if not isinstance(token, str) or not token:
             raise _Final(f"token answer from {realm} has no token")
         return str(token)
-
-
-def _read_body(resp: http.client.HTTPResponse, want: int) -> bytes | bytearray:
-    """Up to `want` bytes of the body, received straight into one buffer when the length is
-    known (read() would receive into a buffer and then copy it)."""
-    if resp.status != 206 or resp.length is None or want != resp.length or want == 0:
-        return resp.read(want)
-    body = bytearray(want)
-    view = memoryview(body)
-    got = 0
-    while got < want:
-        n = resp.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    view.release()
-    if got < want:
-        del body[got:]
-    return body  # a bytearray: bytes for every use here, without a copy
 
 
 def _whole(limit: int) -> _Taker:
