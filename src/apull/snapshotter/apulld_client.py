@@ -10,9 +10,12 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import socket
 from typing import Any
 from urllib.parse import urlencode
+
+log = logging.getLogger(__name__)
 
 PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"
@@ -74,7 +77,16 @@ class ApulldClient:
         body = {"registry": registry, "repo": repo, "manifest": manifest}
         if manifest_data is not None:
             body["manifest_data"] = base64.b64encode(manifest_data).decode()
-        return bool(self._call("PUT", PREFETCH_PATH, body)[1].get("started"))
+        try:
+            return bool(self._call("PUT", PREFETCH_PATH, body)[1].get("started"))
+        except ApulldRefusedError as err:
+            # An apulld older than this snapshotter (a node half-way through an upgrade)
+            # knows no manifest_data: ask again without it; it fetches the manifest itself.
+            if "manifest_data" not in body or err.status != 400 or "unknown field" not in str(err):
+                raise
+            log.info("%s; asking again without the manifest's bytes", err)
+            del body["manifest_data"]
+            return bool(self._call("PUT", PREFETCH_PATH, body)[1].get("started"))
 
     def blob_ids(self) -> list[str]:
         """The blob_ids apulld has registered."""
