@@ -14,6 +14,7 @@ import time
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
+from ansible_collections.apull.deploy.plugins.module_utils.sizes import size_text
 
 display = Display()
 
@@ -42,15 +43,6 @@ def converter_command(args, check_mode):
         if args.get(option):
             cmd += ["--" + option.replace("_", "-"), args[option]]
     return cmd
-
-
-def size_text(size):
-    value = float(size or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return "%d %s" % (value, unit) if unit == "B" else "%.1f %s" % (value, unit)
-        value /= 1024
-    return "%d B" % size
 
 
 class ActionModule(ActionBase):

@@ -34,6 +34,7 @@ import os
 import time
 
 from ansible.plugins.callback import CallbackBase
+from ansible_collections.apull.deploy.plugins.module_utils.sizes import size_text
 
 CONVERSION_KEYS = (
     "source",
@@ -48,15 +49,6 @@ CONVERSION_KEYS = (
     "source_manifest",
     "target_manifest",
 )
-
-
-def size_text(size):
-    value = float(size or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return "%d %s" % (value, unit) if unit == "B" else "%.1f %s" % (value, unit)
-        value /= 1024
-    return "%d B" % size
 
 
 def backend_text(node):
