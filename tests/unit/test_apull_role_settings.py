@@ -63,6 +63,7 @@ def test_lab_inventory_makes_its_registry_insecure_for_apulld(tmp_path):
     assert (apulld.cache_size_limit_mb, apulld.thread_num) == (10240, 4)
     assert apulld.registry_auth_file == "/etc/apull/registry-auth.json"
     assert apulld.fuse_mountpoint == ""
+    assert load_settings(tmp_path / "config.toml").snapshotter.layer_read_ahead_kb == 1024
 
 
 def test_every_lazy_serving_setting_is_a_role_variable(tmp_path):
@@ -76,6 +77,7 @@ def test_every_lazy_serving_setting_is_a_role_variable(tmp_path):
         "apull_registry_auth_file": "/srv/auth.json",
         "apull_fuse_mountpoint": "/srv/fuse",
         "apull_backend": "file",
+        "apull_layer_read_ahead_kb": 512,
     }
     playbook(tmp_path, "-e", json.dumps(overrides))
     apulld = load_settings(tmp_path / "config.toml").apulld
@@ -85,6 +87,7 @@ def test_every_lazy_serving_setting_is_a_role_variable(tmp_path):
     assert (apulld.cache_size_limit_mb, apulld.thread_num) == (512, 12)
     assert apulld.registry_auth_file == "/srv/auth.json"
     assert (apulld.fuse_mountpoint, apulld.backend) == ("/srv/fuse", "file")
+    assert load_settings(tmp_path / "config.toml").snapshotter.layer_read_ahead_kb == 512
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the credentials file is owned by root")

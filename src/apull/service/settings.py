@@ -14,6 +14,7 @@ from typing import Any
 DEFAULT_CONFIG_PATH = Path("/etc/apull/config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 BACKENDS = ("auto", "fscache", "file", "none")
+MAX_READ_AHEAD_KB = 65536
 
 
 class SettingsError(Exception):
@@ -36,6 +37,9 @@ class SnapshotterSettings:
     # containerd's own socket: image manifests are read from its content store and handed
     # to apulld with warm-ups ("" : apulld fetches them from the registry).
     containerd_address: str = "/run/containerd/containerd.sock"
+    # Read-ahead of each mounted layer, in KiB (0: the kernel's, 128 for file-backed EROFS).
+    # Set where the kernel names the mount's backing-dev info (Linux >= 6.10).
+    layer_read_ahead_kb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,11 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
         raise SettingsError(
             f"{path}: [global] log_level: {settings.global_.log_level!r} is not one of "
             f"{', '.join(LOG_LEVELS)}"
+        )
+    if not 0 <= settings.snapshotter.layer_read_ahead_kb <= MAX_READ_AHEAD_KB:
+        raise SettingsError(
+            f"{path}: [snapshotter] layer_read_ahead_kb: "
+            f"{settings.snapshotter.layer_read_ahead_kb} is not between 0 and {MAX_READ_AHEAD_KB}"
         )
     if settings.apulld.backend not in BACKENDS:
         raise SettingsError(

@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
     containerd = settings.snapshotter.containerd_address
     content = ContentReader(containerd) if containerd else None
-    remote = RemoteSnapshots(ApulldClient(settings.snapshotter.apulld_address), content)
+    remote = RemoteSnapshots(
+        ApulldClient(settings.snapshotter.apulld_address),
+        content,
+        read_ahead_kb=settings.snapshotter.layer_read_ahead_kb,
+    )
     try:
         snapshotter = OverlaySnapshotter(
             root, [remote.prepare], [remote.removed], [remote.parents_ready], [remote.removing]

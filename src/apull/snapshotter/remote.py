@@ -55,6 +55,7 @@ from apull.snapshotter.errors import (
     SnapshotError,
 )
 from apull.snapshotter.overlay import OverlaySnapshotter, PrepareRequest
+from apull.snapshotter.read_ahead import set_read_ahead
 from apull.snapshotter.remote_layer import (
     BLOB_ID_LABEL,
     CRI_IMAGE_LAYERS_LABEL,
@@ -95,9 +96,12 @@ class MountSource:
 class RemoteSnapshots:
     """The Prepare and Remove hooks and the start-up restore, talking to one apulld."""
 
-    def __init__(self, apulld: ApulldClient, content: ContentReader | None = None) -> None:
+    def __init__(
+        self, apulld: ApulldClient, content: ContentReader | None = None, read_ahead_kb: int = 0
+    ) -> None:
         self.apulld = apulld
         self.content = content  # containerd's content store: the manifest for warm-ups
+        self.read_ahead_kb = read_ahead_kb  # of each layer's mount; 0: the kernel's
         # One lock per blob: registering, mounting and forgetting a blob never interleave.
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
@@ -176,7 +180,7 @@ class RemoteSnapshots:
                 return  # removed, or mounted by a user that did not wait
             try:
                 source = self.register(layer)
-                _mount(source, fs, layer)
+                self._mount(source, fs, layer)
             except SnapshotError as err:
                 log.error("remote snapshot %s not mounted: %s", name, err)
                 return
@@ -262,6 +266,21 @@ class RemoteSnapshots:
             "EROFS over fscache or file-backed EROFS) and restart apulld"
         )
 
+    def _mount(self, source: MountSource, fs: Path, layer: RemoteLayer) -> None:
+        try:
+            source.mount(fs)
+        except MountError as err:
+            hint = (
+                "the kernel needs EROFS with CONFIG_EROFS_FS_BACKED_BY_FILE (Linux >= 6.12)"
+                if source.backend == FILE
+                else "the kernel needs EROFS over fscache on demand (CONFIG_EROFS_FS_ONDEMAND)"
+            )
+            raise FailedPreconditionError(
+                f"{layer.describe()}: cannot mount it on {fs}: {err} ({hint}; see apulld's log)"
+            ) from err
+        if self.read_ahead_kb:
+            set_read_ahead(fs, self.read_ahead_kb)
+
     # -- mounts handed out on top of remote layers
 
     def parents_ready(
@@ -285,7 +304,7 @@ class RemoteSnapshots:
                     continue  # mounted meanwhile
                 try:
                     layer = remote_layer(info.labels, self.apulld.address)
-                    _mount(self.register(layer), fs, layer)
+                    self._mount(self.register(layer), fs, layer)
                 except SnapshotError as err:
                     raise FailedPreconditionError(
                         f"remote snapshot {info.name} (an image layer) is not mounted and "
@@ -354,7 +373,7 @@ class RemoteSnapshots:
                 layer = remote_layer(info.labels, self.apulld.address)
                 source = self.register(layer)
                 if not is_mounted:
-                    _mount(source, fs, layer)
+                    self._mount(source, fs, layer)
                     mounted += 1
                     log.info("remote snapshot %s: %s mounted again on %s",
                              info.name, layer.describe(), fs)  # fmt: skip
@@ -414,17 +433,3 @@ def _discard(snapshotter: OverlaySnapshotter, key: str) -> None:
         snapshotter.remove(key)
     except Exception as err:
         log.warning("cannot remove the unfinished remote snapshot %s: %s", key, err)
-
-
-def _mount(source: MountSource, fs: Path, layer: RemoteLayer) -> None:
-    try:
-        source.mount(fs)
-    except MountError as err:
-        hint = (
-            "the kernel needs EROFS with CONFIG_EROFS_FS_BACKED_BY_FILE (Linux >= 6.12)"
-            if source.backend == FILE
-            else "the kernel needs EROFS over fscache on demand (CONFIG_EROFS_FS_ONDEMAND)"
-        )
-        raise FailedPreconditionError(
-            f"{layer.describe()}: cannot mount it on {fs}: {err} ({hint}; see apulld's log)"
-        ) from err

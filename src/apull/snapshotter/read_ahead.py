@@ -1,0 +1,53 @@
+"""The read-ahead of a mounted EROFS layer.
+
+A file-backed EROFS mount gets its own backing-dev info with the kernel's default read-ahead
+of 128 KiB, so reading a file in full sends apulld one 128 KiB FUSE read after another. In
+alternating runs of make bench's cold 256 MiB read: 556 MB/s at 128 KiB, 607-656 at 512 KiB
+and 1 MiB, with 274 FUSE reads instead of 2049. The mount's backing-dev info is found by FS_IOC_GETFSSYSFSPATH (Linux >= 6.10,
+so on every kernel with file-backed EROFS): "erofs/erofs-12" names
+/sys/class/bdi/erofs-12. Elsewhere nothing is changed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: _IOR(0x15, 1, struct fs_sysfs_path { __u8 len; __u8 name[128]; }).
+FS_IOC_GETFSSYSFSPATH = 0x80811501
+BDI_ROOT = Path("/sys/class/bdi")
+
+
+def sysfs_name(mountpoint: Path) -> str:
+    """The filesystem's sysfs name ("erofs/erofs-12"); "" when the kernel cannot say."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        answer = bytearray(129)
+        fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, answer)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return answer[1 : 1 + answer[0]].decode(errors="replace")
+
+
+def set_read_ahead(mountpoint: Path, kb: int, bdi_root: Path = BDI_ROOT) -> bool:
+    """Set the read-ahead (KiB) of the EROFS mounted on `mountpoint`; whether it was set.
+    Best effort: an older kernel, or any other filesystem, keeps its read-ahead (logged at
+    debug level)."""
+    kind, _, name = sysfs_name(mountpoint).partition("/")
+    knob = bdi_root / name / "read_ahead_kb"
+    if kind != "erofs" or not name or not knob.is_file():
+        log.debug("%s: no EROFS read-ahead setting found (%s/%s)", mountpoint, kind, name)
+        return False
+    try:
+        if knob.read_text().strip() != str(kb):
+            knob.write_text(f"{kb}\n")
+    except OSError as err:
+        log.warning("cannot set the read-ahead of %s (%s) to %d KiB: %s", mountpoint, knob, kb, err)
+        return False
+    return True
