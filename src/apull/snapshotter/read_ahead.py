@@ -3,9 +3,9 @@
 A file-backed EROFS mount gets its own backing-dev info with the kernel's default read-ahead
 of 128 KiB, so reading a file in full sends apulld one 128 KiB FUSE read after another. In
 alternating runs of make bench's cold 256 MiB read: 556 MB/s at 128 KiB, 607-656 at 512 KiB
-and 1 MiB, with 274 FUSE reads instead of 2049. The mount's backing-dev info is found by FS_IOC_GETFSSYSFSPATH (Linux >= 6.10,
-so on every kernel with file-backed EROFS): "erofs/erofs-12" names
-/sys/class/bdi/erofs-12. Elsewhere nothing is changed.
+and 1 MiB, with 274 FUSE reads instead of 2049. The mount's backing-dev info is found by
+FS_IOC_GETFSSYSFSPATH (Linux >= 6.10, so on every kernel with file-backed EROFS):
+"erofs/erofs-12" names /sys/class/bdi/erofs-12. Elsewhere nothing is changed.
 """
 
 from __future__ import annotations
