@@ -54,6 +54,7 @@ def test_other_filesystems_are_left_alone(tmp_path: Path, erofs_mount: Path) -> 
     assert set_read_ahead(tmp_path, 768) is False  # not EROFS
     # A kernel that names no backing-dev info (here: one not under the root given).
     assert set_read_ahead(erofs_mount, 768, bdi_root=tmp_path) is False
+    assert set_read_ahead(tmp_path / "gone", 768) is False  # unmounted and removed meanwhile
     assert read_ahead_kb(erofs_mount) == 128
 
 

@@ -24,7 +24,10 @@ BDI_ROOT = Path("/sys/class/bdi")
 
 def sysfs_name(mountpoint: Path) -> str:
     """The filesystem's sysfs name ("erofs/erofs-12"); "" when the kernel cannot say."""
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return ""
     try:
         answer = bytearray(129)
         fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, answer)
