@@ -14,7 +14,7 @@ import pytest
 from apull.daemon.backend import NodePaths, probe_file
 from apull.image.layer_to_erofs import build_erofs
 from apull.service import mount_syscalls
-from apull.snapshotter.read_ahead import BDI_ROOT, set_read_ahead, sysfs_name
+from apull.snapshotter.read_ahead import read_ahead_kb, set_read_ahead, sysfs_name
 
 needs_erofs = pytest.mark.skipif(not probe_file(NodePaths())[0], reason="no file-backed EROFS")
 
@@ -33,11 +33,6 @@ def erofs_mount(tmp_path: Path) -> Iterator[Path]:
         yield mountpoint
     finally:
         mount_syscalls.unmount(str(mountpoint), True)
-
-
-def read_ahead_kb(mountpoint: Path) -> int:
-    name = sysfs_name(mountpoint).partition("/")[2]
-    return int((BDI_ROOT / name / "read_ahead_kb").read_text())
 
 
 @needs_erofs

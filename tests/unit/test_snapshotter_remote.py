@@ -30,7 +30,7 @@ from apull.lab import test_image
 from apull.registry.client import RegistryClient
 from apull.service import mount_syscalls
 from apull.snapshotter.api import snapshots_pb2 as pb
-from apull.snapshotter.read_ahead import BDI_ROOT, sysfs_name
+from apull.snapshotter.read_ahead import read_ahead_kb
 from apull.snapshotter.remote_layer import BLOB_ID_LABEL, blob_id_of
 from apull.testing.host_containerd import unmount_all
 
@@ -124,8 +124,7 @@ def test_an_apull_layer_is_mounted_not_downloaded(node: Node, images: dict[str, 
     assert source == str(node.apulld.mountpoint / blob_id_of(layer.digest))
     assert blob_id_of(layer.digest) in node.blob_ids()
     # With the default layer_read_ahead_kb (the kernel's would be 128 KiB).
-    bdi = sysfs_name(Path(mountpoint)).partition("/")[2]
-    assert (BDI_ROOT / bdi / "read_ahead_kb").read_text().strip() == "1024"
+    assert read_ahead_kb(Path(mountpoint)) == 1024
     # Usage is the blob's size (measuring the mount would fetch the whole tree).
     assert node.snap.usage(request.chain_id).size == layer.size
     assert node.proxy.bytes_of(layer.digest) < layer.size // 10

@@ -24,32 +24,44 @@ BDI_ROOT = Path("/sys/class/bdi")
 
 def sysfs_name(mountpoint: Path) -> str:
     """The filesystem's sysfs name ("erofs/erofs-12"); "" when the kernel cannot say."""
+    answer = bytearray(129)
     try:
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, answer)
+        finally:
+            os.close(fd)
     except OSError:
         return ""
-    try:
-        answer = bytearray(129)
-        fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, answer)
-    except OSError:
-        return ""
-    finally:
-        os.close(fd)
     return answer[1 : 1 + answer[0]].decode(errors="replace")
+
+
+def _knob(mountpoint: Path, bdi_root: Path) -> Path | None:
+    """read_ahead_kb of the EROFS mounted on `mountpoint`; None for any other filesystem or
+    a kernel that cannot name it."""
+    kind, _, name = sysfs_name(mountpoint).partition("/")
+    knob = bdi_root / name / "read_ahead_kb"
+    if kind != "erofs" or not name or not knob.is_file():
+        log.debug("%s: no EROFS read-ahead setting found (%s/%s)", mountpoint, kind, name)
+        return None
+    return knob
+
+
+def read_ahead_kb(mountpoint: Path, bdi_root: Path = BDI_ROOT) -> int | None:
+    """The read-ahead (KiB) of the EROFS mounted on `mountpoint`; None as for _knob."""
+    knob = _knob(mountpoint, bdi_root)
+    return None if knob is None else int(knob.read_text())
 
 
 def set_read_ahead(mountpoint: Path, kb: int, bdi_root: Path = BDI_ROOT) -> bool:
     """Set the read-ahead (KiB) of the EROFS mounted on `mountpoint`; whether it was set.
     Best effort: an older kernel, or any other filesystem, keeps its read-ahead (logged at
     debug level)."""
-    kind, _, name = sysfs_name(mountpoint).partition("/")
-    knob = bdi_root / name / "read_ahead_kb"
-    if kind != "erofs" or not name or not knob.is_file():
-        log.debug("%s: no EROFS read-ahead setting found (%s/%s)", mountpoint, kind, name)
+    knob = _knob(mountpoint, bdi_root)
+    if knob is None:
         return False
     try:
-        if knob.read_text().strip() != str(kb):
-            knob.write_text(f"{kb}\n")
+        knob.write_text(f"{kb}\n")
     except OSError as err:
         log.warning("cannot set the read-ahead of %s (%s) to %d KiB: %s", mountpoint, knob, kb, err)
         return False
