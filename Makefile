@@ -20,7 +20,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 	containerd runc erofs-utils zstd
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
-	test lint unit integration molecule bundle sync-bin clean convert bench
+	test lint unit unit-py39 integration molecule bundle sync-bin clean convert bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -42,7 +42,7 @@ venv: $(VENV)/.installed ## create the Python venv with the suite and its tools
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
-	$(BIN)/python -m apull.snapshotter.api.generate >/dev/null
+	$(BIN)/python -m apull_node.snapshotter.api.generate >/dev/null
 	touch $@
 
 config-check: venv ## validate config.txt and list the nodes
@@ -91,10 +91,16 @@ lint: venv ## ruff, mypy and ansible-lint
 	$(BIN)/ruff format --check src tests tools collections fabfile.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict fabfile.py
+	$(BIN)/vermin -q --no-tips --violations --eval-annotations -t=3.9- src/apull_node tests/node
 	$(BIN)/ansible-lint -q playbooks roles
 
-unit: venv ## fast tests, no nodes
-	$(BIN)/pytest -q tests/unit
+unit: venv ## fast tests, no nodes (the controller's, and the node package's in tests/node)
+	$(BIN)/pytest -q tests/unit tests/node
+
+# The node package's tests again under the nodes' oldest python3: Debian 11's 3.9 (glibc 2.31)
+# in a build root made once in the lab cache.
+unit-py39: deps venv ## tests/node under python3.9 in a Debian 11 build root
+	$(BIN)/python -m apull.lab.py39_root
 
 integration: deps venv lab-up ## tests against the lab's real nodes
 	$(BIN)/pytest -q tests/integration
@@ -120,4 +126,4 @@ bench: deps venv lab-up ## lazy vs full pull of a 1 GiB image: BENCH_NODE (fscac
 	$(APULL) run site --limit $(BENCH_NODE)
 	$(BIN)/python -m apull.bench --node $(BENCH_NODE) $(BENCH_ARGS)
 
-test: lint unit integration molecule ## everything CI runs
+test: lint unit unit-py39 integration molecule ## everything CI runs

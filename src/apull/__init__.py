@@ -1,3 +1,9 @@
-"""apull-deploy: put the apull lazy-loading stack on a fleet of nodes and keep it there."""
+"""apull-deploy: put the apull lazy-loading stack on a fleet of nodes and keep it there.
 
-__version__ = "0.1.0"
+This is the controller's package (CLI, inventory, lab, bundle builder, installers, converter);
+what runs on the nodes is `apull_node`.
+"""
+
+from apull_node import __version__
+
+__all__ = ["__version__"]

@@ -218,7 +218,7 @@ def cmd_sync_bin(args: argparse.Namespace) -> int:
 
 
 def cmd_cri(args: argparse.Namespace) -> int:
-    from apull.cri.cli import main as cri_main
+    from apull_node.cri.cli import main as cri_main
 
     return cri_main(args.cri_args, prog="apull cri")
 

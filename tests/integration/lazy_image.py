@@ -12,9 +12,9 @@ import tarfile
 from dataclasses import dataclass
 
 from apull.image.convert import ConvertOptions, convert
-from apull.image.reference import parse_reference
 from apull.lab import layout, test_image
 from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
+from apull_node.image.reference import parse_reference
 
 REPO = "test/lazy"
 BIG = "data/big"

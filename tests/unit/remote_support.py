@@ -20,14 +20,14 @@ from pathlib import Path
 import grpc
 from serving_support import multi_tar
 
-from apull.image import format as fmt
 from apull.image.convert import ConvertOptions, convert
-from apull.image.reference import parse_reference
 from apull.lab import test_image
 from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
-from apull.service import mount_syscalls
-from apull.snapshotter.api import snapshots_pb2 as pb
-from apull.snapshotter.api import snapshots_pb2_grpc as pb_grpc
+from apull_node.image import format as fmt
+from apull_node.image.reference import parse_reference
+from apull_node.service import mount_syscalls
+from apull_node.snapshotter.api import snapshots_pb2 as pb
+from apull_node.snapshotter.api import snapshots_pb2_grpc as pb_grpc
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -99,7 +99,7 @@ def unpack_requests(
 
 
 class Snapshotter:
-    """apull-containerd-grpc (python -m apull.snapshotter.main) with a gRPC stub."""
+    """apull-containerd-grpc (python -m apull_node.snapshotter.main) with a gRPC stub."""
 
     def __init__(self, base: Path, apulld_address: str) -> None:
         self.base = base
@@ -129,7 +129,7 @@ class Snapshotter:
         started = time.monotonic()
         with notify, open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "apull.snapshotter.main", "--config", str(config),
+                [sys.executable, "-m", "apull_node.snapshotter.main", "--config", str(config),
                  "--address", self.address, "--root", str(self.root)],
                 env=dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(SRC)),
                 stdout=log, stderr=log,

@@ -26,12 +26,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from apull.daemon import fuse_mount
-from apull.image import format as fmt
 from apull.image.convert import ConvertOptions, convert
-from apull.image.reference import parse_reference
 from apull.lab import test_image
 from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
+from apull_node.daemon import fuse_mount
+from apull_node.image import format as fmt
+from apull_node.image.reference import parse_reference
 
 MULTI_REPO = "test/files"
 CHUNK = 64 * 1024
@@ -312,7 +312,7 @@ _WRAPPER = (
     "if fd != 3:\n"
     "    os.dup2(fd, 3); os.close(fd)\n"
     "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='apulld-fuse')\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'apull.daemon', *sys.argv[2:]])\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'apull_node.daemon', *sys.argv[2:]])\n"
 )
 
 
@@ -381,7 +381,7 @@ class Apulld:
             command = [sys.executable, "-c", _WRAPPER, str(self.stored_fd), *args]
             pass_fds = (self.stored_fd,)
         else:
-            command = [sys.executable, "-m", "apull.daemon", *args]
+            command = [sys.executable, "-m", "apull_node.daemon", *args]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, env=env, stderr=log, pass_fds=pass_fds)
         deadline = time.monotonic() + timeout

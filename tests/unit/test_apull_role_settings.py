@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from apull.service.settings import load_settings
+from apull_node.service.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cr3t-Pa55word-never-logged"

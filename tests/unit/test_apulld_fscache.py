@@ -25,23 +25,23 @@ import pytest
 from serving_support import SRC, Corruption, Layer, Proxy
 from test_apulld_ondemand import close_message, open_message, read_message
 
-from apull.daemon import fdstore
-from apull.daemon.backend import BackendUnavailableError, NodePaths, choose_backend
-from apull.daemon.blob_registry import BlobRegistry, parse_blob_config
-from apull.daemon.cachefiles_device import OnDemandServer, ReadFailedError
-from apull.daemon.cachefiles_protocol import OpenRequest, ReadRequest
-from apull.daemon.chunk_cache import BlobSpec, ChunkCache
-from apull.daemon.counters import Counters
-from apull.daemon.fscache_backend import (
+from apull_node.daemon import fdstore
+from apull_node.daemon.backend import BackendUnavailableError, NodePaths, choose_backend
+from apull_node.daemon.blob_registry import BlobRegistry, parse_blob_config
+from apull_node.daemon.cachefiles_device import OnDemandServer, ReadFailedError
+from apull_node.daemon.cachefiles_protocol import OpenRequest, ReadRequest
+from apull_node.daemon.chunk_cache import BlobSpec, ChunkCache
+from apull_node.daemon.counters import Counters
+from apull_node.daemon.fscache_backend import (
     BLOCK,
     FscacheBackend,
     FscacheBackendConfig,
     block_span,
     write_blocks,
 )
-from apull.daemon.http_api import ServingError
-from apull.daemon.registry_fetch import FetchSettings
-from apull.image.chunks import ChunkTable
+from apull_node.daemon.http_api import ServingError
+from apull_node.daemon.registry_fetch import FetchSettings
+from apull_node.image.chunks import ChunkTable
 
 # -- alignment ------------------------------------------------------------------------------
 
@@ -166,7 +166,7 @@ def test_without_a_service_manager_nothing_is_stored(monkeypatch: pytest.MonkeyP
 
 _INHERIT = """
 import json, os, sys
-from apull.daemon import fdstore
+from apull_node.daemon import fdstore
 for target, path in enumerate(sys.argv[1:], 3):
     fd = os.open(path, os.O_RDONLY)
     if fd != target:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from serving_support import Apulld, Corruption, Proxy
 
-from apull.daemon.backend import NodePaths, probe_file
-from apull.daemon.chunk_cache import FAILURE_MEMORY_SECONDS
+from apull_node.daemon.backend import NodePaths, probe_file
+from apull_node.daemon.chunk_cache import FAILURE_MEMORY_SECONDS
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root"),

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import pytest
 from serving_support import Proxy
 
-from apull.daemon.counters import Counters
-from apull.daemon.registry_fetch import (
+from apull.registry.client import Blob
+from apull_node.daemon.counters import Counters
+from apull_node.daemon.registry_fetch import (
     BlobLocation,
     FetchError,
     FetchSettings,
@@ -20,7 +21,6 @@ from apull.daemon.registry_fetch import (
     is_loopback,
     parse_mirrors,
 )
-from apull.registry.client import Blob
 
 REPO = "test/fetch"
 DATA = random.Random(9).randbytes(200_000)

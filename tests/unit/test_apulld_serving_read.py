@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from serving_support import CHUNK, check_tree
 
-from apull.daemon.backend import NodePaths, probe_file
+from apull_node.daemon.backend import NodePaths, probe_file
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root"),
@@ -96,7 +96,7 @@ def test_a_bad_mirror_setting_stops_startup(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[apulld]\nregistry_mirrors = "ftp://mirror"\n')
     result = subprocess.run(
-        [sys.executable, "-m", "apull.daemon", "--config", str(config), "--backend", "file",
+        [sys.executable, "-m", "apull_node.daemon", "--config", str(config), "--backend", "file",
          "--address", str(tmp_path / "a.sock"), "--cache-dir", str(tmp_path / "cachefiles")],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip

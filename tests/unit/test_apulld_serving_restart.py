@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from serving_support import Apulld, check_tree
 
-from apull.daemon import fuse_mount
-from apull.daemon.backend import NodePaths, probe_file
+from apull_node.daemon import fuse_mount
+from apull_node.daemon.backend import NodePaths, probe_file
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root"),

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from serving_support import Apulld, Mounts, convert_layer
 
-from apull.daemon.backend import NodePaths, probe_file
-from apull.image.format import DEFAULT_CHUNK_SIZE
 from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob
+from apull_node.daemon.backend import NodePaths, probe_file
+from apull_node.image.format import DEFAULT_CHUNK_SIZE
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root"),

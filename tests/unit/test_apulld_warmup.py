@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from serving_support import MULTI_REPO, Apulld, Corruption, Layer, Proxy
 
-from apull.daemon.backend import NodePaths, probe_file
 from apull.lab import test_image
 from apull.registry.client import OCI_MANIFEST, RegistryClient
+from apull_node.daemon.backend import NodePaths, probe_file
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="FUSE needs root"),

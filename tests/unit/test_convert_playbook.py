@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from apull.image import format as fmt
+from apull_node.image import format as fmt
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from apull.cri.client import CriError, ImageClient, image_status, pull_image, remove_image
 from apull.lab import test_image
 from apull.registry.client import RegistryClient
 from apull.testing.cri_containerd import CRI_NAMESPACE, CriContainerd
 from apull.testing.host_containerd import containerd_binary, unmount_all
+from apull_node.cri.client import CriError, ImageClient, image_status, pull_image, remove_image
 
 pytestmark = pytest.mark.skipif(
     containerd_binary() is None or shutil.which("docker-registry") is None,
@@ -117,7 +117,7 @@ class Stack:
         notify.settimeout(20)
         with notify, open(self.log, "wb") as log:
             self.snapshotter = subprocess.Popen(
-                [sys.executable, "-m", "apull.snapshotter.main", "--config",
+                [sys.executable, "-m", "apull_node.snapshotter.main", "--config",
                  str(self.base / "config.toml"), "--address", self.snapshotter_address,
                  "--root", str(self.base / "snapshotter")],
                 env=dict(os.environ, NOTIFY_SOCKET=str(self.base / "notify.sock")),
@@ -245,7 +245,7 @@ def test_a_registry_not_named_insecure_is_refused(stack: Stack, other_registry: 
 def test_the_cli_pulls_and_prints_the_time(stack: Stack, insecure_registry: str) -> None:
     image = f"{insecure_registry}/{test_image.REPO}:{test_image.TAG}"
     run = subprocess.run(
-        [sys.executable, "-m", "apull.cri.cli", "--address", stack.address, "pull", "--json",
+        [sys.executable, "-m", "apull_node.cri.cli", "--address", stack.address, "pull", "--json",
          image],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
@@ -255,7 +255,7 @@ def test_the_cli_pulls_and_prints_the_time(stack: Stack, insecure_registry: str)
     assert answer["image_ref"].startswith("sha256:")
     assert answer["seconds"] > 0
     listed = subprocess.run(
-        [sys.executable, "-m", "apull.cri.cli", "--address", stack.address, "ls"],
+        [sys.executable, "-m", "apull_node.cri.cli", "--address", stack.address, "ls"],
         capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
     assert image in listed

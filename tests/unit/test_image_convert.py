@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from apull.image import format as fmt
-from apull.image.chunks import ChunkTable, ChunkVerifyError, verify_range
 from apull.image.cli import main
 from apull.image.convert import ConvertError, ConvertOptions, convert
-from apull.image.oci import (
+from apull.lab import test_image
+from apull.registry.client import Blob
+from apull_node.image import format as fmt
+from apull_node.image.chunks import ChunkTable, ChunkVerifyError, verify_range
+from apull_node.image.oci import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     OCI_CONFIG,
@@ -35,9 +37,7 @@ from apull.image.oci import (
     OCI_MANIFEST,
     sha256_digest,
 )
-from apull.image.reference import parse_reference
-from apull.lab import test_image
-from apull.registry.client import Blob
+from apull_node.image.reference import parse_reference
 
 CAP = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # cap_net_raw+ep
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"

@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 
-from apull.image import format as fmt
 from apull.image.cli import main
-from apull.image.oci import OCI_MANIFEST
 from apull.registry.client import Blob
+from apull_node.image import format as fmt
+from apull_node.image.oci import OCI_MANIFEST
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="converting needs root")
 

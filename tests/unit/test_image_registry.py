@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from apull.image.oci import (
+from apull.image.registry_read import fetch_blob_bytes, fetch_manifest, resolve_image
+from apull_node.image.oci import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -21,16 +22,15 @@ from apull.image.oci import (
     ManifestError,
     sha256_digest,
 )
-from apull.image.reference import ImageRefError, parse_reference
-from apull.image.registry_auth import (
+from apull_node.image.reference import ImageRefError, parse_reference
+from apull_node.image.registry_auth import (
     AuthError,
     Credentials,
     find_credentials,
     load_auth_file,
     parse_challenges,
 )
-from apull.image.registry_read import fetch_blob_bytes, fetch_manifest, resolve_image
-from apull.image.registry_session import RegistryError, RegistrySession
+from apull_node.image.registry_session import RegistryError, RegistrySession
 
 # -- references -----------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from apull.daemon.backend import NodePaths, choose_backend, probe_file
+from apull_node.daemon.backend import NodePaths, choose_backend, probe_file
 
 MODULE = (
     Path(__file__).resolve().parents[2]
@@ -233,7 +233,9 @@ def test_an_installed_apulld_is_asked_with_check_backend(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f'[apulld]\ncache_dir = "{tmp_path / "cache"}"\nbackend = "auto"\n')
     wrapper = tmp_path / "apulld"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m apull.daemon --config {config} "$@"\n')
+    wrapper.write_text(
+        f'#!/bin/sh\nexec {sys.executable} -m apull_node.daemon --config {config} "$@"\n'
+    )
     wrapper.chmod(0o755)
     name, reasons = nf.apulld_check_backend(str(wrapper))
     expected = choose_backend("auto", str(tmp_path / "cache2"), "apull", hold=False)

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
-from apull.snapshotter.api import generate
+from apull_node.snapshotter.api import generate
 
 GOCODE = Path("/usr/share/gocode/src")
 CONTAINERD_PROTOS = [
@@ -34,25 +34,25 @@ def test_generate_writes_importable_stubs_and_is_idempotent(tmp_path):
         "snapshots_pb2.pyi",
     } <= set(names)
     assert {p.parent for p in first} == {
-        tmp_path / "apull/snapshotter/api",
-        tmp_path / "apull/cri/api",
+        tmp_path / "apull_node/snapshotter/api",
+        tmp_path / "apull_node/cri/api",
     }
     stamps = {p: p.stat().st_mtime_ns for p in first}
     second = generate.generate(tmp_path)
     assert second == first
     assert {p: p.stat().st_mtime_ns for p in second} == stamps  # unchanged files not rewritten
-    grpc_module = (tmp_path / "apull/snapshotter/api/snapshots_pb2_grpc.py").read_text()
-    assert "from apull.snapshotter.api import snapshots_pb2" in grpc_module
+    grpc_module = (tmp_path / "apull_node/snapshotter/api/snapshots_pb2_grpc.py").read_text()
+    assert "from apull_node.snapshotter.api import snapshots_pb2" in grpc_module
 
 
 def test_generate_runs_as_a_module(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "apull.snapshotter.api.generate", "--out-root", str(tmp_path)],
+        [sys.executable, "-m", "apull_node.snapshotter.api.generate", "--out-root", str(tmp_path)],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert str(tmp_path / "apull/snapshotter/api/snapshots_pb2.py") in result.stdout.split()
+    assert str(tmp_path / "apull_node/snapshotter/api/snapshots_pb2.py") in result.stdout.split()
 
 
 def _descriptors(tmp_path: Path, name: str, includes: list[Path], protos: list[str]):

@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from apull.snapshotter.api import snapshots_pb2 as pb
-from apull.snapshotter.api import snapshots_pb2_grpc as pb_grpc
 from apull.testing.host_containerd import HostContainerd, containerd_binary, unmount_all
+from apull_node.snapshotter.api import snapshots_pb2 as pb
+from apull_node.snapshotter.api import snapshots_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.skipif(
     containerd_binary() is None,
@@ -57,7 +57,7 @@ class Stack:
         notify.settimeout(20)
         with notify, open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "apull.snapshotter.main", "--config",
+                [sys.executable, "-m", "apull_node.snapshotter.main", "--config",
                  str(self.base / "config.toml"), "--address", self.address,
                  "--root", str(self.root)],
                 env=dict(os.environ, NOTIFY_SOCKET=str(self.base / "notify.sock")),

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from apull.daemon.backend import NodePaths, probe_file
 from apull.image.layer_to_erofs import build_erofs
-from apull.service import mount_syscalls
-from apull.snapshotter.read_ahead import read_ahead_kb, set_read_ahead, sysfs_name
+from apull_node.daemon.backend import NodePaths, probe_file
+from apull_node.service import mount_syscalls
+from apull_node.snapshotter.read_ahead import read_ahead_kb, set_read_ahead, sysfs_name
 
 needs_erofs = pytest.mark.skipif(not probe_file(NodePaths())[0], reason="no file-backed EROFS")
 
@@ -57,7 +57,7 @@ def test_a_read_ahead_out_of_bounds_stops_the_snapshotter(tmp_path: Path) -> Non
     config = tmp_path / "config.toml"
     config.write_text("[snapshotter]\nlayer_read_ahead_kb = -1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "apull.snapshotter.main", "--config", str(config)],
+        [sys.executable, "-m", "apull_node.snapshotter.main", "--config", str(config)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2

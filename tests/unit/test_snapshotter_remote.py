@@ -25,14 +25,14 @@ from remote_support import (
 )
 from serving_support import MULTI_REPO, Apulld, Layer, Proxy
 
-from apull.image import format as fmt
 from apull.lab import test_image
 from apull.registry.client import RegistryClient
-from apull.service import mount_syscalls
-from apull.snapshotter.api import snapshots_pb2 as pb
-from apull.snapshotter.read_ahead import read_ahead_kb
-from apull.snapshotter.remote_layer import BLOB_ID_LABEL, blob_id_of
 from apull.testing.host_containerd import unmount_all
+from apull_node.image import format as fmt
+from apull_node.service import mount_syscalls
+from apull_node.snapshotter.api import snapshots_pb2 as pb
+from apull_node.snapshotter.read_ahead import read_ahead_kb
+from apull_node.snapshotter.remote_layer import BLOB_ID_LABEL, blob_id_of
 
 BLOB_LABEL = "containerd.io/snapshot/apull.blob-digest"
 

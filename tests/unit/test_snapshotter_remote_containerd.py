@@ -20,11 +20,11 @@ import pytest
 from remote_support import TWO_LAYER_REPO, Snapshotter, push_two_layer_image
 from serving_support import Apulld, Proxy, tar_contents
 
-from apull.cri.client import CriError, ImageClient
-from apull.image import format as fmt
 from apull.registry.client import RegistryClient
 from apull.testing.cri_containerd import CriContainerd
 from apull.testing.host_containerd import containerd_binary, unmount_all
+from apull_node.cri.client import CriError, ImageClient
+from apull_node.image import format as fmt
 
 pytestmark = pytest.mark.skipif(
     containerd_binary() is None or shutil.which("runc") is None,

@@ -18,12 +18,12 @@ from apull.bench.report import render
 from apull.bench.run import ImageFacts, TargetResult, run_target, scratch_dir, write_json
 from apull.bench.targets import HostTarget, NodeTarget, Target, TargetError, host_target
 from apull.image.convert import ConvertError, ConvertOptions, convert, target_state
-from apull.image.format import DEFAULT_CHUNK_SIZE
-from apull.image.reference import parse_reference
 from apull.lab import layout
 from apull.lab.registry import access_log, ensure_registry, registry_dir
 from apull.lab.run import LabError
 from apull.registry.client import RegistryClient, RegistryError
+from apull_node.image.format import DEFAULT_CHUNK_SIZE
+from apull_node.image.reference import parse_reference
 
 console = Console(highlight=False)
 

@@ -94,8 +94,8 @@ class HostStack:
         return "\n".join(text.splitlines()[-lines:])
 
     def start_daemons(self) -> None:
-        self._spawn("apulld", "apull.daemon", self.apulld_address)
-        self._spawn("snapshotter", "apull.snapshotter.main", self.snapshotter_address)
+        self._spawn("apulld", "apull_node.daemon", self.apulld_address)
+        self._spawn("snapshotter", "apull_node.snapshotter.main", self.snapshotter_address)
 
     def stop_daemons(self) -> None:
         for name in ("snapshotter", "apulld"):

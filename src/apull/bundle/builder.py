@@ -15,26 +15,36 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import apull
+import apull_node
 
 from . import bootstrap
 from .artefacts import (
+    ANY,
     BINARIES,
+    MANIFEST_FORMAT,
+    MANYLINUX_TAGS,
+    NODE_ARCHES,
+    NODE_PYTHONS,
     RUNTIME_DIR,
+    SUPPORTED,
     BinarySpec,
     BuiltBinary,
     Bundle,
     BundleError,
+    Serves,
     load_bundle,
+    native_key,
     sha256_file,
 )
 
-PACKAGE_ROOT = Path(apull.__file__).resolve().parent
-#: The nodes' python3 (Debian 12). The bundled native wheels are built for this version.
-NODE_PYTHON = "3.11"
-#: Runtime dependencies bundled into the snapshotter, pinned to what the venv runs.
+#: The node package: all the binaries are built from it (and their wheels).
+PACKAGE_ROOT = Path(apull_node.__file__).resolve().parent
+#: Native dependencies bundled into the snapshotter, per (arch, python3), pinned to what the
+#: venv runs (so the tests here exercise the same versions).
 NATIVE_DEPENDENCIES = ("grpcio", "protobuf", "typing-extensions")
-#: Sub-packages each binary needs (besides apull/__init__.py).
+#: Pure dependencies bundled into every binary: tomllib's backport for python3 < 3.11.
+PURE_DEPENDENCIES = ("tomli",)
+#: Sub-packages each binary needs (besides apull_node/__init__.py).
 PACKAGES_OF = {
     "apull-containerd-grpc": ("service", "snapshotter", "cri", "image"),
     "apulld": ("service", "daemon", "image"),
@@ -47,6 +57,30 @@ class _Member:
     arcname: str
     data: bytes
     executable: bool = False
+
+
+@dataclass(frozen=True)
+class _Artefact:
+    """One file to build: a binary for one platform, and what goes into it."""
+
+    spec: BinarySpec
+    platform: str
+    serves: Serves
+    sources: tuple[_Member, ...]
+    wheels: tuple[Path, ...]
+
+    def build_id(self) -> str:
+        """Covers only this artefact's inputs: a change to apulld leaves the snapshotter's
+        bytes (and the runtime it unpacked on the nodes) as they were."""
+        digest = hashlib.sha256(f"{apull_node.__version__}\0{self.platform}\0".encode())
+        digest.update(bootstrap.PURE.encode() + bootstrap.UNPACKING.encode())
+        digest.update(bootstrap.DISPATCH.encode())
+        for member in self.sources:
+            digest.update(f"{member.arcname}\0".encode())
+            digest.update(hashlib.sha256(member.data).digest())
+        for wheel in self.wheels:
+            digest.update(f"{wheel.name}\0{sha256_file(wheel)}\0".encode())
+        return digest.hexdigest()
 
 
 def default_bundle_dir() -> Path:
@@ -64,7 +98,7 @@ def wheel_cache_dir() -> Path:
 def generate_protos() -> None:
     """The snapshotter's gRPC stubs are generated, never committed: make sure they exist."""
     result = subprocess.run(
-        [sys.executable, "-m", "apull.snapshotter.api.generate"],
+        [sys.executable, "-m", "apull_node.snapshotter.api.generate"],
         cwd=PACKAGE_ROOT,
         capture_output=True,
         text=True,
@@ -74,26 +108,24 @@ def generate_protos() -> None:
         raise BundleError(f"generating the gRPC stubs failed: {result.stderr.strip()}")
 
 
-def _package_members(subpackages: tuple[str, ...]) -> list[_Member]:
-    members = [_Member("apull/__init__.py", (PACKAGE_ROOT / "__init__.py").read_bytes())]
+def _package_members(subpackages: tuple[str, ...]) -> tuple[_Member, ...]:
+    members = [_Member("apull_node/__init__.py", (PACKAGE_ROOT / "__init__.py").read_bytes())]
     for sub in subpackages:
         for path in sorted((PACKAGE_ROOT / sub).rglob("*.py")):
             if "__pycache__" in path.parts:
                 continue
-            arcname = "apull/" + path.relative_to(PACKAGE_ROOT).as_posix()
+            arcname = "apull_node/" + path.relative_to(PACKAGE_ROOT).as_posix()
             members.append(_Member(arcname, path.read_bytes()))
-    return members
+    return tuple(members)
 
 
 def _pinned(dist: str) -> str:
     return f"{dist}=={metadata.version(dist)}"
 
 
-def fetch_wheels(python: str = NODE_PYTHON) -> list[Path]:
-    """Wheels of the native dependencies for the nodes' Python (downloaded once, cached)."""
-    cache = wheel_cache_dir() / f"cp{python.replace('.', '')}"
+def _download(pins: list[str], cache: Path, tags: list[str]) -> list[Path]:
+    """Wheels for `pins` (downloaded once into `cache`, then reused)."""
     cache.mkdir(parents=True, exist_ok=True)
-    pins = [_pinned(d) for d in NATIVE_DEPENDENCIES]
     wanted = {p.split("==")[0].replace("-", "_").lower() + "-" + p.split("==")[1] for p in pins}
 
     def cached() -> list[Path]:
@@ -103,9 +135,7 @@ def fetch_wheels(python: str = NODE_PYTHON) -> list[Path]:
     if len(cached()) < len(pins):
         cmd = [
             sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-            "--only-binary=:all:", "--no-deps", "--implementation", "cp",
-            "--python-version", python, "--platform", "manylinux2014_x86_64",
-            "--platform", "manylinux_2_17_x86_64", "--dest", str(cache), *pins,
+            "--only-binary=:all:", "--no-deps", *tags, "--dest", str(cache), *pins,
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -116,7 +146,27 @@ def fetch_wheels(python: str = NODE_PYTHON) -> list[Path]:
     return found
 
 
-def _wheel_members(wheels: list[Path]) -> list[_Member]:
+def fetch_wheels(arch: str, python: str) -> list[Path]:
+    """The native dependencies' wheels for one (arch, python3) of the nodes."""
+    platforms = [arg for tag in MANYLINUX_TAGS for arg in ("--platform", tag.format(arch=arch))]
+    return _download(
+        [_pinned(d) for d in NATIVE_DEPENDENCIES],
+        wheel_cache_dir() / native_key(arch, python),
+        ["--implementation", "cp", "--python-version", python, *platforms],
+    )
+
+
+def fetch_pure_wheels() -> list[Path]:
+    """The pure dependencies' wheels (py3-none-any: the same for every node)."""
+    return _download(
+        [_pinned(d) for d in PURE_DEPENDENCIES],
+        wheel_cache_dir() / "pure",
+        ["--python-version", NODE_PYTHONS[0], "--implementation", "py", "--abi", "none",
+         "--platform", "any"],
+    )  # fmt: skip
+
+
+def _wheel_members(wheels: tuple[Path, ...]) -> list[_Member]:
     members = []
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
@@ -131,6 +181,7 @@ def _wheel_members(wheels: list[Path]) -> list[_Member]:
 
 
 def _write_zipapp(path: Path, members: list[_Member], main_py: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as out:
         out.write(f"#!/usr/bin/python3\n# apull node binary: {path.name}\n".encode())
@@ -145,41 +196,54 @@ def _write_zipapp(path: Path, members: list[_Member], main_py: str) -> None:
     tmp.replace(path)
 
 
-def _fingerprint(parts: dict[str, list[_Member]], python: str) -> str:
-    digest = hashlib.sha256(f"{apull.__version__}\0{python}\0".encode())
-    digest.update(bootstrap.PURE.encode() + bootstrap.UNPACKING.encode())
-    digest.update(bootstrap.DISPATCH.encode())
-    for name in sorted(parts):
-        for member in parts[name]:
-            digest.update(f"{name}\0{member.arcname}\0".encode())
-            digest.update(hashlib.sha256(member.data).digest())
+def _artefacts() -> list[_Artefact]:
+    """Every file of the bundle: apulld once, the snapshotter once per (arch, python3)."""
+    pure = tuple(fetch_pure_wheels())
+    artefacts = []
+    for spec in BINARIES:
+        sources = _package_members(PACKAGES_OF[spec.name])
+        if not spec.native:
+            artefacts.append(_Artefact(spec, ANY, SUPPORTED, sources, pure))
+            continue
+        for arch in NODE_ARCHES:
+            for python in NODE_PYTHONS:
+                wheels = (*pure, *fetch_wheels(arch, python))
+                serves = Serves((arch,), (python,))
+                artefacts.append(_Artefact(spec, native_key(arch, python), serves, sources, wheels))
+    return artefacts
+
+
+def _fingerprint(build_ids: list[str]) -> str:
+    digest = hashlib.sha256(f"{MANIFEST_FORMAT}\0".encode())
+    for build_id in build_ids:
+        digest.update(build_id.encode())
     return digest.hexdigest()
 
 
-def _members_by_binary(python: str) -> dict[str, list[_Member]]:
-    wheels = _wheel_members(fetch_wheels(python))
-    parts: dict[str, list[_Member]] = {}
-    for spec in BINARIES:
-        members = _package_members(PACKAGES_OF[spec.name])
-        if spec.name == "apull-containerd-grpc":
-            members += wheels
-        parts[spec.name] = members
-    return parts
-
-
-def _build_one(spec: BinarySpec, members: list[_Member], out_dir: Path, build_id: str) -> Path:
+def _build_one(artefact: _Artefact, out_dir: Path, build_id: str) -> BuiltBinary:
+    spec = artefact.spec
+    members = [*artefact.sources, *_wheel_members(artefact.wheels)]
     main_py = bootstrap.render(
         spec.name,
-        apull.__version__,
+        apull_node.__version__,
         build_id,
         spec.entry,
         unpack=any(m.arcname.endswith(".so") for m in members),
         runtime_dir=RUNTIME_DIR,
         commands=dict(spec.commands),
     )
-    path = out_dir / spec.name
+    path = out_dir / artefact.platform / spec.name
     _write_zipapp(path, members, main_py)
-    return path
+    return BuiltBinary(
+        spec.name,
+        spec.install_path,
+        spec.mode,
+        spec.service,
+        sha256_file(path),
+        path.stat().st_size,
+        platform=artefact.platform,
+        serves=artefact.serves,
+    )
 
 
 @contextmanager
@@ -190,15 +254,14 @@ def _locked(out_dir: Path) -> Iterator[None]:
         yield
 
 
-def ensure_bundle(
-    out_dir: Path | None = None, python: str = NODE_PYTHON, force: bool = False
-) -> tuple[Bundle, bool]:
+def ensure_bundle(out_dir: Path | None = None, force: bool = False) -> tuple[Bundle, bool]:
     """The bundle for the current sources; (bundle, built) where built says it was (re)made."""
     out_dir = out_dir or default_bundle_dir()
     with _locked(out_dir):  # Ansible's forks all ask at once: one builds, the others reuse
         generate_protos()
-        parts = _members_by_binary(python)
-        fingerprint = _fingerprint(parts, python)
+        artefacts = _artefacts()
+        build_ids = [a.build_id() for a in artefacts]
+        fingerprint = _fingerprint(build_ids)
         if not force:
             try:
                 existing = load_bundle(out_dir)
@@ -206,23 +269,11 @@ def ensure_bundle(
                 existing = None
             if existing is not None and existing.fingerprint == fingerprint:
                 return existing, False
-        built = []
-        for spec in BINARIES:
-            # Each binary's build id covers only its own members: a change to apulld's code
-            # leaves the snapshotter's bytes (and its unpacked runtime) as they were.
-            build_id = _fingerprint({spec.name: parts[spec.name]}, python)[:16]
-            path = _build_one(spec, parts[spec.name], out_dir, build_id)
-            built.append(
-                BuiltBinary(
-                    spec.name,
-                    spec.install_path,
-                    spec.mode,
-                    spec.service,
-                    sha256_file(path),
-                    path.stat().st_size,
-                )
-            )
-        bundle = Bundle(out_dir, apull.__version__, fingerprint, python, tuple(built))
+        built = tuple(
+            _build_one(artefact, out_dir, build_id[:16])
+            for artefact, build_id in zip(artefacts, build_ids, strict=True)
+        )
+        bundle = Bundle(out_dir, apull_node.__version__, fingerprint, built)
         bundle.write_manifest()
         return bundle, True
 

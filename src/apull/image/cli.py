@@ -33,8 +33,8 @@ from apull.image.convert import (
     short,
     target_state,
 )
-from apull.image.format import DEFAULT_CHUNK_SIZE, check_chunk_size
-from apull.image.reference import ImageRefError, parse_reference
+from apull_node.image.format import DEFAULT_CHUNK_SIZE, check_chunk_size
+from apull_node.image.reference import ImageRefError, parse_reference
 
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 

@@ -18,11 +18,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apull.image import format as fmt
-from apull.image.chunks import ChunkTable
 from apull.image.layer_to_erofs import ErofsBuildError, build_erofs, mkfs_version
 from apull.image.layer_unpack import LayerError, unpack_layer
-from apull.image.oci import (
+from apull.image.referrers import push_chunk_tables
+from apull.image.registry_read import (
+    MAX_MANIFEST_SIZE,
+    fetch_blob_bytes,
+    fetch_blob_to_file,
+    resolve_image,
+)
+from apull.image.registry_write import has_blob, push_blob_bytes, push_blob_file, push_manifest
+from apull_node.image import format as fmt
+from apull_node.image.chunks import ChunkTable
+from apull_node.image.oci import (
     MANIFEST_ACCEPT,
     OCI_CONFIG,
     OCI_MANIFEST,
@@ -37,17 +45,9 @@ from apull.image.oci import (
     parse_platform,
     sha256_digest,
 )
-from apull.image.reference import ImageRef
-from apull.image.referrers import push_chunk_tables
-from apull.image.registry_auth import AuthError, find_credentials
-from apull.image.registry_read import (
-    MAX_MANIFEST_SIZE,
-    fetch_blob_bytes,
-    fetch_blob_to_file,
-    resolve_image,
-)
-from apull.image.registry_session import RegistryError, RegistrySession, error_text
-from apull.image.registry_write import has_blob, push_blob_bytes, push_blob_file, push_manifest
+from apull_node.image.reference import ImageRef
+from apull_node.image.registry_auth import AuthError, find_credentials
+from apull_node.image.registry_session import RegistryError, RegistrySession, error_text
 
 _KNOWN_ERRORS = (RegistryError, AuthError, ManifestError, LayerError, ErofsBuildError, OSError)
 

@@ -27,7 +27,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from apull.image.format import BLOCK_SIZE
+from apull_node.image.format import BLOCK_SIZE
 
 MKFS = "mkfs.erofs"
 #: Namespace for the layer UUIDs (uuid5 of a URL naming this format).

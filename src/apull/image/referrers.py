@@ -11,8 +11,9 @@ fallback tag ``sha256-<hex of the image digest>``, as the distribution spec pres
 
 from __future__ import annotations
 
-from apull.image.format import CHUNK_TABLES_ARTIFACT_TYPE, FORMAT_VERSION, IMAGE_FORMAT_VERSION
-from apull.image.oci import (
+from apull.image.registry_write import push_blob_bytes, push_manifest
+from apull_node.image.format import CHUNK_TABLES_ARTIFACT_TYPE, FORMAT_VERSION, IMAGE_FORMAT_VERSION
+from apull_node.image.oci import (
     EMPTY_JSON,
     OCI_EMPTY,
     OCI_INDEX,
@@ -24,8 +25,7 @@ from apull.image.oci import (
     parse_index,
     sha256_digest,
 )
-from apull.image.registry_session import RegistryError, RegistrySession, error_text
-from apull.image.registry_write import push_blob_bytes, push_manifest
+from apull_node.image.registry_session import RegistryError, RegistrySession, error_text
 
 
 def fallback_tag(digest: str) -> str:

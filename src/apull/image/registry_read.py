@@ -9,7 +9,7 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from apull.image.oci import (
+from apull_node.image.oci import (
     DOCKER_SCHEMA1,
     INDEXES,
     MANIFEST_ACCEPT,
@@ -22,7 +22,7 @@ from apull.image.oci import (
     pick_platform,
     sha256_digest,
 )
-from apull.image.registry_session import RegistryError, RegistrySession, error_text
+from apull_node.image.registry_session import RegistryError, RegistrySession, error_text
 
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 16 << 20

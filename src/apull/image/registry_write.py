@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
-from apull.image.oci import sha256_digest
-from apull.image.registry_session import Body, RegistryError, RegistrySession, error_text
+from apull_node.image.oci import sha256_digest
+from apull_node.image.registry_session import Body, RegistryError, RegistrySession, error_text
 
 
 def has_blob(session: RegistrySession, digest: str) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from apull.bundle.artefacts import Bundle
+from apull.bundle.artefacts import Bundle, NodePlatform, UnsupportedPlatform
 
 from . import remote_scripts
 from .plan import Action, Step, parse_state, plan_rollback, plan_sync, services_to_restart
@@ -40,6 +40,7 @@ class NodeResult:
     restarted: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     seconds: float = 0.0
+    platform: NodePlatform | None = None
 
     @property
     def changed(self) -> bool:
@@ -69,14 +70,23 @@ def sync_node(
 ) -> NodeResult:
     """Bring a node's binaries to the bundle's (or back to the previous ones with rollback).
 
-    Each binary is replaced by one rename, so a failure between binaries leaves each binary
-    whole (old or new) and the previous one kept; services restart only after all renames.
+    The node gets the one artefact of each binary built for its platform (arch, glibc,
+    python3), read in the same round trip as the binaries' state; a node that none serves
+    is refused (NodeSyncError) before anything is sent. Each binary is replaced by one
+    rename, so a failure between binaries leaves each binary whole (old or new) and the
+    previous one kept; services restart only after all renames.
     """
     started = time.monotonic()
     result = NodeResult()
-    script = remote_scripts.state_script(bundle.binaries, with_previous=rollback)
-    states = parse_state(transport.run_script(script), bundle.binaries)
-    steps = (plan_rollback if rollback else plan_sync)(bundle.binaries, states)
+    first_of_each = tuple(next(b for b in bundle.binaries if b.name == n) for n in bundle.names)
+    script = remote_scripts.state_script(first_of_each, with_previous=rollback)
+    node, states = parse_state(transport.run_script(script), bundle.names)
+    result.platform = node
+    try:
+        binaries = bundle.for_node(node)
+    except UnsupportedPlatform as err:
+        raise NodeSyncError(str(err)) from err
+    steps = (plan_rollback if rollback else plan_sync)(binaries, states)
     result.steps = steps
     if check:
         result.seconds = time.monotonic() - started

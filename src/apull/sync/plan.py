@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from apull.bundle.artefacts import BuiltBinary
+from apull.bundle.artefacts import BuiltBinary, NodePlatform
 
-from .remote_scripts import after_marker
+from .remote_scripts import after_marker, parse_platform
 
 MISSING = "-"
 
@@ -46,18 +46,28 @@ class StateParseError(Exception):
     """The node's answer to the state script is not what it prints."""
 
 
-def parse_state(output: str, binaries: tuple[BuiltBinary, ...]) -> dict[str, NodeBinaryState]:
+def parse_state(
+    output: str, names: tuple[str, ...]
+) -> tuple[NodePlatform, dict[str, NodeBinaryState]]:
+    """The node's platform and each binary's state, from the state script's output."""
     states: dict[str, NodeBinaryState] = {}
+    node: NodePlatform | None = None
     for line in after_marker(output):
+        found = parse_platform(line)
+        if found is not None:
+            node = found
+            continue
         fields = line.split("\t")
         if len(fields) != 4:
             raise StateParseError(f"unexpected line from node: {line!r}")
         name, installed, previous, service_state = fields
         states[name] = NodeBinaryState(name, installed, previous, service_state or "unknown")
-    missing = {b.name for b in binaries} - set(states)
+    missing = set(names) - set(states)
     if missing:
         raise StateParseError(f"node did not report {', '.join(sorted(missing))}")
-    return states
+    if node is None:
+        raise StateParseError("node did not report its platform")
+    return node, states
 
 
 @dataclass(frozen=True)

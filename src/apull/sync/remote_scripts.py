@@ -5,10 +5,38 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterable
 
-from apull.bundle.artefacts import BuiltBinary
+from apull.bundle.artefacts import BuiltBinary, NodePlatform
 
 #: Printed first by every script, so output before it (motd, shell noise) is ignored.
 MARKER = "--apull--"
+
+#: Prints `platform<TAB>arch<TAB>glibc<TAB>python3`: what the node binaries run on there.
+#: python3 is /usr/bin/python3 (the binaries' interpreter): X.Y from the name it links to
+#: (python3.11), asked of it only when the name does not say; "" when there is none.
+PLATFORM_PROBE = r"""py=$(readlink -f /usr/bin/python3 2>/dev/null || true); py=${py##*/python}
+case "$py" in
+  [0-9]*.[0-9]*) ;;
+  *) py=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' \
+       2>/dev/null || true) ;;
+esac
+libc=$(getconf GNU_LIBC_VERSION 2>/dev/null || true)
+case "$libc" in glibc\ *) libc=${libc#glibc } ;; *) libc= ;; esac
+printf 'platform\t%s\t%s\t%s\n' "$(uname -m)" "$libc" "$py"
+"""
+PLATFORM_TAG = "platform"
+
+
+def platform_script() -> str:
+    """The probe alone (preflight)."""
+    return f"set -u\necho {MARKER}\n{PLATFORM_PROBE}"
+
+
+def parse_platform(line: str) -> NodePlatform | None:
+    """The probe's line, or None when `line` is not one."""
+    fields = line.split("\t")
+    if len(fields) != 4 or fields[0] != PLATFORM_TAG:
+        return None
+    return NodePlatform(arch=fields[1], glibc=fields[2], python=fields[3])
 
 
 def staging_path(binary: BuiltBinary) -> str:
@@ -18,7 +46,8 @@ def staging_path(binary: BuiltBinary) -> str:
 
 
 def state_script(binaries: Iterable[BuiltBinary], with_previous: bool = False) -> str:
-    """Prints `name<TAB>sha256 of installed<TAB>sha256 of previous<TAB>service state`.
+    """The platform probe's line, then per binary (one artefact of each name):
+    `name<TAB>sha256 of installed<TAB>sha256 of previous<TAB>service state`.
 
     The previous binary is hashed only `with_previous` (a rollback); otherwise it reads `-`.
     """
@@ -27,6 +56,7 @@ def state_script(binaries: Iterable[BuiltBinary], with_previous: bool = False) -
         'sum() { if [ -f "$1" ]; then sha256sum "$1" | cut -d" " -f1; else echo -; fi; }',
         'unit() { systemctl is-active "$1" 2>/dev/null || true; }',
         f"echo {MARKER}",
+        PLATFORM_PROBE.rstrip("\n"),
     ]
     for b in binaries:
         installed = f'"$(sum {shlex.quote(b.install_path)})"'

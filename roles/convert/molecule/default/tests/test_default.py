@@ -26,7 +26,7 @@ def test_target_is_an_apull_image_of_the_source() -> None:
     tag = ephemeral("target_tag").read_text().strip()
     manifest = json.loads(get(f"{REGISTRY}/manifests/{tag}"))
     notes = manifest["annotations"]
-    assert notes["io.apull.image.format-version"] == "2"
+    assert notes["io.apull_node.image.format-version"] == "2"
     source = get(f"{REGISTRY}/manifests/latest")
     assert notes["io.apull.image.source-manifest"] == "sha256:" + hashlib.sha256(source).hexdigest()
     [layer] = manifest["layers"]

@@ -1,0 +1,468 @@
+"""Byte ranges of registry blobs over HTTP(S) for apulld (standard library only).
+
+- Keep-alive connections, pooled per host, so each chunk costs one request, not a handshake.
+- Auth as the distribution spec has it: a 401 challenge; Bearer tokens for
+  ``repository:<repo>:pull`` from the realm (anonymous, or Basic credentials from the auth
+  file), or Basic directly. Tokens are cached per host and repository, renewed on a 401.
+- Mirrors (``registry_mirrors``) are tried before the origin with the same path and
+  ``?ns=<registry>``; a mirror that fails or sends bad data rests for a while.
+- Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; errors name
+  the registry, repository, digest and byte range.
+- Registries in ``registry_insecure`` (and loopback ones, like docker) may use plain HTTP
+  or unverified TLS: HTTPS is tried first, HTTP when the server does not speak TLS.
+"""
+
+from __future__ import annotations
+
+# socket.getaddrinfo encodes host names with the idna codec, imported on first use: 12 ms
+# (unicodedata, stringprep) at the head of the first pull after apulld starts - a node that
+# boots and pulls at once. Imported with apulld instead.
+import encodings.idna  # noqa: F401
+import http.client
+import ipaddress
+import json
+import logging
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+from urllib.parse import urlencode, urljoin, urlsplit
+
+from apull_node.daemon.counters import Counters
+from apull_node.daemon.registry_schemes import SchemeMemory
+from apull_node.image.registry_auth import (
+    AuthError,
+    Credentials,
+    find_credentials,
+    parse_challenges,
+)
+from apull_node.image.registry_session import error_text
+
+log = logging.getLogger("apulld.fetch")
+_REDIRECTS = (301, 302, 303, 307, 308)
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+MIRROR_REST_SECONDS = 30.0
+#: After a request failed every try, more requests to that registry within this many
+#: seconds get one try each: a registry that is down does not cost every read a full
+#: round of backoff.
+FAIL_FAST_SECONDS = 2.0
+MAX_WHOLE_BLOB = 64 << 20
+MAX_MANIFEST = 4 << 20
+#: What apulld accepts when it fetches a manifest by digest (an image's, with layers).
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+
+
+class FetchError(RuntimeError):
+    """A range could not be had; the message names registry, repository, digest, range."""
+
+
+class _Retryable(Exception):
+    """Worth trying again (elsewhere or later)."""
+
+
+class _Final(Exception):
+    """Trying again will not help on this endpoint."""
+
+
+@dataclass(frozen=True)
+class Mirror:
+    url: str  # scheme://host[:port][/prefix]
+    registry: str = ""  # only for this registry; "" for all
+
+
+def parse_mirrors(text: str) -> tuple[Mirror, ...]:
+    """``URL[, REGISTRY=URL ...]``: a bare URL mirrors every registry."""
+    mirrors = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        registry, sep, url = item.partition("=")
+        if not sep:
+            registry, url = "", item
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"mirror {item!r}: expected [REGISTRY=]http(s)://host[:port]")
+        mirrors.append(Mirror(url.rstrip("/"), registry.strip()))
+    return tuple(mirrors)
+
+
+def is_loopback(host: str) -> bool:
+    name = host.rsplit(":", 1)[0].strip("[]") if not host.endswith("]") else host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    mirrors: tuple[Mirror, ...] = ()
+    insecure: frozenset[str] = frozenset()
+    auth_file: Path | None = None
+    retries: int = 4
+    timeout: float = 30.0
+    backoff: float = 0.25
+    backoff_max: float = 4.0
+    #: Where the schemes learned by probing are kept across restarts (None: not kept).
+    schemes_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    registry: str
+    repo: str
+    digest: str
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.repo}@{self.digest}"
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    name: str  # what logs and stats call it: the netloc
+    base: str  # scheme://netloc[/prefix]; scheme "" = probe
+    query: str  # "" or "?ns=<registry>"
+    mirror: bool
+    credentials_host: str
+
+
+@dataclass
+class _Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes | bytearray  # at most the request's limit
+    complete: bool  # the whole body was read
+
+
+_Taker = Callable[[_Reply], Union[bytes, bytearray]]
+
+
+@dataclass
+class _Pool:
+    idle: list[http.client.HTTPConnection] = field(default_factory=list)
+
+
+class RangeFetcher:
+    """Shared by every blob: connection pools, tokens and mirror health live here."""
+
+    def __init__(self, settings: FetchSettings, counters: Counters) -> None:
+        self.settings = settings
+        self.counters = counters
+        self._lock = threading.Lock()
+        self._pools: dict[tuple[str, str], _Pool] = {}
+        self._schemes = SchemeMemory(settings.schemes_file)
+        self._auth: dict[tuple[str, str], str] = {}
+        self._resting: dict[str, float] = {}
+        self._failing: dict[str, float] = {}
+        self._verified_tls = ssl.create_default_context()
+        self._unverified_tls = ssl.create_default_context()
+        self._unverified_tls.check_hostname = False
+        self._unverified_tls.verify_mode = ssl.CERT_NONE
+
+    # -- public ---------------------------------------------------------------------------
+
+    def fetch(
+        self, blob: BlobLocation, start: int, end: int, avoid: str = ""
+    ) -> tuple[bytes | bytearray, str]:
+        """Bytes [start, end) of the blob and the endpoint that sent them. `avoid` names an
+        endpoint that just sent bad data (it is tried last)."""
+        what = f"{blob} bytes {start}-{end - 1}"
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        take = lambda reply: _range_body(reply, start, end)  # noqa: E731
+        return self._with_retries(blob, what, headers, take, end, avoid)
+
+    def fetch_whole(self, blob: BlobLocation, limit: int = MAX_WHOLE_BLOB) -> bytes:
+        """A small blob whole (a chunk table); the caller checks its digest."""
+        return bytes(self._with_retries(blob, f"{blob}", {}, _whole(limit), limit, "")[0])
+
+    def fetch_manifest(self, manifest: BlobLocation, limit: int = MAX_MANIFEST) -> bytes:
+        """An image manifest by digest (OCI or Docker v2); the caller checks its digest."""
+        headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+        what = f"manifest {manifest}"
+        take = _whole(limit)
+        return bytes(self._with_retries(manifest, what, headers, take, limit, "", "manifests")[0])
+
+    def mark_bad(self, endpoint: str) -> None:
+        """An endpoint sent bytes that failed verification: rest it if it is a mirror."""
+        with self._lock:
+            if any(endpoint == urlsplit(m.url).netloc for m in self.settings.mirrors):
+                self._resting[endpoint] = time.monotonic() + MIRROR_REST_SECONDS
+
+    # -- retries over endpoints -----------------------------------------------------------
+
+    def _endpoints(self, blob: BlobLocation, avoid: str) -> list[_Endpoint]:
+        now = time.monotonic()
+        found: list[_Endpoint] = []
+        for mirror in self.settings.mirrors:
+            if mirror.registry and mirror.registry != blob.registry:
+                continue
+            netloc = urlsplit(mirror.url).netloc
+            with self._lock:
+                if self._resting.get(netloc, 0.0) > now:
+                    continue
+            query = "?" + urlencode({"ns": blob.registry})
+            found.append(_Endpoint(netloc, mirror.url, query, True, netloc))
+        found.append(_Endpoint(blob.registry, "", "", False, blob.registry))
+        found.sort(key=lambda e: e.name == avoid)
+        return found
+
+    def _with_retries(
+        self,
+        blob: BlobLocation,
+        what: str,
+        headers: dict[str, str],
+        take: _Taker,
+        limit: int,
+        avoid: str,
+        kind: str = "blobs",
+    ) -> tuple[bytes | bytearray, str]:
+        path = f"/v2/{blob.repo}/{kind}/{blob.digest}"
+        errors: list[str] = []
+        with self._lock:
+            failing = self._failing.get(blob.registry, 0.0) > time.monotonic()
+        attempts = 1 if failing else max(1, self.settings.retries + 1)
+        for attempt in range(attempts):
+            for endpoint in self._endpoints(blob, avoid):
+                try:
+                    reply = self._get(endpoint, blob.repo, path + endpoint.query, headers, limit)
+                    data = take(reply)
+                except _Retryable as err:
+                    errors.append(f"{endpoint.name}: {err}")
+                    self._rest(endpoint)
+                    continue
+                except (_Final, AuthError) as err:
+                    if endpoint.mirror:
+                        errors.append(f"{endpoint.name}: {err}")
+                        self._rest(endpoint)
+                        continue
+                    raise FetchError(f"{what}: {err}") from None
+                ranged = "Range" in headers  # a chunk range, not a whole chunk table
+                counter = "bytes_fetched" if ranged else "table_bytes_fetched"
+                if kind == "manifests":
+                    counter = "manifest_bytes_fetched"
+                self.counters.add(counter, len(data))
+                self.counters.add("fetch_requests")
+                if endpoint.mirror and ranged:
+                    self.counters.add("bytes_from_mirrors", len(data))
+                with self._lock:
+                    self._failing.pop(blob.registry, None)
+                return data, endpoint.name
+            if attempt + 1 < attempts:
+                self.counters.add("fetch_retries")
+                delay = min(self.settings.backoff * 2**attempt, self.settings.backoff_max)
+                log.warning("%s: %s; trying again in %.2fs", what, errors[-1], delay)
+                time.sleep(delay)
+        self.counters.add("fetch_errors")
+        with self._lock:
+            self._failing[blob.registry] = time.monotonic() + FAIL_FAST_SECONDS
+        if failing:
+            tries = f"failed (one try: every try failed less than {FAIL_FAST_SECONDS:g}s ago)"
+        else:
+            tries = f"failed {attempts} time{'s' if attempts > 1 else ''}"
+        raise FetchError(f"{what}: {tries}; last: {errors[-1]}")
+
+    def _rest(self, endpoint: _Endpoint) -> None:
+        if endpoint.mirror:
+            with self._lock:
+                self._resting[endpoint.name] = time.monotonic() + MIRROR_REST_SECONDS
+
+    # -- one request, with auth and redirects ---------------------------------------------
+
+    def _get(
+        self, endpoint: _Endpoint, repo: str, path: str, headers: dict[str, str], limit: int
+    ) -> _Reply:
+        url = self._base(endpoint) + path
+        key = (endpoint.name, repo)
+        for attempt in (1, 2):
+            sent = dict(headers)
+            with self._lock:
+                authorization = self._auth.get(key)
+            if authorization:
+                sent["Authorization"] = authorization
+            reply = self._follow(url, sent, endpoint, limit)
+            if reply.status != 401 or attempt == 2:
+                break
+            token = self._authenticate(endpoint, repo, reply.headers.get("www-authenticate", ""))
+            with self._lock:
+                self._auth[key] = token
+        if reply.status == 401:
+            raise _Final(f"access denied ({error_text(401, bytes(reply.body))})")
+        if reply.status == 429 or reply.status >= 500:
+            raise _Retryable(error_text(reply.status, bytes(reply.body)))
+        if reply.status == 404:
+            raise _Final(f"not found ({error_text(404, bytes(reply.body))})")
+        if reply.status >= 400:
+            raise _Final(error_text(reply.status, bytes(reply.body)))
+        return reply
+
+    def _follow(self, url: str, headers: dict[str, str], endpoint: _Endpoint, limit: int) -> _Reply:
+        origin = urlsplit(url).netloc
+        for _ in range(6):
+            reply = self._request(url, headers, endpoint, limit)
+            location = reply.headers.get("location")
+            if reply.status not in _REDIRECTS or not location:
+                return reply
+            url = urljoin(url, location)
+            if urlsplit(url).netloc != origin:
+                headers = {k: v for k, v in headers.items() if k != "Authorization"}
+        raise _Final("too many redirects")
+
+    def _base(self, endpoint: _Endpoint) -> str:
+        if endpoint.mirror:
+            return endpoint.base
+        scheme = self._schemes.get(endpoint.name)
+        if scheme is None:
+            scheme = "probe" if self._insecure(endpoint.name) else "https"
+        return f"{scheme}://{endpoint.name}"
+
+    def _insecure(self, host: str) -> bool:
+        return host in self.settings.insecure or is_loopback(host)
+
+    def _request(
+        self, url: str, headers: dict[str, str], endpoint: _Endpoint, limit: int
+    ) -> _Reply:
+        parts = urlsplit(url)
+        if parts.scheme == "probe":
+            for scheme in ("https", "http"):
+                try:
+                    reply = self._request(f"{scheme}{url[5:]}", headers, endpoint, limit)
+                except _Retryable as err:
+                    if scheme == "http" or not isinstance(err.__cause__, ssl.SSLError):
+                        raise
+                    continue
+                self._schemes.learned(parts.netloc, scheme)
+                return reply
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        for fresh in (False, True):
+            conn = self._connection(parts.scheme, parts.netloc, fresh)
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+                want = limit if resp.status < 400 else 1 << 16
+                if resp.length is not None:  # read() allocates what it is asked for
+                    want = min(want, resp.length)
+                # Received straight into the bytes it returns (io.BufferedReader reads big
+                # amounts into the result): no zeroed buffer first, no copy after.
+                body = resp.read(want)
+                complete = resp.isclosed() or not resp.read(1)
+            except (OSError, http.client.HTTPException) as err:
+                conn.close()
+                stale = isinstance(err, (http.client.RemoteDisconnected, BrokenPipeError))
+                if not fresh and stale:
+                    continue  # a pooled connection the server had closed
+                self._schemes.forget(parts.netloc, parts.scheme)  # if learned: ask again
+                raise _Retryable(f"{parts.scheme}: {err or type(err).__name__}") from err
+            headers_got = {k.lower(): v for k, v in resp.getheaders()}
+            reply = _Reply(resp.status, headers_got, body, complete)
+            if resp.will_close or not resp.isclosed():
+                conn.close()
+            else:
+                self._release(parts.scheme, parts.netloc, conn)
+            return reply
+        raise AssertionError("unreachable")
+
+    def _connection(self, scheme: str, netloc: str, fresh: bool) -> http.client.HTTPConnection:
+        if not fresh:
+            with self._lock:
+                pool = self._pools.get((scheme, netloc))
+                if pool and pool.idle:
+                    return pool.idle.pop()
+        timeout = self.settings.timeout
+        if scheme == "https":
+            host = netloc
+            tls = self._unverified_tls if self._insecure(host) else self._verified_tls
+            return http.client.HTTPSConnection(netloc, timeout=timeout, context=tls)
+        if scheme != "http":
+            raise _Final(f"unsupported scheme {scheme!r}")
+        return http.client.HTTPConnection(netloc, timeout=timeout)
+
+    def _release(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            pool = self._pools.setdefault((scheme, netloc), _Pool())
+            if len(pool.idle) < 16:
+                pool.idle.append(conn)
+                return
+        conn.close()
+
+    # -- auth -----------------------------------------------------------------------------
+
+    def _credentials(self, host: str) -> Credentials | None:
+        path = self.settings.auth_file
+        if path is None or not path.is_file():
+            return None
+        return find_credentials(host, path)
+
+    def _authenticate(self, endpoint: _Endpoint, repo: str, header: str) -> str:
+        challenges = {c.scheme: c for c in parse_challenges(header)}
+        credentials = self._credentials(endpoint.credentials_host)
+        if "bearer" in challenges:
+            return "Bearer " + self._token(endpoint, repo, challenges["bearer"].params, credentials)
+        if "basic" in challenges:
+            if credentials is None:
+                raise _Final(f"{endpoint.name} wants a password and the auth file has none")
+            return credentials.basic_header()
+        raise _Final(f"HTTP 401 with an unsupported challenge {header[:120]!r}")
+
+    def _token(
+        self, endpoint: _Endpoint, repo: str, params: dict[str, str], cred: Credentials | None
+    ) -> str:
+        realm = params.get("realm", "")
+        if not realm.startswith(("https://", "http://")):
+            raise _Final(f"token realm {realm!r} is not a URL")
+        query = [("service", params["service"])] if params.get("service") else []
+        query.append(("scope", f"repository:{repo}:pull"))
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        headers = {"Accept": "application/json"}
+        if cred is not None:
+            headers["Authorization"] = cred.basic_header()
+        reply = self._follow(url, headers, endpoint, 1 << 20)
+        who = f"as {cred.username}" if cred else "anonymously"
+        if reply.status != 200:
+            why = error_text(reply.status, bytes(reply.body))
+            raise _Final(f"token for {repo} refused {who}: {why}")
+        try:
+            document = json.loads(reply.body)
+            token = document.get("token") or document.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise _Final(f"token answer from {realm} has no token")
+        return str(token)
+
+
+def _whole(limit: int) -> _Taker:
+    """Takes a whole 200 body of at most `limit` bytes."""
+
+    def take(reply: _Reply) -> bytes | bytearray:
+        if reply.status != 200:
+            raise _Final(f"HTTP {reply.status} instead of 200")
+        if not reply.complete:
+            raise _Final(f"more than {limit} bytes")
+        return reply.body
+
+    return take
+
+
+def _range_body(reply: _Reply, start: int, end: int) -> bytes | bytearray:
+    want = end - start
+    if reply.status == 206:
+        match = _CONTENT_RANGE.fullmatch(reply.headers.get("content-range", "").strip())
+        if not match or (int(match.group(1)), int(match.group(2))) != (start, end - 1):
+            raise _Retryable(f"wrong Content-Range {reply.headers.get('content-range')!r}")
+        if len(reply.body) != want or not reply.complete:
+            raise _Retryable(f"{len(reply.body)} bytes instead of {want}")
+        return reply.body
+    if reply.status == 200:  # the server ignored Range: take our part of the whole blob
+        if len(reply.body) < end:
+            raise _Final(f"whole blob of {len(reply.body)} bytes ends before {end}")
+        return reply.body[start:end]
+    raise _Final(f"HTTP {reply.status} instead of 206")

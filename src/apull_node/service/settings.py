@@ -1,0 +1,147 @@
+"""/etc/apull/config.toml: the settings both node services read.
+
+Every key has a default, so a missing file or table means "defaults". Wrong types and unknown
+keys are refused with the file and key named, before a service binds anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the nodes' python3 3.9 / 3.10: the bundled backport, the same parser
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/apull/config.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKENDS = ("auto", "fscache", "file", "none")
+MAX_READ_AHEAD_KB = 65536
+
+
+class SettingsError(Exception):
+    """The settings file cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class GlobalSettings:
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class SnapshotterSettings:
+    # containerd's proxy_plugins.apull.address points here.
+    address: str = "/run/containerd-apull-grpc.sock"
+    # metadata.db and snapshots/<id>/{fs,work} live here.
+    root: str = "/var/lib/containerd-apull"
+    # Where the snapshotter reaches apulld.
+    apulld_address: str = "/run/apulld.sock"
+    # containerd's own socket: image manifests are read from its content store and handed
+    # to apulld with warm-ups ("" : apulld fetches them from the registry).
+    containerd_address: str = "/run/containerd/containerd.sock"
+    # Read-ahead of each mounted layer, in KiB (0: the kernel's, 128 for file-backed EROFS).
+    # Set where the kernel names the mount's backing-dev info (Linux >= 6.10).
+    layer_read_ahead_kb: int = 1024
+
+
+@dataclass(frozen=True)
+class ApulldSettings:
+    address: str = "/run/apulld.sock"
+    cache_dir: str = "/var/lib/containerd-apull/cachefiles"
+    # auto: fscache on-demand when the kernel accepts it, else file-backed, else none.
+    backend: str = "auto"
+    # The cachefiles tag (one daemon per tag may bind /dev/cachefiles).
+    fscache_tag: str = "apull"
+    thread_num: int = 4
+    # When containerd pulls an apull image, fetch every layer's chunk table and first chunk
+    # at once in the background, and layers of at most prefetch_layer_max_mb whole.
+    prefetch_enable: bool = True
+    prefetch_layer_max_mb: int = 4
+    cache_size_limit_mb: int = 10240
+    registry_auth_file: str = "/etc/apull/registry-auth.json"
+    # Registry mirrors tried before the origin, comma-separated: "URL" mirrors every
+    # registry, "REGISTRY=URL" only that one (URL: http(s)://host[:port]).
+    registry_mirrors: str = ""
+    # Registries (host[:port], comma-separated) that may use plain HTTP or unverified TLS;
+    # loopback registries always may (like docker's insecure-registries).
+    registry_insecure: str = ""
+    # Tries of a failing registry request (connection error, timeout, 429, 5xx) after the
+    # first, with exponential backoff; and the timeout of one request, in seconds.
+    fetch_retries: int = 4
+    fetch_timeout_s: int = 30
+    # File backend: where apulld mounts its FUSE directory of blob files ("" means
+    # <cache_dir>/../apulld/fuse).
+    fuse_mountpoint: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path
+    global_: GlobalSettings = field(default_factory=GlobalSettings)
+    snapshotter: SnapshotterSettings = field(default_factory=SnapshotterSettings)
+    apulld: ApulldSettings = field(default_factory=ApulldSettings)
+
+
+def _section(path: Path, name: str, raw: Any, cls: type[Any]) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise SettingsError(
+                f"{path}: [{name}] {key}: unknown key (known: {', '.join(sorted(known))})"
+            )
+        default = known[key].default
+        # bool is a subclass of int: check it first and exactly.
+        if isinstance(default, bool) or isinstance(value, bool):
+            if not (isinstance(default, bool) and isinstance(value, bool)):
+                raise SettingsError(
+                    f"{path}: [{name}] {key}: expected {type(default).__name__}, got {value!r}"
+                )
+        elif not isinstance(value, type(default)):
+            raise SettingsError(
+                f"{path}: [{name}] {key}: expected {type(default).__name__}, got {value!r}"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
+    """Read the settings file; a missing file gives the defaults."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return Settings(path=path)
+    except tomllib.TOMLDecodeError as err:
+        raise SettingsError(f"{path}: {err}") from err
+    unknown = set(raw) - {"global", "snapshotter", "apulld"}
+    if unknown:
+        raise SettingsError(f"{path}: unknown table(s): {', '.join(sorted(unknown))}")
+    settings = Settings(
+        path=path,
+        global_=_section(path, "global", raw.get("global"), GlobalSettings),
+        snapshotter=_section(path, "snapshotter", raw.get("snapshotter"), SnapshotterSettings),
+        apulld=_section(path, "apulld", raw.get("apulld"), ApulldSettings),
+    )
+    if settings.global_.log_level not in LOG_LEVELS:
+        raise SettingsError(
+            f"{path}: [global] log_level: {settings.global_.log_level!r} is not one of "
+            f"{', '.join(LOG_LEVELS)}"
+        )
+    if not 0 <= settings.snapshotter.layer_read_ahead_kb <= MAX_READ_AHEAD_KB:
+        raise SettingsError(
+            f"{path}: [snapshotter] layer_read_ahead_kb: "
+            f"{settings.snapshotter.layer_read_ahead_kb} is not between 0 and {MAX_READ_AHEAD_KB}"
+        )
+    if settings.apulld.backend not in BACKENDS:
+        raise SettingsError(
+            f"{path}: [apulld] backend: {settings.apulld.backend!r} is not one of "
+            f"{', '.join(BACKENDS)}"
+        )
+    return settings

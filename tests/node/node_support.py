@@ -1,0 +1,28 @@
+"""Helpers the node tests share (standard library only, Python 3.9 included).
+
+tests/node holds the tests of the node package alone (apull_node): nothing here imports the
+controller's package (`apull`). `make unit-py39` runs this directory with Debian 11's
+python3.9 in a build root, where only apull_node and its bundled dependencies exist.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+
+
+def stdlib_names() -> frozenset[str]:
+    """Top-level names of the standard library (sys.stdlib_module_names from 3.10 on)."""
+    names = getattr(sys, "stdlib_module_names", None)
+    if names is not None:
+        return frozenset(names)
+    # Frozen into the interpreter, so in neither list nor directory.
+    found = {*sys.builtin_module_names, "_frozen_importlib", "_frozen_importlib_external"}
+    std = sysconfig.get_paths()["stdlib"]
+    for directory in (std, os.path.join(std, "lib-dynload")):
+        for entry in os.listdir(directory):
+            if entry == "site-packages":
+                continue
+            found.add(entry.split(".")[0])
+    return frozenset(found)
