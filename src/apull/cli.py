@@ -192,7 +192,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     took = time.monotonic() - started
     _log(f"bundle {bundle.directory}: {'built' if built else 'up to date'} in {took:.1f} s")
     for b in bundle.binaries:
-        out.print(f"  {b.name:24} {b.sha256}  {b.size / 1e6:5.1f} MB -> {b.install_path}")
+        out.print(
+            f"  {b.platform:14} {b.name:22} {b.sha256[:16]}  {b.size / 1e6:5.1f} MB"
+            f"  -> {b.install_path}  ({b.serves})"
+        )
     return 0
 
 

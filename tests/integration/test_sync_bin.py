@@ -30,12 +30,12 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     v1, _ = ensure_bundle(base / "v1")
     v2 = base / "v2"
     shutil.copytree(v1.directory, v2)
-    with zipfile.ZipFile(v2 / "apulld", "a") as zf:
-        zf.writestr("apull/VARIANT", "v2")
+    with zipfile.ZipFile(v2 / "any" / "apulld", "a") as zf:
+        zf.writestr("apull_node/VARIANT", "v2")
     manifest = json.loads((v2 / "manifest.json").read_text())
     for b in manifest["binaries"]:
         if b["name"] == "apulld":
-            data = (v2 / "apulld").read_bytes()
+            data = (v2 / "any" / "apulld").read_bytes()
             b["sha256"], b["size"] = hashlib.sha256(data).hexdigest(), len(data)
     (v2 / "manifest.json").write_text(json.dumps(manifest))
     return v1.directory, v2
@@ -46,9 +46,12 @@ def sha_of(node: layout.LabNode, path: str) -> str:
     return out[0] if out else "-"
 
 
-def manifest_sha(bundle: Path, name: str) -> str:
+def manifest_sha(bundle: Path, name: str, platform: str = "x86_64-cp311") -> str:
+    """The artefact's sha256 a lab node (Debian 12: x86-64, python3 3.11) gets."""
     binaries = json.loads((bundle / "manifest.json").read_text())["binaries"]
-    return next(b["sha256"] for b in binaries if b["name"] == name)
+    return next(
+        b["sha256"] for b in binaries if b["name"] == name and b["platform"] in ("any", platform)
+    )
 
 
 def timed_sync(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:

@@ -166,3 +166,16 @@ def test_the_snapshotter_binary_carries_the_cri_client(bundle_dir: Path, tmp_pat
     )
     assert run.returncode == 1
     assert f"cannot reach containerd on {missing}" in run.stderr
+
+
+def test_a_rebuild_removes_what_an_older_layout_left(tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "apulld").write_bytes(b"a binary of the one-platform layout")
+    (out / "manifest.json").write_text('{"version": "0.1.0", "binaries": []}')
+    with pytest.raises(BundleError, match="older bundle layout"):
+        load_bundle(out)
+    bundle, built = ensure_bundle(out)
+    assert built and not (out / "apulld").exists()
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [".lock", "manifest.json"]
+    assert load_bundle(out).fingerprint == bundle.fingerprint

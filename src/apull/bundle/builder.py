@@ -22,6 +22,7 @@ from .artefacts import (
     ANY,
     BINARIES,
     MANIFEST_FORMAT,
+    MANIFEST_NAME,
     MANYLINUX_TAGS,
     NODE_ARCHES,
     NODE_PYTHONS,
@@ -275,7 +276,22 @@ def ensure_bundle(out_dir: Path | None = None, force: bool = False) -> tuple[Bun
         )
         bundle = Bundle(out_dir, apull_node.__version__, fingerprint, built)
         bundle.write_manifest()
+        _prune(bundle)
         return bundle, True
+
+
+def _prune(bundle: Bundle) -> None:
+    """Remove what an older build left in the directory (files of another layout)."""
+    keep = {bundle.path_of(b) for b in bundle.binaries}
+    keep |= {p.parent for p in keep} | {bundle.directory / MANIFEST_NAME}
+    for path in sorted(bundle.directory.rglob("*"), reverse=True):
+        if path in keep or path.name == ".lock":
+            continue
+        if path.is_dir():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()
 
 
 def members_listing(path: Path) -> list[str]:

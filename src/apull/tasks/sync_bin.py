@@ -82,8 +82,9 @@ def _cell(outcome: NodeOutcome, name: str, check: bool) -> str:
 def summary_table(outcomes: Sequence[NodeOutcome], bundle: Bundle, check: bool) -> Table:
     table = Table(title=f"sync-bin: bundle {bundle.version} ({bundle.fingerprint[:12]})")
     table.add_column("node")
-    for binary in bundle.binaries:
-        table.add_column(binary.name)
+    table.add_column("platform")
+    for name in bundle.names:
+        table.add_column(name)
     table.add_column("restarted")
     table.add_column("sent")
     table.add_column("time")
@@ -92,7 +93,8 @@ def summary_table(outcomes: Sequence[NodeOutcome], bundle: Bundle, check: bool) 
         r = o.result
         table.add_row(
             o.host.name,
-            *(_cell(o, b.name, check) for b in bundle.binaries),
+            str(r.platform) if r and r.platform else "-",
+            *(_cell(o, name, check) for name in bundle.names),
             ", ".join(r.restarted) if r and r.restarted else "-",
             f"{r.bytes_sent / 1e6:.1f} MB" if r else "-",
             f"{r.seconds:.1f} s" if r else "-",
@@ -126,8 +128,9 @@ def sync_bin(
         bundle, built = ensure_bundle(bundle_dir)
         how = "built" if built else "up to date"
     console.print(
-        f"bundle {bundle.directory} ({how}): "
-        + ", ".join(f"{b.name} {b.sha256[:12]} {b.size / 1e6:.1f} MB" for b in bundle.binaries)
+        f"bundle {bundle.directory} ({how}): {len(bundle.binaries)} artefacts of "
+        + ", ".join(bundle.names)
+        + "; each node gets those of its platform"
     )
     what = "rollback" if rollback else "sync"
     console.print(f"{what} to {len(hosts)} node(s){' (check only)' if check else ''}")

@@ -10,8 +10,20 @@ testinfra_hosts = ["ansible://molecule_nodes"]
 MANIFEST = Path(__file__).resolve().parents[5] / "build" / "bundle" / "manifest.json"
 
 
-@pytest.mark.parametrize("binary", json.loads(MANIFEST.read_text())["binaries"])
-def test_binaries_are_the_bundles(host, binary):
+ARTEFACTS = json.loads(MANIFEST.read_text())["binaries"]
+
+
+def node_platform(host):
+    """The bundle's platform directory for this node: x86_64-cp311."""
+    arch = host.check_output("uname -m")
+    python = host.check_output("readlink -f /usr/bin/python3").rsplit("python", 1)[1]
+    return f"{arch}-cp{python.replace('.', '')}"
+
+
+@pytest.mark.parametrize("name", sorted({b["name"] for b in ARTEFACTS}))
+def test_binaries_are_the_bundles_for_the_nodes_platform(host, name):
+    key = node_platform(host)
+    (binary,) = [b for b in ARTEFACTS if b["name"] == name and b["platform"] in ("any", key)]
     f = host.file(binary["install_path"])
     assert f.exists and f.user == "root" and f.mode == 0o550
     assert f.sha256sum == binary["sha256"]

@@ -44,7 +44,7 @@ class ActionModule(ActionBase):
 
         from apull.bundle.artefacts import BundleError
         from apull.bundle.builder import ensure_bundle
-        from apull.sync.engine import sync_node
+        from apull.sync.engine import NodeSyncError, sync_node
 
         args = self._task.args
         bundle_dir = args.get("bundle_dir")
@@ -63,6 +63,8 @@ class ActionModule(ActionBase):
                 check=self._task.check_mode,
                 restart=bool(args.get("restart", False)),
             )
+        except NodeSyncError as err:
+            raise AnsibleActionFail(str(err)) from err
         finally:
             if tmpdir:
                 self._remove_tmp_path(tmpdir)
@@ -76,6 +78,7 @@ class ActionModule(ActionBase):
                     "sha256": s.binary.sha256,
                     "before": s.state.installed,
                     "path": s.binary.install_path,
+                    "artefact": s.binary.platform,
                 },
             )
             for s in outcome.steps
@@ -83,6 +86,7 @@ class ActionModule(ActionBase):
         result["restart_needed"] = outcome.changed_services
         result["restarted"] = outcome.restarted
         result["bundle"] = {"version": bundle.version, "fingerprint": bundle.fingerprint}
+        result["platform"] = str(outcome.platform)
         if self._task.diff and outcome.changed:
             result["diff"] = [
                 {

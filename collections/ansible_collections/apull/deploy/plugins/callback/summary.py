@@ -75,6 +75,7 @@ class CallbackModule(CallbackBase):
     def __init__(self):
         super().__init__()
         self.nodes = {}
+        self.platforms = {}
         self.changed = {}
         self.failed = {}
         self.conversions = []
@@ -96,6 +97,8 @@ class CallbackModule(CallbackBase):
         facts = result._result.get("ansible_facts", {})
         if "apull_node" in facts:
             self.nodes[host] = facts["apull_node"]
+        if "apull_platform" in facts:
+            self.platforms[host] = facts["apull_platform"]
         self.changed.setdefault(host, [])
         if result._task.action.endswith("image_convert"):
             for item in result._result.get("results", [result._result]):
@@ -107,6 +110,9 @@ class CallbackModule(CallbackBase):
             self.changed[host].append(result._task.name or result._task.action)
 
     def v2_runner_on_failed(self, result, ignore_errors=False):
+        facts = result._result.get("ansible_facts", {})
+        if "apull_platform" in facts:  # a refused node: its platform is the reason
+            self.platforms[self._host(result)] = facts["apull_platform"]
         if not ignore_errors:
             self.failed[self._host(result)] = result._task.get_name()
 
@@ -114,7 +120,7 @@ class CallbackModule(CallbackBase):
         self.failed[self._host(result)] = "unreachable"
 
     def _rows(self):
-        hosts = sorted(set(self.nodes) | set(self.changed) | set(self.failed))
+        hosts = sorted(set(self.nodes) | set(self.platforms) | set(self.changed) | set(self.failed))
         for host in hosts:
             node = self.nodes.get(host, {})
             fs_ctl = node.get("fs_ctl")
@@ -126,9 +132,13 @@ class CallbackModule(CallbackBase):
                 outcome = "%s %d: %s" % (verb, len(changed), ", ".join(changed))
             else:
                 outcome = "no change"
-            problems = node.get("problems") or []
+            problems = list(node.get("problems") or [])
+            refused = self.platforms.get(host, {}).get("why")
+            if refused:
+                problems.insert(0, {"what": refused})
             yield {
                 "host": host,
+                "platform": self.platforms.get(host, {}).get("text", "-"),
                 "kernel": node.get("kernel", "-"),
                 "containerd": node.get("containerd") or "-",
                 "backend": backend_text(node) if node else "-",
@@ -160,9 +170,10 @@ class CallbackModule(CallbackBase):
         if not rows:
             return
         # A run on the controller alone (convert.yml) has no node facts: outcome only.
-        if self.nodes:
+        if self.nodes or self.platforms:
             columns = (
                 "host",
+                "platform",
                 "kernel",
                 "containerd",
                 "backend",
@@ -188,6 +199,7 @@ class CallbackModule(CallbackBase):
             "finished": stamp,
             "seconds": round(time.time() - self.started, 1),
             "nodes": dict((h, self.nodes.get(h)) for h in sorted(self.nodes)),
+            "platforms": dict((h, self.platforms[h]) for h in sorted(self.platforms)),
             "rows": rows,
             "conversions": self.conversions,
         }
