@@ -28,13 +28,13 @@ STATE = (
 FAKES = {
     "uname": (
         "/usr/bin/uname",
-        '#!/bin/sh\ncase "$1" in -m) echo ppc64le ;; *) exec /run/apull-test/uname.real "$@" ;; '
+        '#!/bin/sh\ncase "$1" in -m) echo ppc64le ;; *) exec /root/.apull-test/uname.real "$@" ;; '
         "esac\n",
     ),
     "getconf": (
         "/usr/bin/getconf",
         '#!/bin/sh\nif [ "$1" = GNU_LIBC_VERSION ]; then echo "glibc 2.12"; '
-        'else exec /run/apull-test/getconf.real "$@"; fi\n',
+        'else exec /root/.apull-test/getconf.real "$@"; fi\n',
     ),
 }
 
@@ -50,15 +50,15 @@ def faked(request: pytest.FixtureRequest, node1: layout.LabNode) -> Iterator[str
     name = request.param
     path, script = FAKES[name]
     setup = (
-        f"set -e; mkdir -p /run/apull-test; cp {path} /run/apull-test/{name}.real; "
-        f"cat > /run/apull-test/{name} <<'EOF'\n{script}EOF\n"
-        f"chmod 0755 /run/apull-test/{name}; mount --bind /run/apull-test/{name} {path}"
+        f"set -e; mkdir -p /root/.apull-test; cp {path} /root/.apull-test/{name}.real; "
+        f"cat > /root/.apull-test/{name} <<'EOF'\n{script}EOF\n"
+        f"chmod 0755 /root/.apull-test/{name}; mount --bind /root/.apull-test/{name} {path}"
     )
     assert run_on(node1, setup).returncode == 0
     try:
         yield name
     finally:
-        run_on(node1, f"umount {path}; rm -rf /run/apull-test")
+        run_on(node1, f"umount {path}; rm -rf /root/.apull-test")
 
 
 def test_an_unserved_node_is_refused_in_preflight_and_left_as_it_was(

@@ -7,7 +7,8 @@
    --target`, no dependency resolution: tests/node/requirements-py39.txt plus the bundled
    runtime's versions from this venv), once per set of pins;
 3. runs pytest on tests/node in it, in a private mount namespace, with the checkout mounted
-   read-only at /apull and the host's /proc, /sys and /dev.
+   read-only at /apull, the bundle (built if stale) at /bundle for the tests that start its
+   artefacts, and the host's /proc, /sys and /dev.
 
 Only apull_node and its bundled dependencies exist in there: a test that reaches for the
 controller's package fails to import, which is the point.
@@ -24,7 +25,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from apull.bundle.builder import NATIVE_DEPENDENCIES, PURE_DEPENDENCIES
+from apull.bundle.builder import NATIVE_DEPENDENCIES, PURE_DEPENDENCIES, ensure_bundle
 from apull.lab import layout
 from apull.lab.image import debian_mirror
 from apull.lab.run import LabError, Log, run_logged
@@ -100,8 +101,10 @@ def run_tests(pytest_args: list[str]) -> int:
     root = ensure_root()
     ensure_deps(root)
     checkout = suite_root()
+    bundle, _ = ensure_bundle()
     mounts = [
         (checkout, "apull", "ro"),
+        (bundle.directory, "bundle", "ro"),
         (Path("/proc"), "proc", "rw"),
         (Path("/sys"), "sys", "rw"),
         (Path("/dev"), "dev", "rw"),
@@ -116,6 +119,7 @@ def run_tests(pytest_args: list[str]) -> int:
     pytest = [
         "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8",
         f"PYTHONPATH=/apull/src:{DEPS}", "PYTHONDONTWRITEBYTECODE=1",
+        "APULL_TEST_BUNDLE=/bundle",
         "python3", "-m", "pytest", "-p", "no:cacheprovider", "--rootdir=/apull",
         *(pytest_args or ["-q", "/apull/tests/node"]),
     ]  # fmt: skip
