@@ -173,9 +173,9 @@ def apulld(node: layout.LabNode) -> Iterator[NodeApulld]:
     assert sh(node, "test -x /usr/bin/apulld && echo binary").strip() == "binary"
     if ours:
         config = (
-            "[global]\nlog_level = \"debug\"\n[apulld]\nbackend = \"fscache\"\n"
+            "version = 1\n[global]\nlog_level = \"debug\"\n[apulld]\nbackend = \"fscache\"\n"
             f"cache_dir = \"{TEST_CACHE}/cachefiles\"\nthread_num = 4\n"
-            "registry_insecure = \"registry.lab:5000\"\nregistry_auth_file = \"\"\n"
+            "registry_insecure = [\"registry.lab:5000\"]\nregistry_auth_file = \"\"\n"
             "fetch_retries = 1\nfetch_timeout_s = 10\n"
         )  # fmt: skip
         sh(node, f"mkdir -p {TEST_DIR} && cat > {TEST_DIR}/config.toml <<'EOF'\n{config}EOF\n"

@@ -71,7 +71,7 @@ def old_apulld(tmp_path: Path) -> Iterator[_Server]:
 
 def test_prefetch_asks_an_older_apulld_again_without_the_manifest(old_apulld, caplog) -> None:
     client = ApulldClient(old_apulld.server_address)
-    caplog.set_level("INFO", logger="apull_node.snapshotter.apulld_client")
+    caplog.set_level("INFO", logger="apull-snapshotter.apulld-client")
     started = client.prefetch("registry.example", "team/app", "sha256:" + "a" * 64, b"{}")
     assert started is True
     assert [sorted(b) for b in old_apulld.bodies] == [

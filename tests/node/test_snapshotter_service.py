@@ -476,7 +476,7 @@ def test_main_notifies_readiness_serves_and_stops_cleanly(short_tmp, signum):
         assert notify.recv(4096) == b"STOPPING=1"
         assert not address.exists()
         stderr = process.stderr.read()
-        assert "DEBUG apull_node.snapshotter.service: Prepare" in stderr
+        assert "DEBUG apull-snapshotter.service: Prepare" in stderr
         assert "stopping" in stderr
     finally:
         if process.poll() is None:

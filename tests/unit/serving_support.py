@@ -366,7 +366,8 @@ class Apulld:
 
     def start(self, *, fdstore: bool = True, resume: bool = False, timeout: float = 20) -> None:
         config = self.root / "config.toml"
-        lines = ["[apulld]"] + [f"{k} = {json.dumps(v)}" for k, v in self.settings.items()]
+        lines = ["version = 1", "[apulld]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.settings.items()]
         config.write_text("\n".join(lines) + "\n")
         args = ["--config", str(config), "--backend", "file", "--address", self.address,
                 "--cache-dir", str(self.cache_dir), "--log-level", "debug"]  # fmt: skip

@@ -57,8 +57,9 @@ def playbook(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 def test_lab_inventory_makes_its_registry_insecure_for_apulld(tmp_path):
     playbook(tmp_path)
     apulld = load_settings(tmp_path / "config.toml").apulld
-    assert apulld.registry_insecure == "registry.lab:5000"
-    assert apulld.registry_mirrors == ""
+    assert apulld.registry_insecure == ("registry.lab:5000",)
+    assert apulld.registry_mirrors == ()
+    assert (tmp_path / "config.toml").read_text().count("\nversion = 1\n") == 1
     assert (apulld.fetch_retries, apulld.fetch_timeout_s) == (4, 30)
     assert (apulld.cache_size_limit_mb, apulld.thread_num) == (10240, 4)
     assert apulld.registry_auth_file == "/etc/apull/registry-auth.json"
@@ -81,8 +82,8 @@ def test_every_lazy_serving_setting_is_a_role_variable(tmp_path):
     }
     playbook(tmp_path, "-e", json.dumps(overrides))
     apulld = load_settings(tmp_path / "config.toml").apulld
-    assert apulld.registry_mirrors == "https://mirror.one:5000,r.example=http://m.two"
-    assert apulld.registry_insecure == "a.example:5000,b.example"
+    assert apulld.registry_mirrors == ("https://mirror.one:5000", "r.example=http://m.two")
+    assert apulld.registry_insecure == ("a.example:5000", "b.example")
     assert (apulld.fetch_retries, apulld.fetch_timeout_s) == (7, 9)
     assert (apulld.cache_size_limit_mb, apulld.thread_num) == (512, 12)
     assert apulld.registry_auth_file == "/srv/auth.json"

@@ -111,7 +111,7 @@ def test_mirror_first_then_the_origin(images, registry, proxy, make_apulld, moun
     layer = images["multi"]
     mirror = Proxy(registry.address)
     try:
-        apulld = make_apulld(registry_mirrors=f"http://{mirror.address}")
+        apulld = make_apulld(registry_mirrors=[f"http://{mirror.address}"])
         root = mounts.erofs(apulld.put(layer, proxy.address), "multi")
         assert (root / "data/medium").read_bytes() == layer.files["data/medium"]
         assert mirror.bytes_of(layer.digest) > 0 and proxy.bytes_of(layer.digest) == 0
@@ -131,7 +131,7 @@ def test_a_corrupting_mirror_is_passed_over(images, big_offset, registry, proxy,
     mirror = Proxy(registry.address)
     mirror.state.corrupt[layer.digest] = Corruption(big_offset, times=-1)
     try:
-        apulld = make_apulld(registry_mirrors=f"{proxy.address}=http://{mirror.address}")
+        apulld = make_apulld(registry_mirrors=[f"{proxy.address}=http://{mirror.address}"])
         root = mounts.erofs(apulld.put(layer, proxy.address), "multi")
         assert (root / "data/big").read_bytes() == layer.files["data/big"]
         assert apulld.stats()["verify_failures"] >= 1

@@ -159,10 +159,10 @@ def test_a_mirror_for_another_registry_is_not_asked(pushed, registry, proxy) -> 
 
 
 def test_mirror_settings_and_loopback_hosts() -> None:
-    assert parse_mirrors(" http://a:4001/ , docker.io=https://m.example ") == (
+    assert parse_mirrors([" http://a:4001/ ", "docker.io=https://m.example "]) == (
         Mirror("http://a:4001"), Mirror("https://m.example", "docker.io"))  # fmt: skip
-    assert parse_mirrors("") == ()
+    assert parse_mirrors([]) == ()
     with pytest.raises(ValueError, match="expected"):
-        parse_mirrors("ftp://x")
+        parse_mirrors(["ftp://x"])
     assert is_loopback("127.0.0.1:5000") and is_loopback("localhost") and is_loopback("[::1]:80")
     assert not is_loopback("registry.example:5000") and not is_loopback("10.0.0.1")

@@ -94,7 +94,7 @@ def test_blob_config_rules_for_served_blobs(images, proxy, apulld, mounts) -> No
 
 def test_a_bad_mirror_setting_stops_startup(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('[apulld]\nregistry_mirrors = "ftp://mirror"\n')
+    config.write_text('version = 1\n[apulld]\nregistry_mirrors = ["ftp://mirror"]\n')
     result = subprocess.run(
         [sys.executable, "-m", "apull_node.daemon", "--config", str(config), "--backend", "file",
          "--address", str(tmp_path / "a.sock"), "--cache-dir", str(tmp_path / "cachefiles")],

@@ -46,7 +46,7 @@ class HostStack:
         self._daemons: dict[str, subprocess.Popen[bytes]] = {}
 
     def _write_config(self) -> None:
-        settings = {
+        settings: dict[str, dict[str, object]] = {
             "global": {"log_level": "info"},
             "snapshotter": {
                 "address": self.snapshotter_address,
@@ -58,10 +58,10 @@ class HostStack:
                 "address": self.apulld_address,
                 "cache_dir": str(self.cache_dir),
                 "backend": "file",
-                "registry_insecure": self.registry,
+                "registry_insecure": [self.registry],
             },
         }
-        lines = []
+        lines = ["version = 1"]
         for section, values in settings.items():
             lines.append(f"[{section}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]

@@ -86,7 +86,7 @@ def check_backend(settings: ApulldSettings) -> int:
 
 def fetch_settings(settings: ApulldSettings) -> FetchSettings:
     """Registry access settings (ValueError: a bad mirror entry)."""
-    insecure = frozenset(h.strip() for h in settings.registry_insecure.split(",") if h.strip())
+    insecure = frozenset(h.strip() for h in settings.registry_insecure if h.strip())
     return FetchSettings(
         mirrors=parse_mirrors(settings.registry_mirrors),
         insecure=insecure,

@@ -26,7 +26,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -77,10 +77,10 @@ class Mirror:
     registry: str = ""  # only for this registry; "" for all
 
 
-def parse_mirrors(text: str) -> tuple[Mirror, ...]:
-    """``URL[, REGISTRY=URL ...]``: a bare URL mirrors every registry."""
+def parse_mirrors(entries: Iterable[str]) -> tuple[Mirror, ...]:
+    """``URL`` or ``REGISTRY=URL`` entries: a bare URL mirrors every registry."""
     mirrors = []
-    for item in (part.strip() for part in text.split(",")):
+    for item in (part.strip() for part in entries):
         if not item:
             continue
         registry, sep, url = item.partition("=")

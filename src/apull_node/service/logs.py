@@ -1,4 +1,9 @@
-"""Logging for the node services: one line per event to stderr (journald adds the time)."""
+"""Logging for the node services: one line per event to stderr (journald adds the time).
+
+One naming scheme for every logger: `<service>.<part>`, the service as its unit calls it and
+the part of it that speaks - `apulld.fetch`, `apulld.fscache`, `apull-snapshotter.remote`,
+`apull-snapshotter.overlay` - so `journalctl -u apulld | grep apulld.fetch` finds one part.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,11 @@
 
 Every key has a default, so a missing file or table means "defaults". Wrong types and unknown
 keys are refused with the file and key named, before a service binds anything.
+
+The file starts with `version = 1` (the apull role writes it so): lists are TOML arrays of
+strings. A file without a version is the format before it, where lists were one
+comma-separated string; it is still read, so that new binaries start on a node whose settings
+the role has not rewritten yet. Any other version is refused, naming what this build reads.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/apull/config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 BACKENDS = ("auto", "fscache", "file", "none")
 MAX_READ_AHEAD_KB = 65536
+#: The settings format this build writes and reads (None: the unversioned one before it).
+SETTINGS_VERSION = 1
 
 
 class SettingsError(Exception):
@@ -62,12 +69,12 @@ class ApulldSettings:
     prefetch_layer_max_mb: int = 4
     cache_size_limit_mb: int = 10240
     registry_auth_file: str = "/etc/apull/registry-auth.json"
-    # Registry mirrors tried before the origin, comma-separated: "URL" mirrors every
-    # registry, "REGISTRY=URL" only that one (URL: http(s)://host[:port]).
-    registry_mirrors: str = ""
-    # Registries (host[:port], comma-separated) that may use plain HTTP or unverified TLS;
-    # loopback registries always may (like docker's insecure-registries).
-    registry_insecure: str = ""
+    # Registry mirrors tried before the origin, in order: "URL" mirrors every registry,
+    # "REGISTRY=URL" only that one (URL: http(s)://host[:port]).
+    registry_mirrors: tuple[str, ...] = ()
+    # Registries (host[:port]) that may use plain HTTP or unverified TLS; loopback
+    # registries always may (like docker's insecure-registries).
+    registry_insecure: tuple[str, ...] = ()
     # Tries of a failing registry request (connection error, timeout, 429, 5xx) after the
     # first, with exponential backoff; and the timeout of one request, in seconds.
     fetch_retries: int = 4
@@ -85,7 +92,16 @@ class Settings:
     apulld: ApulldSettings = field(default_factory=ApulldSettings)
 
 
-def _section(path: Path, name: str, raw: Any, cls: type[Any]) -> Any:
+def _strings(path: Path, where: str, value: Any, legacy: bool) -> tuple[str, ...]:
+    """A TOML array of strings (or, in an unversioned file, one comma-separated string)."""
+    if legacy and isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SettingsError(f"{path}: {where}: expected an array of strings, got {value!r}")
+    return tuple(value)
+
+
+def _section(path: Path, name: str, raw: Any, cls: type[Any], legacy: bool) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
@@ -98,6 +114,9 @@ def _section(path: Path, name: str, raw: Any, cls: type[Any]) -> Any:
                 f"{path}: [{name}] {key}: unknown key (known: {', '.join(sorted(known))})"
             )
         default = known[key].default
+        if isinstance(default, tuple):
+            values[key] = _strings(path, f"[{name}] {key}", value, legacy)
+            continue
         # bool is a subclass of int: check it first and exactly.
         if isinstance(default, bool) or isinstance(value, bool):
             if not (isinstance(default, bool) and isinstance(value, bool)):
@@ -120,14 +139,24 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
         return Settings(path=path)
     except tomllib.TOMLDecodeError as err:
         raise SettingsError(f"{path}: {err}") from err
+    version = raw.pop("version", None)
+    if version is not None and (type(version) is not int or version != SETTINGS_VERSION):
+        raise SettingsError(
+            f"{path}: version: {version!r} is not a settings version this build reads "
+            f"({SETTINGS_VERSION}, or none for the format before it); rewrite the file with "
+            "the apull role (make all), or install binaries as new as the file"
+        )
+    legacy = version is None
     unknown = set(raw) - {"global", "snapshotter", "apulld"}
     if unknown:
         raise SettingsError(f"{path}: unknown table(s): {', '.join(sorted(unknown))}")
     settings = Settings(
         path=path,
-        global_=_section(path, "global", raw.get("global"), GlobalSettings),
-        snapshotter=_section(path, "snapshotter", raw.get("snapshotter"), SnapshotterSettings),
-        apulld=_section(path, "apulld", raw.get("apulld"), ApulldSettings),
+        global_=_section(path, "global", raw.get("global"), GlobalSettings, legacy),
+        snapshotter=_section(
+            path, "snapshotter", raw.get("snapshotter"), SnapshotterSettings, legacy
+        ),
+        apulld=_section(path, "apulld", raw.get("apulld"), ApulldSettings, legacy),
     )
     if settings.global_.log_level not in LOG_LEVELS:
         raise SettingsError(

@@ -15,7 +15,7 @@ import socket
 from typing import Any
 from urllib.parse import urlencode
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("apull-snapshotter.apulld-client")
 
 PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"

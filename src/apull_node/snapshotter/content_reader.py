@@ -16,7 +16,7 @@ import grpc
 
 from apull_node.snapshotter.api import content_pb2, content_pb2_grpc
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("apull-snapshotter.content-reader")
 #: CRI pulls images into this containerd namespace (its manifest label is CRI's).
 CRI_NAMESPACE = "k8s.io"
 #: Larger manifests are left to apulld (the warm-up request stays small).

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"{SERVICE}: {err}", file=sys.stderr)
         return 2
-    log = setup_logging(SERVICE, settings.global_.log_level)
+    log = setup_logging("apull-snapshotter", settings.global_.log_level)
     address = args.address or settings.snapshotter.address
     root = Path(args.root or settings.snapshotter.root)
 

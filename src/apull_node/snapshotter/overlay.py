@@ -31,7 +31,7 @@ from apull_node.snapshotter.layout import REMOVING_PREFIX, TEMP_PREFIX, Layout
 from apull_node.snapshotter.mounts import Mount, overlay_options, snapshot_mounts
 from apull_node.snapshotter.store import Info, Kind, MetaStore, Snapshot, validate_labels
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("apull-snapshotter.overlay")
 
 #: Set by containerd's unpacker on Prepare: the name the layer will be committed as.
 SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("apull-snapshotter.read-ahead")
 
 #: _IOR(0x15, 1, struct fs_sysfs_path { __u8 len; __u8 name[128]; }).
 FS_IOC_GETFSSYSFSPATH = 0x80811501

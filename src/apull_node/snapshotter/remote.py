@@ -66,7 +66,7 @@ from apull_node.snapshotter.remote_layer import (
 )
 from apull_node.snapshotter.store import Info, Kind
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("apull-snapshotter.remote")
 
 #: apulld backends that serve layer data (ping's "backend").
 FSCACHE, FILE = "fscache", "file"

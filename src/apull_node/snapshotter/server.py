@@ -17,7 +17,7 @@ from apull_node.service.sockets import prepare_socket_path, restrict_socket
 from apull_node.snapshotter.overlay import OverlaySnapshotter
 from apull_node.snapshotter.service import SnapshotsService
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("apull-snapshotter.server")
 
 #: Parallel RPCs; metadata work is serialised anyway, but disk usage walks are not.
 WORKERS = 16

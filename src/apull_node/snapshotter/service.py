@@ -28,7 +28,7 @@ from apull_node.snapshotter.mounts import Mount
 from apull_node.snapshotter.overlay import OverlaySnapshotter
 from apull_node.snapshotter.store import Info
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("apull-snapshotter.service")
 
 #: List answers in batches of this many snapshots per message.
 LIST_BATCH = 100
