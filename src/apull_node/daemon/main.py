@@ -35,9 +35,10 @@ from apull_node.daemon.backend import (
 from apull_node.daemon.blob_registry import BlobRegistry, BlobStoreError
 from apull_node.daemon.file_backend import FileBackend, FileBackendConfig, FileBackendError
 from apull_node.daemon.fscache_backend import FscacheBackend, FscacheBackendConfig
-from apull_node.daemon.http_api import ApiState, ApulldHttpServer, Serving
+from apull_node.daemon.http_api import ApiState, ApulldHttpServer
 from apull_node.daemon.image_warmup import ImageWarmup
 from apull_node.daemon.registry_fetch import FetchSettings, parse_mirrors
+from apull_node.daemon.serving import BackendStartError, ServingBackend
 from apull_node.service import sdnotify
 from apull_node.service.logs import setup_logging
 from apull_node.service.settings import (
@@ -126,48 +127,59 @@ def discard_fds(inherited: dict[str, int], log: logging.Logger) -> None:
         fdstore.remove(name)
 
 
-def start_file_backend(
+def _file_backend(
     settings: ApulldSettings, blobs: BlobRegistry, inherited: dict[str, int], log: logging.Logger
-) -> FileBackend | None:
+) -> ServingBackend:
     fuse_fd = inherited.pop(fdstore.FUSE_FD_NAME, None)
     discard_fds(inherited, log)
-    try:
-        backend = FileBackend(file_backend_config(settings), blobs)
-        backend.start(fuse_fd)
-    except (OSError, ValueError, FileBackendError) as err:
-        log.error("cannot start the file backend: %s", err)
-        return None
+    backend = FileBackend(file_backend_config(settings), blobs)
+    backend.start(fuse_fd)
     return backend
 
 
-def start_fscache_backend(
+def _fscache_backend(
     settings: ApulldSettings,
     blobs: BlobRegistry,
     choice: BackendChoice,
     inherited: dict[str, int],
     log: logging.Logger,
-) -> FscacheBackend | None:
+) -> ServingBackend:
     assert choice.device_fd is not None
     objects = {n: fd for n, fd in inherited.items() if fdstore.parse_object_fd_name(n)}
     discard_fds({n: fd for n, fd in inherited.items() if n not in objects}, log)
-    try:
-        config = FscacheBackendConfig(
-            cache_dir=Path(settings.cache_dir),
-            state_dir=state_dir(settings.cache_dir),
-            fetch=fetch_settings(settings),
-            threads=max(1, settings.thread_num),
-        )
-        backend = FscacheBackend(config, blobs)
-        backend.start(choice.device_fd, choice.inherited, objects)
-    except (OSError, ValueError) as err:
-        log.error("cannot start the fscache backend: %s", err)
-        return None
+    config = FscacheBackendConfig(
+        cache_dir=Path(settings.cache_dir),
+        state_dir=state_dir(settings.cache_dir),
+        fetch=fetch_settings(settings),
+        threads=max(1, settings.thread_num),
+    )
+    backend = FscacheBackend(config, blobs)
+    backend.start(choice.device_fd, choice.inherited, objects)
     return backend
 
 
-def image_warmup(
-    settings: ApulldSettings, backend: FileBackend | FscacheBackend | None
-) -> ImageWarmup | None:
+def start_backend(
+    settings: ApulldSettings,
+    blobs: BlobRegistry,
+    choice: BackendChoice,
+    inherited: dict[str, int],
+    log: logging.Logger,
+) -> ServingBackend | None:
+    """The chosen backend, started (None for "none"); BackendStartError names what failed.
+
+    Each backend's start cleans up after itself when it fails (serving.py's contract)."""
+    try:
+        if choice.name == "file":
+            return _file_backend(settings, blobs, inherited, log)
+        if choice.name == "fscache":
+            return _fscache_backend(settings, blobs, choice, inherited, log)
+    except (OSError, ValueError, FileBackendError) as err:
+        raise BackendStartError(f"cannot start the {choice.name} backend: {err}") from err
+    discard_fds(inherited, log)
+    return None
+
+
+def image_warmup(settings: ApulldSettings, backend: ServingBackend | None) -> ImageWarmup | None:
     """Warm-ups of pulled images with the backend's fetcher and caches (prefetch_enable)."""
     if backend is None or not settings.prefetch_enable:
         return None
@@ -197,69 +209,60 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
         log.error("cannot start: %s", err)
         return 1
     log.info("backend %s chosen: %s", choice.name, "; ".join(choice.reasons))
-    file_backend = fscache_backend = None
-    if choice.name == "file":
-        file_backend = start_file_backend(settings, blobs, inherited, log)
-        if file_backend is None:
+    # Everything opened from here on is undone in reverse order, however serve() leaves.
+    with contextlib.ExitStack() as held:
+        try:
+            backend = start_backend(settings, blobs, choice, inherited, log)
+        except BackendStartError as err:
+            log.error("%s", err)
             return 1
-    elif choice.name == "fscache":
-        fscache_backend = start_fscache_backend(settings, blobs, choice, inherited, log)
-        if fscache_backend is None:
+        if backend is not None:
+            held.callback(backend.stop)
+        warmup = image_warmup(settings, backend)
+        if warmup is not None:
+            held.callback(warmup.close)
+        try:
+            state = ApiState(backend=choice, blobs=blobs, serving=backend, warmup=warmup)
+            server = ApulldHttpServer(settings.address, state)
+            restrict_socket(settings.address)
+        except OSError as err:
+            log.error("cannot listen on %s: %s", settings.address, err)
             return 1
-    else:
-        discard_fds(inherited, log)
-    serving: Serving | None = file_backend or fscache_backend
-    warmup = image_warmup(settings, file_backend or fscache_backend)
+        held.callback(_remove_socket, settings.address)
+        held.callback(server.server_close)
+        stop = threading.Event()
 
-    try:
-        state = ApiState(backend=choice, blobs=blobs, serving=serving, warmup=warmup)
-        server = ApulldHttpServer(settings.address, state)
-        restrict_socket(settings.address)
-    except OSError as err:
-        log.error("cannot listen on %s: %s", settings.address, err)
-        if file_backend is not None:
-            file_backend.stop()
-        if fscache_backend is not None:
-            fscache_backend.stop()
-        return 1
-    stop = threading.Event()
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            stop.set()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # A short poll interval only makes shutdown quicker; requests are served at once.
-    threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
-    try:
-        sdnotify.ready(f"backend {choice.name}, {len(blobs)} blobs")
-    except OSError as err:
-        log.warning("cannot tell systemd we are ready: %s", err)
-    log.info(
-        "ready in %.2fs: backend %s, %d blobs (%s), listening on %s",
-        time.monotonic() - started,
-        choice.name,
-        len(blobs),
-        blobs.path,
-        settings.address,
-    )
-    stop.wait()
-
-    with contextlib.suppress(OSError):
-        sdnotify.stopping()
-    server.shutdown()
-    server.server_close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(settings.address)
-    if warmup is not None:
-        warmup.close()
-    if fscache_backend is not None:
-        fscache_backend.stop()
-    if file_backend is not None:
-        file_backend.stop()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        # A short poll interval only makes shutdown quicker; requests are served at once.
+        threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
+        held.callback(server.shutdown)
+        try:
+            sdnotify.ready(f"backend {choice.name}, {len(blobs)} blobs")
+        except OSError as err:
+            log.warning("cannot tell systemd we are ready: %s", err)
+        log.info(
+            "ready in %.2fs: backend %s, %d blobs (%s), listening on %s",
+            time.monotonic() - started,
+            choice.name,
+            len(blobs),
+            blobs.path,
+            settings.address,
+        )
+        stop.wait()
+        with contextlib.suppress(OSError):
+            sdnotify.stopping()
     log.info("stopped")
     return 0
+
+
+def _remove_socket(address: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
 
 
 #: mallopt() parameters (malloc.h).
