@@ -20,7 +20,7 @@ from node_support import stdlib_names
 
 from apull_node.snapshotter.api import snapshots_pb2 as pb
 from apull_node.snapshotter.api import snapshots_pb2_grpc as pb_grpc
-from apull_node.snapshotter.errors import AlreadyExistsError
+from apull_node.snapshotter.errors import AlreadyExistsError, StepError
 from apull_node.snapshotter.overlay import OverlaySnapshotter
 from apull_node.snapshotter.server import SnapshotterServer
 from apull_node.snapshotter.store import Kind
@@ -578,3 +578,21 @@ def test_imports_only_the_standard_library_grpc_and_protobuf():
         and name not in ("apull_node.service", "apull_node.snapshotter")
     ]
     assert foreign == []
+
+
+def test_a_failed_step_names_itself_and_leaves_nothing(short_tmp):
+    """Prepare on a snapshots directory that cannot be written (a read-only tmpfs on top):
+    the error names the step and the path, and no record is left behind."""
+    snapshotter = OverlaySnapshotter(short_tmp / "root")
+    snapshots = snapshotter.layout.snapshots
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(snapshots)], check=True)
+    try:
+        with pytest.raises(StepError) as err:
+            snapshotter.prepare("k", "", {})
+        assert str(err.value) == (
+            f"creating a snapshot directory in {snapshots}: Read-only file system"
+        )
+        assert snapshotter.walk() == []
+    finally:
+        subprocess.run(["umount", str(snapshots)], check=True)
+        snapshotter.close()

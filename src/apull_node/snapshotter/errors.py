@@ -25,3 +25,8 @@ class FailedPreconditionError(SnapshotError):
 
 class InvalidArgumentError(SnapshotError):
     pass
+
+
+class StepError(SnapshotError):
+    """A step on the snapshotter's own files failed (the message names the step and the
+    path, and the OS error); containerd sees UNKNOWN with that message."""

@@ -13,19 +13,20 @@ busy), and leaves the directory alone when that fails, so nothing ever walks int
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from apull_node.service.mount_syscalls import MountError, mountpoints_under, unmount_or_detach
 from apull_node.snapshotter.diskusage import Usage, disk_usage
-from apull_node.snapshotter.errors import NotFoundError
+from apull_node.snapshotter.errors import NotFoundError, StepError
 from apull_node.snapshotter.filters import Adaptor, Filter, parse_filters
 from apull_node.snapshotter.layout import REMOVING_PREFIX, TEMP_PREFIX, Layout
 from apull_node.snapshotter.mounts import Mount, overlay_options, snapshot_mounts
@@ -106,7 +107,25 @@ def _info_field(info: Info, fieldpath: Sequence[str]) -> tuple[str, bool]:
     return "", False
 
 
+@contextlib.contextmanager
+def _step(what: str, path: Path | None) -> Iterator[None]:
+    """Name the step (and its path) when an OSError escapes it."""
+    try:
+        yield
+    except OSError as err:
+        raise StepError(f"{what} {path}: {err.strerror or err}") from err
+
+
 class OverlaySnapshotter:
+    """containerd's Snapshots API over overlayfs, with hooks for remote (apull) layers.
+
+    Every method either completes or leaves the store and the directories as they were: a
+    snapshot's record and its directory are created together and removed together (what a
+    crash leaves between the two is freed by the next `cleanup`). Errors are the classes of
+    `errors` (one per gRPC status); a failed step on the file system is a StepError naming
+    the step and the path.
+    """
+
     def __init__(
         self,
         root: Path,
@@ -130,12 +149,16 @@ class OverlaySnapshotter:
         self._reap_temporaries()
 
     def close(self) -> None:
+        """Close the metadata store; nothing else may be called after."""
         self.store.close()
 
     # -- creating
 
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        """A new active snapshot; hooks first (see PrepareHook)."""
+        """A new active (writable) snapshot `key` on `parent`, and its mounts; the prepare
+        hooks run first and may answer instead (see PrepareHook). AlreadyExists when `key`
+        is taken, NotFound when `parent` is missing, FailedPrecondition when it is not
+        committed."""
         validate_labels(labels)
         request = PrepareRequest(key, parent, dict(labels))
         for hook in self.prepare_hooks:
@@ -144,6 +167,9 @@ class OverlaySnapshotter:
         return self.create(Kind.ACTIVE, key, parent, labels)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        """A read-only view of `parent` named `key`: its mounts (a bind mount of a single
+        layer, else a read-only overlay). AlreadyExists when `key` is taken, NotFound when
+        `parent` is missing."""
         validate_labels(labels)
         self._parents_ready(parent)
         return self.create(Kind.VIEW, key, parent, labels)
@@ -182,24 +208,30 @@ class OverlaySnapshotter:
         try:
             with self.store.transaction() as tx:
                 # Inside the transaction: Cleanup, which holds it too, never sees this name.
-                temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.layout.snapshots))
+                with _step("creating a snapshot directory in", self.layout.snapshots):
+                    temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.layout.snapshots))
                 # chmod as well: the modes must not depend on the service's umask.
-                (temp / "fs").mkdir()
-                os.chmod(temp / "fs", 0o755)
+                with _step("creating", temp / "fs"):
+                    (temp / "fs").mkdir()
+                    os.chmod(temp / "fs", 0o755)
                 if kind == Kind.ACTIVE:
-                    (temp / "work").mkdir()
-                    os.chmod(temp / "work", 0o711)
+                    with _step("creating", temp / "work"):
+                        (temp / "work").mkdir()
+                        os.chmod(temp / "work", 0o711)
                 snapshot = tx.create(kind, key, parent, labels, usage)
                 if snapshot.parent_ids:
                     # The new upper layer starts owned like the parent's root directory.
-                    st = os.stat(self.layout.fs_dir(snapshot.parent_ids[0]))
-                    os.lchown(temp / "fs", st.st_uid, st.st_gid)
+                    parent_fs = self.layout.fs_dir(snapshot.parent_ids[0])
+                    with _step("giving the new layer the owner of", parent_fs):
+                        st = os.stat(parent_fs)
+                        os.lchown(temp / "fs", st.st_uid, st.st_gid)
                 final = self.layout.snapshot_dir(snapshot.id)
                 if os.path.lexists(final):
                     # Left by a crash before its record committed: the id was never used.
                     log.warning("removing stale snapshot directory %s", final)
                     self._delete_tree(final)
-                os.rename(temp, final)
+                with _step("moving the new snapshot into place at", final):
+                    os.rename(temp, final)
                 temp = None
                 _fsync_dir(self.layout.snapshots)
         except BaseException:
@@ -212,6 +244,7 @@ class OverlaySnapshotter:
     # -- reading
 
     def mounts(self, key: str) -> list[Mount]:
+        """The mounts of active or view snapshot `key` again (NotFound when absent)."""
         with self.store.transaction() as tx:
             snapshot = tx.snapshot(key)
             parent = tx.info(key)[1].parent
@@ -224,10 +257,13 @@ class OverlaySnapshotter:
             return self.layout.fs_dir(tx.info(key)[0])
 
     def stat(self, key: str) -> Info:
+        """The snapshot's record (NotFound when absent)."""
         with self.store.transaction() as tx:
             return tx.info(key)[1]
 
     def walk(self, filters: Sequence[str] = ()) -> list[Info]:
+        """Every snapshot matching all `filters` (containerd's filter syntax; InvalidArgument
+        for a bad one)."""
         selected: Filter = parse_filters(filters)
         with self.store.transaction() as tx:
             infos = tx.infos()
@@ -258,11 +294,16 @@ class OverlaySnapshotter:
             tx.commit_active(key, name, usage, labels, expect_id=snapshot_id)
 
     def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Info:
+        """Replace the labels named in `paths` ("labels.KEY"; all labels when empty); the
+        updated record. NotFound when absent, InvalidArgument for another field."""
         validate_labels(labels)
         with self.store.transaction() as tx:
             return tx.update(name, labels, paths)
 
     def remove(self, key: str) -> None:
+        """Remove snapshot `key`, its record at once and its directory after (a directory
+        that cannot go is left for `cleanup`). NotFound when absent, FailedPrecondition when
+        it has children."""
         if self.removing_hooks:
             with self.store.transaction() as tx:
                 snapshot_id = tx.info(key)[0]
