@@ -1,9 +1,13 @@
 """The node tests under the nodes' oldest python3: Debian 11's python3.9 in a build root.
 
-`python -m apull.lab.py39_root [PYTEST ARGS]` (`make unit-py39`):
+`python -m apull.lab.py39_root [--arch arm64] [PYTEST ARGS]` (`make unit-py39`, and
+`make unit-py39-arm64` in `make test-all`):
 
-1. debootstraps Debian 11 `bullseye` (glibc 2.31, python3.9), once, into the lab cache;
-2. installs what the tests need for CPython 3.9 on this architecture into it (`pip
+1. debootstraps Debian 11 `bullseye` (glibc 2.31, python3.9), once, into the lab cache; for
+   another architecture (arm64) its programs run under qemu-user-static, registered with
+   the kernel's binfmt_misc for the run (Debian's own registration line, flag F: the
+   interpreter is opened once, so it works inside the root);
+2. installs what the tests need for CPython 3.9 on that architecture into it (`pip
    --target`, no dependency resolution: tests/node/requirements-py39.txt plus the bundled
    runtime's versions from this venv), once per set of pins;
 3. runs pytest on tests/node in it, in a private mount namespace, with the checkout mounted
@@ -39,28 +43,64 @@ DEPS = "/opt/apull-test"
 REQUIREMENTS = Path("tests/node/requirements-py39.txt")
 
 
+#: Debian's architecture names -> `uname -m` (and the wheels' platform tags).
+MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
 def _say(text: str) -> None:
     print(f"py39: {text}", flush=True)
 
 
-def ensure_root(log: Log = _say) -> Path:
-    """Debian 11 with python3, debootstrapped once into the lab cache."""
+def host_arch() -> str:
+    """This machine's architecture as Debian names it."""
+    return next(deb for deb, machine in MACHINES.items() if machine == platform.machine())
+
+
+def ensure_emulation(arch: str, log: Log = _say) -> None:
+    """Programs of `arch` run here: natively, or through qemu-user-static's binfmt_misc
+    registration (Debian's line from /usr/lib/binfmt.d, registered when missing)."""
+    if arch == host_arch():
+        return
+    machine = MACHINES[arch]
+    if not (BINFMT / "register").exists():
+        run_logged(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT],
+                   layout.cache_dir() / f"{SUITE}-root.log", "mount binfmt_misc")  # fmt: skip
+    if (BINFMT / f"qemu-{machine}").exists():
+        return
+    line = Path(f"/usr/lib/binfmt.d/qemu-{machine}.conf")
+    if not line.exists():
+        raise LabError(f"{line} is missing: install qemu-user-static (make deps)")
+    log(f"registering qemu-user-static for {machine} programs (binfmt_misc)")
+    (BINFMT / "register").write_text(line.read_text().strip())
+
+
+def root_dir(arch: str) -> Path:
+    suffix = "" if arch == "amd64" else f"-{arch}"
+    return layout.cache_dir() / f"{SUITE}{suffix}-root"
+
+
+def ensure_root(arch: str = "amd64", log: Log = _say) -> Path:
+    """Debian 11 of `arch` with python3, debootstrapped once into the lab cache."""
     cache = layout.cache_dir()
-    root = cache / f"{SUITE}-root"
+    root = root_dir(arch)
     stamp = root / ".apull-packages"
+    ensure_emulation(arch, log)
     if stamp.exists() and stamp.read_text() == PACKAGES:
         return root
-    tmp = cache / f"{SUITE}-root.tmp"
+    tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     logfile = cache / f"{SUITE}-root.log"
-    log(f"debootstrap {SUITE} (python3.9, glibc 2.31) into {root} (about a minute, once)")
+    slow = "" if arch == host_arch() else ", emulated: several minutes"
+    log(f"debootstrap {SUITE} {arch} (python3.9, glibc 2.31) into {root} (once{slow})")
     run_logged(
-        ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, tmp, debian_mirror()],
+        ["debootstrap", f"--arch={arch}", "--variant=minbase", f"--include={PACKAGES}", SUITE,
+         tmp, debian_mirror()],
         logfile,
-        f"debootstrap {SUITE}",
-    )
+        f"debootstrap {SUITE} {arch}",
+    )  # fmt: skip
     run_logged(["chroot", tmp, "apt-get", "clean"], logfile, "apt-get clean")
     (tmp / ".apull-packages").write_text(PACKAGES)
     tmp.rename(root)
@@ -74,10 +114,10 @@ def _pins() -> list[str]:
     return pins + [f"{d}=={metadata.version(d)}" for d in bundled]
 
 
-def ensure_deps(root: Path, log: Log = _say) -> None:
-    """The tests' dependencies for CPython 3.9 on this machine's architecture, in the root."""
+def ensure_deps(root: Path, arch: str = "amd64", log: Log = _say) -> None:
+    """The tests' dependencies for CPython 3.9 on `arch`, in the root."""
     pins = _pins()
-    arch = platform.machine()
+    arch = MACHINES[arch]
     key = hashlib.sha256("\n".join([arch, *pins]).encode()).hexdigest()
     target = root / DEPS.lstrip("/")
     stamp = target / ".apull-pins"
@@ -96,10 +136,10 @@ def ensure_deps(root: Path, log: Log = _say) -> None:
     stamp.write_text(key)
 
 
-def run_tests(pytest_args: list[str]) -> int:
+def run_tests(pytest_args: list[str], arch: str = "amd64") -> int:
     """pytest on tests/node under the root's python3.9; its exit status."""
-    root = ensure_root()
-    ensure_deps(root)
+    root = ensure_root(arch)
+    ensure_deps(root, arch)
     checkout = suite_root()
     bundle, _ = ensure_bundle()
     mounts = [
@@ -138,7 +178,10 @@ def run_tests(pytest_args: list[str]) -> int:
         text=True,
         check=False,
     ).stdout.strip()
-    _say(f"node tests under Debian {SUITE}: python3 {version}, {glibc}")
+    machine = subprocess.run(
+        ["chroot", str(root), "uname", "-m"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    _say(f"node tests under Debian {SUITE} {machine}: python3 {version}, {glibc}")
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines)],
         check=False,
@@ -146,8 +189,15 @@ def run_tests(pytest_args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    arch = host_arch()
+    if args[:1] == ["--arch"] and len(args) > 1:
+        arch, args = args[1], args[2:]
+    if arch not in MACHINES:
+        print(f"py39: --arch {arch}: not one of {', '.join(MACHINES)}", file=sys.stderr)
+        return 2
     try:
-        return run_tests(list(sys.argv[1:] if argv is None else argv))
+        return run_tests(args, arch)
     except LabError as err:
         print(f"py39: {err}", file=sys.stderr)
         return 1
