@@ -91,7 +91,8 @@ lint: venv ## ruff, mypy and ansible-lint
 	$(BIN)/ruff format --check src tests tools collections fabfile.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict fabfile.py
-	$(BIN)/vermin -q --no-tips --violations --eval-annotations -t=3.9- src/apull_node tests/node
+	$(BIN)/vermin -q --no-tips --violations --eval-annotations -t=3.9- src/apull_node tests/node \
+		collections/ansible_collections/apull/deploy/plugins/modules
 	$(BIN)/ansible-lint -q playbooks roles
 
 unit: venv ## fast tests, no nodes (the controller's, and the node package's in tests/node)

@@ -57,8 +57,9 @@ class UnixConnection(http.client.HTTPConnection):
 class Daemon:
     """One apulld process with its own socket, cache dir and systemd notify socket."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend: str = "none") -> None:
         self.root = root
+        self.backend = backend
         self.address = str(root / "s.sock")
         self.cache_dir = root / "data" / "cachefiles"
         self.blobs_file = root / "data" / "apulld" / "blobs.json"
@@ -79,7 +80,7 @@ class Daemon:
                 "--config",
                 str(self.root / "absent.toml"),
                 "--backend",
-                "none",
+                self.backend,
                 "--address",
                 self.address,
                 "--cache-dir",
@@ -94,10 +95,12 @@ class Daemon:
         )
         try:
             message = notify.recv(4096).decode()
+            while message.startswith("FDSTORE=1"):  # the file backend stores its FUSE fd first
+                message = notify.recv(4096).decode()
         finally:
             notify.close()
             os.unlink(notify_path)
-        assert message.startswith("READY=1\nSTATUS=backend none"), message
+        assert message.startswith(f"READY=1\nSTATUS=backend {self.backend}"), message
         return time.monotonic() - started
 
     def stop(self) -> tuple[int, str]:

@@ -107,10 +107,17 @@ def ensure_root(arch: str = "amd64", log: Log = _say) -> Path:
     return root
 
 
+#: Where the node-side Ansible modules (node_facts, fs_ctl, kernel_modules) find
+#: ansible.module_utils on a node, the controller's ansible-core sends it with each module;
+#: the tests import it from the same release. Its package says Python >= 3.11 (the
+#: controller's need), hence --ignore-requires-python; module_utils serve 3.8 and newer.
+CONTROLLER_SIDE = ("ansible-core",)
+
+
 def _pins() -> list[str]:
     lines = (suite_root() / REQUIREMENTS).read_text().splitlines()
     pins = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    bundled = [*NATIVE_DEPENDENCIES, *PURE_DEPENDENCIES]
+    bundled = [*NATIVE_DEPENDENCIES, *PURE_DEPENDENCIES, *CONTROLLER_SIDE]
     return pins + [f"{d}=={metadata.version(d)}" for d in bundled]
 
 
@@ -127,7 +134,7 @@ def ensure_deps(root: Path, arch: str = "amd64", log: Log = _say) -> None:
     log(f"installing {len(pins)} wheels for CPython {PYTHON} {arch} into {target}")
     cmd = [
         sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-        "--no-deps", "--only-binary=:all:", "--target", str(target),
+        "--no-deps", "--ignore-requires-python", "--only-binary=:all:", "--target", str(target),
         "--implementation", "cp", "--python-version", PYTHON,
         "--platform", f"manylinux2014_{arch}", "--platform", f"manylinux_2_17_{arch}",
         *pins,

@@ -117,7 +117,7 @@ try:
     from urllib.error import HTTPError, URLError
     from urllib.request import urlopen
 except ImportError:  # pragma: no cover - Python 2 nodes
-    from urllib2 import HTTPError, URLError, urlopen
+    from urllib2 import HTTPError, URLError, urlopen  # novermin
 
 from ansible.module_utils.basic import AnsibleModule
 

@@ -1,4 +1,5 @@
-"""The node_facts module's decisions (backend, on-demand state, problems) on given facts, the
+"""The node_facts module (it runs on the nodes' python3, so here and under python3.9 too):
+its decisions (backend, on-demand state, problems) on given facts, the
 file-backend test against apulld's own on the same kernel files, asking a real apulld (its
 ping, its --check-backend), and its registry check against a real local HTTP server."""
 
@@ -7,12 +8,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import stat
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_apulld_api import Daemon
 
 from apull_node.daemon.backend import NodePaths, choose_backend, probe_file
 
@@ -217,15 +220,21 @@ def test_registry_check_against_a_real_server(status, reachable):
     assert nf.registry_check("", insecure=True)["reachable"] is None
 
 
-def test_a_running_apulld_is_asked(apulld):
+def test_a_running_apulld_is_asked(tmp_path):
+    apulld = Daemon(tmp_path, backend="file")
     apulld.start()
-    status, ping = apulld.request("PUT", "/v1.0/apulld/ping")
-    assert status == 200
-    answer = nf.apulld_ping(apulld.address)
-    assert answer is not None
-    assert answer["backend"] == ping["backend"] == "file"
-    assert answer["reasons"] == ping["reasons"]
-    apulld.stop()
+    try:
+        status, _, ping = apulld.request("PUT", "/v1.0/apulld/ping")
+        assert status == 200
+        answer = nf.apulld_ping(apulld.address)
+        assert answer is not None
+        assert answer["backend"] == ping["backend"] == "file"
+        assert answer["reasons"] == ping["reasons"]
+    finally:
+        apulld.stop()
+        # It told the notify socket to keep its FUSE fd, so it left the mount for a successor.
+        fuse = apulld.cache_dir.parent / "apulld" / "fuse"
+        subprocess.run(["umount", "-l", str(fuse)], capture_output=True, check=False)
     assert nf.apulld_ping(apulld.address) is None  # nobody answers: not asked
 
 
