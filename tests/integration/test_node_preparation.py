@@ -89,8 +89,15 @@ def test_preflight_names_what_the_stock_node_lacks_and_the_fix(lab, stock):
             else f"on-demand {facts['ondemand']}"
         )
         assert facts["backend_why"] == why
+        # the PLATFORM column first: what the node binaries would run on there
+        platform = report["platforms"][node.name]
+        assert platform["text"] == f"x86_64, glibc {platform['glibc']}, python3 3.11"
+        assert platform["supported"] is True
         assert re.search(
-            rf"^{node.name}\s+\S+\s+\S+\s+{expected} \({re.escape(why)}\)\s", out, re.M
+            rf"^{node.name}\s+{re.escape(platform['text'])}\s+\S+\s+\S+\s+{expected} "
+            rf"\({re.escape(why)}\)\s",
+            out,
+            re.M,
         )
     assert report["nodes"][stock.name]["backend_reasons"] == [
         "fscache: on-demand unsupported (rejected: EINVAL)",
@@ -172,7 +179,8 @@ def test_second_site_run_changes_nothing_and_reboots_nothing(lab, stock, hosts):
         assert facts["backend_reasons"][0].startswith("fscache: /dev/cachefiles ")
         assert "bound on-demand" in facts["backend_reasons"][0]
         assert re.search(
-            rf"^{node.name}\s+\S+\s+\S+\s+fscache \(apulld: /dev/cachefiles .*bound on-demand",
+            rf"^{node.name}\s+x86_64, glibc \S+, python3 \S+\s+\S+\s+\S+\s+"
+            r"fscache \(apulld: /dev/cachefiles .*bound on-demand",
             out,
             re.M,
         )
