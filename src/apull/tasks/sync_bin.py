@@ -7,6 +7,8 @@ did not change.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from apull.bundle.artefacts import Bundle, load_bundle
+from apull.bundle.artefacts import ANY, Bundle, load_bundle
 from apull.bundle.builder import ensure_bundle
 from apull.config import ClusterConfig
 from apull.inventory import FabricHost, fabric_hosts
@@ -79,6 +81,26 @@ def _cell(outcome: NodeOutcome, name: str, check: bool) -> str:
     return f"[yellow]would be {done}[/]" if check else f"[green]{done}[/]"
 
 
+#: Table width when the output is a log, not a terminal (rich would assume 80 columns and cut
+#: cells short: "instal…").
+LOG_WIDTH = 160
+
+
+def log_console() -> Console:
+    """Standard output; as wide as the terminal, or LOG_WIDTH for a log (COLUMNS rules)."""
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=LOG_WIDTH if piped else None)
+
+
+def _platform_cell(result: NodeResult | None) -> str:
+    """The build the node gets (its native artefacts' platform: x86_64-cp311), short enough
+    for an 80-column table; the node's full platform is in the refusal when there is none."""
+    if result is None:
+        return "-"
+    native = sorted({s.binary.platform for s in result.steps} - {ANY})
+    return ", ".join(native) or (result.platform.arch if result.platform else "-")
+
+
 def summary_table(outcomes: Sequence[NodeOutcome], bundle: Bundle, check: bool) -> Table:
     table = Table(title=f"sync-bin: bundle {bundle.version} ({bundle.fingerprint[:12]})")
     table.add_column("node")
@@ -93,7 +115,7 @@ def summary_table(outcomes: Sequence[NodeOutcome], bundle: Bundle, check: bool) 
         r = o.result
         table.add_row(
             o.host.name,
-            str(r.platform) if r and r.platform else "-",
+            _platform_cell(r),
             *(_cell(o, name, check) for name in bundle.names),
             ", ".join(r.restarted) if r and r.restarted else "-",
             f"{r.bytes_sent / 1e6:.1f} MB" if r else "-",
@@ -114,7 +136,7 @@ def sync_bin(
     console: Console | None = None,
 ) -> int:
     """Sync (or roll back) every node; 0 when all succeeded, 1 naming the failed nodes."""
-    console = console or Console(highlight=False)
+    console = console or log_console()
     hosts = fabric_hosts(cfg)
     if only:
         unknown = sorted(set(only) - {h.name for h in hosts})
