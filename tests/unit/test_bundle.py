@@ -49,8 +49,10 @@ def test_manifest_matches_the_files(bundle_dir: Path) -> None:
 def test_a_rebuild_gives_the_same_bytes(bundle_dir: Path, tmp_path: Path) -> None:
     again, built = ensure_bundle(tmp_path / "again", force=True)
     assert built
-    first = {b.name: b.sha256 for b in load_bundle(bundle_dir).binaries}
-    assert {b.name: b.sha256 for b in again.binaries} == first
+    # Per platform: every artefact, byte for byte.
+    first = {(b.platform, b.name): b.sha256 for b in load_bundle(bundle_dir).binaries}
+    assert {(b.platform, b.name): b.sha256 for b in again.binaries} == first
+    assert len(first) == len(again.binaries) == 11
 
 
 def test_an_up_to_date_bundle_is_reused(bundle_dir: Path) -> None:
