@@ -596,3 +596,43 @@ def test_a_failed_step_names_itself_and_leaves_nothing(short_tmp):
     finally:
         subprocess.run(["umount", str(snapshots)], check=True)
         snapshotter.close()
+
+
+def test_main_refuses_a_root_on_overlayfs_and_says_where_to_put_it(short_tmp):
+    """containerd would find out at the first container; we refuse to start."""
+    layers = {name: short_tmp / name for name in ("lower", "upper", "work", "merged")}
+    for path in layers.values():
+        path.mkdir()
+    options = f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])],
+                   check=True)  # fmt: skip
+    try:
+        root = layers["merged"] / "apull"
+        process = subprocess.run(
+            [sys.executable, "-m", "apull_node.snapshotter.main", "--config",
+             str(short_tmp / "absent.toml"), "--root", str(root),
+             "--address", str(short_tmp / "s.sock")],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert process.returncode == 1
+        assert (
+            f"cannot start: {root} is on an overlay file system ({layers['merged']}), which "
+            "cannot hold overlay upper and work directories: set [snapshotter] root to a "
+            "directory on ext4 or xfs"
+        ) in process.stderr
+        assert not root.exists()  # refused before anything was created
+    finally:
+        subprocess.run(["umount", str(layers["merged"])], check=True)
+
+
+def test_without_overlayfs_the_check_says_how_to_load_it(tmp_path):
+    from apull_node.snapshotter.startup_checks import problems
+
+    filesystems = tmp_path / "filesystems"
+    filesystems.write_text("nodev\tsysfs\n\text4\n")
+    assert problems(tmp_path, str(filesystems)) == [
+        "the kernel offers no overlay file system: load it (modprobe overlay) and list it in "
+        "/etc/modules-load.d so that it loads at boot"
+    ]
+    filesystems.write_text("nodev\toverlay\n\text4\n")
+    assert problems(tmp_path, str(filesystems)) == []
