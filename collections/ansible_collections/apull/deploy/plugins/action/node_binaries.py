@@ -91,7 +91,8 @@ class ActionModule(ActionBase):
             result["diff"] = [
                 {
                     "before_header": s.binary.install_path,
-                    "after_header": "%s (bundle %s)" % (s.binary.install_path, bundle.version),
+                    "after_header": "%s (bundle %s, build %s)"
+                    % (s.binary.install_path, bundle.version, s.binary.platform),
                     "before": "sha256 %s\n" % s.state.installed,
                     "after": "sha256 %s\n" % s.binary.sha256,
                 }
