@@ -20,7 +20,8 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 	containerd runc erofs-utils zstd qemu-user-static
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
-	test test-all lint unit unit-py39 unit-py39-arm64 integration molecule bundle sync-bin clean convert bench
+	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms molecule \
+	bundle sync-bin clean convert bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -134,5 +135,12 @@ bench: deps venv lab-up ## lazy vs full pull of a 1 GiB image: BENCH_NODE (fscac
 
 test: lint unit unit-py39 integration molecule ## everything CI runs
 
+# A lab of every node platform the lab can make: the shipped three nodes plus node4, a Debian
+# 11 node (python3 3.9, glibc 2.31), deployed and run lazily (tests/integration/platforms.txt).
+PLATFORMS_CONFIG := tests/integration/platforms.txt
+integration-platforms: deps venv ## the lab plus a Debian 11 node: deploy, no change, lazy run
+	$(MAKE) --no-print-directory lab-up CONFIG=$(PLATFORMS_CONFIG)
+	APULL_CONFIG=$(abspath $(PLATFORMS_CONFIG)) $(BIN)/pytest -q tests/integration/test_bullseye_node.py
+
 # What does not fit CI's time: test, then the tiers too slow for it.
-test-all: test unit-py39-arm64 ## make test, plus the node tests on emulated arm64
+test-all: test unit-py39-arm64 integration-platforms ## make test, plus arm64 and Debian 11 nodes

@@ -40,6 +40,7 @@ KNOWN_KEYS = (
     "SERVERS_FILE",
     "LAB_NODES",
     "LAB_STOCK_NODES",
+    "LAB_BULLSEYE_NODES",
     "REGISTRY",
     "REGISTRY_INSECURE",
 )
@@ -47,7 +48,7 @@ KNOWN_KEYS = (
 SECRET_KEYS = ("SSH_PASSWORD",)
 #: Keys that only mean something for one target; set for the other one, they are ignored.
 _SERVERS_ONLY_KEYS = ("SSH_KEY", "SSH_PORT", "NODES", "SERVERS_FILE")
-_LAB_ONLY_KEYS = ("LAB_NODES", "LAB_STOCK_NODES")
+_LAB_ONLY_KEYS = ("LAB_NODES", "LAB_STOCK_NODES", "LAB_BULLSEYE_NODES")
 
 DEFAULT_SSH_PORT = 22
 DEFAULT_LAB_NODES = 3
@@ -189,7 +190,9 @@ def load_config_with_servers(path: Path, servers_file: Path) -> ClusterConfig:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([ConfigProblem(path, 0, "", f"cannot read config file: {e}")]) from e
-    replaced = ("TARGET", "NODES", "SERVERS_FILE", "LAB_NODES", "LAB_STOCK_NODES")
+    replaced = (
+        "TARGET", "NODES", "SERVERS_FILE", "LAB_NODES", "LAB_STOCK_NODES", "LAB_BULLSEYE_NODES",
+    )  # fmt: skip
     kept = ["" if line.split("=", 1)[0].strip() in replaced else line for line in text.splitlines()]
     kept += ["TARGET=servers", f"SERVERS_FILE={servers_file.resolve()}"]
     return parse_config("\n".join(kept) + "\n", path)
@@ -475,15 +478,20 @@ class _Parser:
     def lab_nodes(self) -> list[Node]:
         count = self.int_in_range("LAB_NODES", DEFAULT_LAB_NODES, 1, layout.MAX_NODES)
         names = [layout.node_name(i) for i in range(1, count + 1)]
-        stock = _split_list(self.get("LAB_STOCK_NODES"))
-        for name in stock:
-            if name not in names:
-                self.keyed_problem(
-                    "LAB_STOCK_NODES",
-                    f"unknown lab node {name!r} (LAB_NODES={count}: {names[0]}..{names[-1]})",
-                )
+        chosen: dict[str, str] = {}
+        for key, variant in (("LAB_STOCK_NODES", "stock"), ("LAB_BULLSEYE_NODES", "bullseye")):
+            for name in _split_list(self.get(key)):
+                if name not in names:
+                    self.keyed_problem(
+                        key,
+                        f"unknown lab node {name!r} (LAB_NODES={count}: {names[0]}..{names[-1]})",
+                    )
+                elif name in chosen:
+                    self.keyed_problem(key, f"{name} is {chosen[name]} already (LAB_STOCK_NODES)")
+                else:
+                    chosen[name] = variant
         lab_nodes = [
-            layout.LabNode(i, "stock" if layout.node_name(i) in stock else "ondemand")
+            layout.LabNode(i, chosen.get(layout.node_name(i), "ondemand"))
             for i in range(1, count + 1)
         ]
         return [

@@ -273,6 +273,22 @@ def test_lab_stock_nodes_unknown_node(tmp_path: Path) -> None:
     )
 
 
+def test_lab_bullseye_nodes(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path, "SSH_USER=root\nLAB_NODES=4\nLAB_STOCK_NODES=node3\nLAB_BULLSEYE_NODES=node4\n"
+    )
+    assert [n.lab_variant for n in cfg.nodes] == ["ondemand", "ondemand", "stock", "bullseye"]
+
+
+def test_a_lab_node_in_two_variants_is_refused(tmp_path: Path) -> None:
+    line = only_problem(
+        tmp_path, "SSH_USER=root\nLAB_NODES=3\nLAB_STOCK_NODES=node3\nLAB_BULLSEYE_NODES=node3\n"
+    )
+    assert line == (
+        f"{tmp_path / 'config.txt'}:4: LAB_BULLSEYE_NODES: node3 is stock already (LAB_STOCK_NODES)"
+    )
+
+
 def test_keys_of_the_other_target_are_ignored_with_a_warning(tmp_path: Path) -> None:
     cfg = load(tmp_path, "SSH_USER=root\nNODES=bad host!\nSSH_PORT=x\nSSH_KEY=\n")
     assert cfg.warnings == (

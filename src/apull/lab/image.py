@@ -27,6 +27,14 @@ PACKAGES = (
     "initramfs-tools,iproute2,procps,netbase,erofs-utils,ca-certificates,python3,psmisc,"
     "fuse3,iputils-ping,sudo,python3-apt"
 )
+#: The `bullseye` variant: a Debian 11 userland (glibc 2.31, python3.9, as RHEL 9 and
+#: openEuler 22.03 nodes have) booted on the lab's bookworm kernel with the on-demand
+#: modules, and a static containerd built from Debian 12's source (Debian 11 has 1.4).
+BULLSEYE = "bullseye"
+BULLSEYE_PACKAGES = (
+    "systemd,systemd-sysv,dbus,udev,kmod,openssh-server,runc,iproute2,procps,netbase,"
+    "erofs-utils,ca-certificates,python3,psmisc,fuse3,iputils-ping,sudo,python3-apt"
+)
 DISK_SIZE = "6G"
 FILES = Path(__file__).with_name("files")
 #: Units a lab node does not need; they only slow a software-emulated boot.
@@ -62,26 +70,27 @@ def debian_mirror() -> str:
     raise LabError("no Debian mirror found in /etc/apt/sources.list.d/debian.sources")
 
 
-def ensure_rootfs(log: Log) -> Path:
-    """Debootstrap the base root file system once; it is kept in the cache."""
+def ensure_rootfs(log: Log, suite: str = SUITE, packages: str = PACKAGES) -> Path:
+    """Debootstrap a root file system once (rootfs, or rootfs-SUITE); kept in the cache."""
     cache = layout.cache_dir()
-    rootfs = cache / "rootfs"
-    stamp = cache / "rootfs.packages"
-    if rootfs.is_dir() and stamp.exists() and stamp.read_text() == PACKAGES:
+    name = "rootfs" if suite == SUITE else f"rootfs-{suite}"
+    rootfs = cache / name
+    stamp = cache / f"{name}.packages"
+    if rootfs.is_dir() and stamp.exists() and stamp.read_text() == packages:
         return rootfs
-    tmp = cache / "rootfs.tmp"
+    tmp = cache / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(rootfs, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
-    log(f"debootstrap {SUITE} into {rootfs} (a few minutes, once)")
+    log(f"debootstrap {suite} into {rootfs} (a few minutes, once)")
     run_logged(
-        ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, tmp, debian_mirror()],
+        ["debootstrap", "--variant=minbase", f"--include={packages}", suite, tmp, debian_mirror()],
         cache / "debootstrap.log",
         "debootstrap",
     )
     run_logged(["chroot", tmp, "apt-get", "clean"], cache / "debootstrap.log", "apt-get clean")
     tmp.rename(rootfs)
-    stamp.write_text(PACKAGES)
+    stamp.write_text(packages)
     return rootfs
 
 
@@ -165,8 +174,60 @@ def _make_disk(stage: Path, disk: Path, log_path: Path) -> None:
     tmp.rename(disk)
 
 
-def build_images(log: Log) -> LabImages:
-    """Make sure the node images exist for the current inputs; return where they are."""
+def _add_static_containerd(stage: Path, rootfs: Path, binaries: Path) -> None:
+    """The static containerd, with the unit and default config of Debian 12's package."""
+    for name in ("containerd", "containerd-shim-runc-v2", "ctr"):
+        shutil.copy2(binaries / name, stage / "usr/bin" / name)
+    shutil.copy2(rootfs / "lib/systemd/system/containerd.service",
+                 stage / "lib/systemd/system/containerd.service")  # fmt: skip
+    (stage / "etc/containerd").mkdir(exist_ok=True)
+    shutil.copy2(rootfs / "etc/containerd/config.toml", stage / "etc/containerd/config.toml")
+
+
+def _build_bullseye_disk(images: LabImages, rootfs: Path, modules: Path, log: Log) -> None:
+    """The bullseye variant's disk, in the same build directory (its own marker)."""
+    from apull.lab.containerd_build import ensure_static_containerd  # it reads our mirror
+
+    cache = layout.cache_dir()
+    base = ensure_rootfs(log, BULLSEYE, BULLSEYE_PACKAGES)
+    containerd = ensure_static_containerd(
+        rootfs, cache / "containerd-buildroot", cache / "containerd-static", log
+    )
+    key = ensure_ssh_key().with_suffix(".pub")
+    recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # how it is put together
+    inputs = "\n".join(
+        [BULLSEYE_PACKAGES, _tree_digest(FILES / "rootfs", modules, containerd), key.read_text(),
+         recipe]
+    )  # fmt: skip
+    marker = images.directory / f"{BULLSEYE}.complete"
+    if marker.exists() and marker.read_text() == inputs:
+        return
+    log_path = images.directory / f"build-{BULLSEYE}.log"
+    stage = images.directory.with_name(images.directory.name + f".{BULLSEYE}.stage")
+    shutil.rmtree(stage, ignore_errors=True)
+    log(f"building the {BULLSEYE} node image (Debian 11 userland, kernel {images.abi})")
+    try:
+        run_logged(["cp", "-a", "--reflink=auto", base, stage], log_path, "copy rootfs")
+        # Debian 11 has no kernel of its own here: the lab's bookworm one and its modules.
+        (stage / "lib/modules").mkdir(parents=True, exist_ok=True)
+        run_logged(
+            ["cp", "-a", rootfs / "lib/modules" / images.abi, stage / "lib/modules/"],
+            log_path,
+            "copy the kernel's modules",
+        )
+        _add_static_containerd(stage, rootfs, containerd)
+        _customise(stage, key, log_path)
+        _add_ondemand_modules(stage, images.abi, modules, log_path)
+        _make_disk(stage, images.disk(BULLSEYE), log_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    marker.write_text(inputs)
+
+
+def build_images(log: Log, variants: frozenset[str] = frozenset()) -> LabImages:
+    """Make sure the node images exist for the current inputs; return where they are.
+
+    "stock" and "ondemand" are always built; "bullseye" when `variants` names it."""
     cache = layout.cache_dir()
     rootfs = ensure_rootfs(log)
     key = ensure_ssh_key()
@@ -185,6 +246,8 @@ def build_images(log: Log) -> LabImages:
     out = cache / "images" / build_id
     images = LabImages(out, out / "vmlinuz", out / "initrd.img", abi)
     if (out / "complete").exists():
+        if BULLSEYE in variants:
+            _build_bullseye_disk(images, rootfs, modules, log)
         return images
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -204,6 +267,8 @@ def build_images(log: Log) -> LabImages:
         shutil.rmtree(stage, ignore_errors=True)
     (out / "complete").write_text(build_id + "\n")
     _prune_old_builds(out)
+    if BULLSEYE in variants:
+        _build_bullseye_disk(images, rootfs, modules, log)
     return images
 
 

@@ -31,7 +31,7 @@ class UpReport:
 
 def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
     started = time.monotonic()
-    images = build_images(log)
+    images = build_images(log, frozenset(n.variant for n in wanted))
     build_package_repo(images, log)
     build_seconds = time.monotonic() - started
     layout.state_dir().mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def reset(wanted: layout.LabNode | Sequence[layout.LabNode], log: Log) -> dict[s
     targets = [wanted] if isinstance(wanted, layout.LabNode) else list(wanted)
     if not targets:
         return {}
-    images = build_images(log)
+    images = build_images(log, frozenset(n.variant for n in targets))
     layout.state_dir().mkdir(parents=True, exist_ok=True)
     nodes.ensure_switch()
     started: list[nodes.NodeDir] = []
@@ -138,7 +138,7 @@ def diverged(node: layout.LabNode) -> bool:
     installed = "install ok installed" in res.stdout
     has_updates = "updates" in res.stdout.split()
     deployed = "deployed" in res.stdout.split()
-    return installed or deployed or (node.variant == "ondemand" and not has_updates)
+    return installed or deployed or (node.variant in ("ondemand", "bullseye") and not has_updates)
 
 
 def _known_nodes() -> list[nodes.NodeDir]:

@@ -30,8 +30,9 @@ GUEST_REPO_ADDR = "10.0.2.101"
 REPO_NAME = "repo.lab"
 HOST_REPO_PORT = int(os.environ.get("APULL_LAB_REPO_PORT", "8081"))
 MAX_NODES = 8
-#: Lab node image variants: with rebuilt on-demand modules + fs_ctl, or Debian's stock modules.
-VARIANTS = ("ondemand", "stock")
+#: Lab node image variants: with rebuilt on-demand modules + fs_ctl, Debian's stock modules,
+#: or on-demand with a Debian 11 userland (python3 3.9, glibc 2.31).
+VARIANTS = ("ondemand", "stock", "bullseye")
 
 
 def cache_dir() -> Path:

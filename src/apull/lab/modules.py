@@ -63,7 +63,7 @@ def node_kernel(rootfs: Path) -> tuple[str, str]:
     return abi, version
 
 
-def _digest(*parts: str | Path) -> str:
+def digest(*parts: str | Path) -> str:
     h = hashlib.sha256()
     for part in parts:
         h.update(part.read_bytes() if isinstance(part, Path) else part.encode())
@@ -71,7 +71,7 @@ def _digest(*parts: str | Path) -> str:
     return h.hexdigest()
 
 
-def _mounts_below(root: Path) -> list[str]:
+def mounts_below(root: Path) -> list[str]:
     prefix = str(root.resolve()) + "/"
     with open("/proc/self/mountinfo") as f:
         targets = [line.split()[4] for line in f]
@@ -79,7 +79,7 @@ def _mounts_below(root: Path) -> list[str]:
 
 
 @contextmanager
-def _chroot_mounts(root: Path, log_file: Path) -> Iterator[None]:
+def chroot_mounts(root: Path, log_file: Path) -> Iterator[None]:
     """Mount /proc, /sys and /dev into root; unmount them all whatever happens."""
     mounted: list[Path] = []
     try:
@@ -95,12 +95,12 @@ def _chroot_mounts(root: Path, log_file: Path) -> Iterator[None]:
         for point in reversed(mounted):
             if subprocess.run(["umount", point], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "--lazy", point], capture_output=True)
-        left = _mounts_below(root)
+        left = mounts_below(root)
         if left:
             raise LabError(f"mounts left behind under {root}: {left}")
 
 
-def _in_chroot(root: Path, cmd: list[str], log_file: Path, what: str) -> None:
+def in_chroot(root: Path, cmd: list[str], log_file: Path, what: str) -> None:
     run_logged(["chroot", root, *cmd], log_file, what, env=CHROOT_ENV)
 
 
@@ -108,12 +108,12 @@ def _prepare_buildroot(
     rootfs: Path, buildroot: Path, deps: list[str], log_file: Path, log: Log
 ) -> None:
     """(Re)create the build chroot from rootfs unless it is there with the same deps."""
-    key = _digest(str(rootfs.resolve()), *deps)
+    key = digest(str(rootfs.resolve()), *deps)
     stamp = buildroot / STAMP
     if stamp.is_file() and stamp.read_text() == key:
         log(f"build chroot {buildroot} is up to date")
         return
-    if _mounts_below(buildroot):
+    if mounts_below(buildroot):
         raise LabError(f"something is mounted under {buildroot}; not replacing it")
     start = time.monotonic()
     log(f"creating build chroot {buildroot} from {rootfs}")
@@ -127,11 +127,11 @@ def _prepare_buildroot(
     policy = buildroot / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
-    with _chroot_mounts(buildroot, log_file):
-        _in_chroot(buildroot, ["apt-get", "update"], log_file, "apt-get update in the chroot")
+    with chroot_mounts(buildroot, log_file):
+        in_chroot(buildroot, ["apt-get", "update"], log_file, "apt-get update in the chroot")
         install = ["apt-get", "install", "-y", "--no-install-recommends", *deps]
-        _in_chroot(buildroot, install, log_file, "installing the build deps")
-        _in_chroot(buildroot, ["apt-get", "clean"], log_file, "apt-get clean in the chroot")
+        in_chroot(buildroot, install, log_file, "installing the build deps")
+        in_chroot(buildroot, ["apt-get", "clean"], log_file, "apt-get clean in the chroot")
     stamp.write_text(key)
     log(f"build chroot ready in {time.monotonic() - start:.0f} s")
 
@@ -145,7 +145,7 @@ def build_ondemand_modules(rootfs: Path, buildroot: Path, out_dir: Path, log: Lo
     abi, version = node_kernel(rootfs)
     deps = build_deps(abi, version)
     dest = out_dir / abi
-    key = _digest(abi, version, *deps, SCRIPT, *sorted(FS_CTL_SRC.iterdir()))
+    key = digest(abi, version, *deps, SCRIPT, *sorted(FS_CTL_SRC.iterdir()))
     stamp = dest / STAMP
     out_dir.mkdir(parents=True, exist_ok=True)
     # One build at a time per out_dir: a second caller waits, then finds the result cached.
@@ -181,8 +181,8 @@ def _build(abi: str, version: str, rootfs: Path, buildroot: Path, out_dir: Path,
     shutil.copytree(FS_CTL_SRC, work / "fs_ctl")
     shutil.copy2(SCRIPT, work / SCRIPT.name)
     start = time.monotonic()
-    with _chroot_mounts(buildroot, log_file):
+    with chroot_mounts(buildroot, log_file):
         script = [f"{CHROOT_WORK}/{SCRIPT.name}", abi, version]
         args = [f"{CHROOT_WORK}/out", f"{CHROOT_WORK}/fs_ctl"]
-        _in_chroot(buildroot, ["bash", *script, *args], log_file, "building the modules")
+        in_chroot(buildroot, ["bash", *script, *args], log_file, "building the modules")
     log(f"modules built in {time.monotonic() - start:.0f} s")

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from apull.lab import layout, processes
-from apull.lab.modules import MODULES, _chroot_mounts, _in_chroot
+from apull.lab.modules import MODULES, chroot_mounts, in_chroot
 from apull.lab.run import LabError, Log, run_logged, tail
 
 ARCH = "amd64"
@@ -261,14 +261,14 @@ def _ensure_xorriso(buildroot: Path, log_file: Path) -> None:
     if (buildroot / "usr/bin/xorriso").exists():
         return
     install = ["apt-get", "install", "-y", "--no-install-recommends", "xorriso"]
-    with _chroot_mounts(buildroot, log_file):
+    with chroot_mounts(buildroot, log_file):
         try:
-            _in_chroot(buildroot, install, log_file, "installing xorriso in the chroot")
+            in_chroot(buildroot, install, log_file, "installing xorriso in the chroot")
         except LabError:
             # The chroot's package lists may be older than the mirror.
-            _in_chroot(buildroot, ["apt-get", "update"], log_file, "apt-get update in the chroot")
-            _in_chroot(buildroot, install, log_file, "installing xorriso in the chroot")
-        _in_chroot(buildroot, ["apt-get", "clean"], log_file, "apt-get clean in the chroot")
+            in_chroot(buildroot, ["apt-get", "update"], log_file, "apt-get update in the chroot")
+            in_chroot(buildroot, install, log_file, "installing xorriso in the chroot")
+        in_chroot(buildroot, ["apt-get", "clean"], log_file, "apt-get clean in the chroot")
 
 
 def _make_iso(buildroot: Path, modules_dir: Path, repo: Path, iso: Path, log_file: Path) -> None:
@@ -287,7 +287,7 @@ def _make_iso(buildroot: Path, modules_dir: Path, repo: Path, iso: Path, log_fil
                 "xorriso", "-as", "mkisofs", "-r", "-J", "-V", ISO_VOLUME,
                 "-o", f"{CHROOT_WORK}/{ISO_NAME}", f"{CHROOT_WORK}/repo",
             ]  # fmt: skip
-            _in_chroot(buildroot, cmd, log_file, "xorriso")
+            in_chroot(buildroot, cmd, log_file, "xorriso")
             shutil.copyfile(work / ISO_NAME, iso)
         finally:
             shutil.rmtree(work, ignore_errors=True)
