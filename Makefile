@@ -135,12 +135,16 @@ bench: deps venv lab-up ## lazy vs full pull of a 1 GiB image: BENCH_NODE (fscac
 
 test: lint unit unit-py39 integration molecule ## everything CI runs
 
-# A lab of every node platform the lab can make: the shipped three nodes plus node4, a Debian
-# 11 node (python3 3.9, glibc 2.31), deployed and run lazily (tests/integration/platforms.txt).
+# A lab of the other node platforms (today one Debian 11 node: python3 3.9, glibc 2.31) beside
+# the shipped one, with its own state, ports and registry: deployed, unchanged on a second
+# run, an image run lazily (tests/integration/platforms.txt). It shares the image cache.
 PLATFORMS_CONFIG := tests/integration/platforms.txt
-integration-platforms: deps venv ## the lab plus a Debian 11 node: deploy, no change, lazy run
-	$(MAKE) --no-print-directory lab-up CONFIG=$(PLATFORMS_CONFIG)
-	APULL_CONFIG=$(abspath $(PLATFORMS_CONFIG)) $(BIN)/pytest -q tests/integration/test_bullseye_node.py
+PLATFORMS_LAB := APULL_CONFIG=$(abspath $(PLATFORMS_CONFIG)) \
+	APULL_LAB_STATE=$(or $(APULL_LAB_STATE),/var/lib/apull-lab)-platforms \
+	APULL_LAB_SSH_PORT_BASE=2320 APULL_LAB_REGISTRY_PORT=5100 APULL_LAB_REPO_PORT=8181
+integration-platforms: deps venv ## a Debian 11 (python3 3.9) node: deploy, no change, lazy run
+	$(PLATFORMS_LAB) $(APULL) lab up
+	$(PLATFORMS_LAB) $(BIN)/pytest -q tests/integration/test_bullseye_node.py
 
 # What does not fit CI's time: test, then the tiers too slow for it.
 test-all: test unit-py39-arm64 integration-platforms ## make test, plus arm64 and Debian 11 nodes

@@ -3,8 +3,8 @@ lab's on-demand kernel, with a static containerd 1.6 (LAB_BULLSEYE_NODES). `make
 the x86_64-cp39 build there, a second run changes nothing, and a converted image pulled
 through CRI runs lazily over fscache.
 
-Part of `make test-all` (tests/integration/platforms.txt adds node4 to the lab); skipped in a
-lab without such a node.
+Part of `make test-all` (make integration-platforms: a lab of one such node,
+tests/integration/platforms.txt); skipped in a lab without one.
 """
 
 from __future__ import annotations
