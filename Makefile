@@ -14,10 +14,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # Debian packages the controller needs: the lab (QEMU, debootstrap, VDE switch, registry,
 # the test image's busybox, socat for the registry forward), sshpass for password logins,
 # containerd and runc for the snapshotter's tests on this host, erofs-utils and zstd for the image
-# converter, qemu-user-static for the node tests in an arm64 root.
+# converter, qemu-user-static for the node tests in an arm64 root and qemu-system-arm for arm64
+# lab nodes.
 HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2fsprogs \
 	sshpass busybox-static socat openssh-client python3-venv ca-certificates \
-	containerd runc erofs-utils zstd qemu-user-static
+	containerd runc erofs-utils zstd qemu-user-static qemu-system-arm
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms molecule \
@@ -135,16 +136,17 @@ bench: deps venv lab-up ## lazy vs full pull of a 1 GiB image: BENCH_NODE (fscac
 
 test: lint unit unit-py39 integration molecule ## everything CI runs
 
-# A lab of the other node platforms (today one Debian 11 node: python3 3.9, glibc 2.31) beside
-# the shipped one, with its own state, ports and registry: deployed, unchanged on a second
-# run, an image run lazily (tests/integration/platforms.txt). It shares the image cache.
+# A lab of every node platform (Debian 12 x86-64, Debian 11 x86-64 with python3 3.9 and glibc
+# 2.31, Debian 12 arm64 under qemu-system-aarch64) beside the shipped one, with its own state,
+# ports and registry: one make all deploys them all, a second changes nothing, an image runs
+# lazily on each (tests/integration/platforms.txt). It shares the image cache.
 PLATFORMS_CONFIG := tests/integration/platforms.txt
 PLATFORMS_LAB := APULL_CONFIG=$(abspath $(PLATFORMS_CONFIG)) \
 	APULL_LAB_STATE=$(or $(APULL_LAB_STATE),/var/lib/apull-lab)-platforms \
 	APULL_LAB_SSH_PORT_BASE=2320 APULL_LAB_REGISTRY_PORT=5100 APULL_LAB_REPO_PORT=8181
-integration-platforms: deps venv ## a Debian 11 (python3 3.9) node: deploy, no change, lazy run
+integration-platforms: deps venv ## a mixed fleet (x86-64, python3 3.9, arm64): deploy, no change, lazy run
 	$(PLATFORMS_LAB) $(APULL) lab up
-	$(PLATFORMS_LAB) $(BIN)/pytest -q tests/integration/test_bullseye_node.py
+	$(PLATFORMS_LAB) $(BIN)/pytest -q tests/integration/test_platform_nodes.py
 
 # What does not fit CI's time: test, then the tiers too slow for it.
 test-all: test unit-py39-arm64 integration-platforms ## make test, plus arm64 and Debian 11 nodes

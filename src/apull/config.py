@@ -41,6 +41,7 @@ KNOWN_KEYS = (
     "LAB_NODES",
     "LAB_STOCK_NODES",
     "LAB_BULLSEYE_NODES",
+    "LAB_ARM64_NODES",
     "REGISTRY",
     "REGISTRY_INSECURE",
 )
@@ -48,7 +49,13 @@ KNOWN_KEYS = (
 SECRET_KEYS = ("SSH_PASSWORD",)
 #: Keys that only mean something for one target; set for the other one, they are ignored.
 _SERVERS_ONLY_KEYS = ("SSH_KEY", "SSH_PORT", "NODES", "SERVERS_FILE")
-_LAB_ONLY_KEYS = ("LAB_NODES", "LAB_STOCK_NODES", "LAB_BULLSEYE_NODES")
+_LAB_ONLY_KEYS = ("LAB_NODES", "LAB_STOCK_NODES", "LAB_BULLSEYE_NODES", "LAB_ARM64_NODES")
+#: Which key puts a lab node in which image variant (the rest are "ondemand").
+_LAB_VARIANT_KEYS = (
+    ("LAB_STOCK_NODES", "stock"),
+    ("LAB_BULLSEYE_NODES", "bullseye"),
+    ("LAB_ARM64_NODES", "arm64"),
+)
 
 DEFAULT_SSH_PORT = 22
 DEFAULT_LAB_NODES = 3
@@ -190,9 +197,7 @@ def load_config_with_servers(path: Path, servers_file: Path) -> ClusterConfig:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([ConfigProblem(path, 0, "", f"cannot read config file: {e}")]) from e
-    replaced = (
-        "TARGET", "NODES", "SERVERS_FILE", "LAB_NODES", "LAB_STOCK_NODES", "LAB_BULLSEYE_NODES",
-    )  # fmt: skip
+    replaced = ("TARGET", "NODES", "SERVERS_FILE", *_LAB_ONLY_KEYS)
     kept = ["" if line.split("=", 1)[0].strip() in replaced else line for line in text.splitlines()]
     kept += ["TARGET=servers", f"SERVERS_FILE={servers_file.resolve()}"]
     return parse_config("\n".join(kept) + "\n", path)
@@ -478,8 +483,8 @@ class _Parser:
     def lab_nodes(self) -> list[Node]:
         count = self.int_in_range("LAB_NODES", DEFAULT_LAB_NODES, 1, layout.MAX_NODES)
         names = [layout.node_name(i) for i in range(1, count + 1)]
-        chosen: dict[str, str] = {}
-        for key, variant in (("LAB_STOCK_NODES", "stock"), ("LAB_BULLSEYE_NODES", "bullseye")):
+        chosen: dict[str, tuple[str, str]] = {}  # node -> (variant, the key that chose it)
+        for key, variant in _LAB_VARIANT_KEYS:
             for name in _split_list(self.get(key)):
                 if name not in names:
                     self.keyed_problem(
@@ -487,11 +492,12 @@ class _Parser:
                         f"unknown lab node {name!r} (LAB_NODES={count}: {names[0]}..{names[-1]})",
                     )
                 elif name in chosen:
-                    self.keyed_problem(key, f"{name} is {chosen[name]} already (LAB_STOCK_NODES)")
+                    other, other_key = chosen[name]
+                    self.keyed_problem(key, f"{name} is {other} already ({other_key})")
                 else:
-                    chosen[name] = variant
+                    chosen[name] = (variant, key)
         lab_nodes = [
-            layout.LabNode(i, chosen.get(layout.node_name(i), "ondemand"))
+            layout.LabNode(i, chosen.get(layout.node_name(i), ("ondemand", ""))[0])
             for i in range(1, count + 1)
         ]
         return [

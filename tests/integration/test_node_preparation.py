@@ -14,11 +14,20 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from conftest import ROOT, apull, boot_id, package_installed, recap, run_on
-from lazy_image import BIG, OTHER, LazyImage, push_and_convert
+from lazy_image import (
+    BIG,
+    CRI,
+    K8S_CTR,
+    OTHER,
+    LazyImage,
+    apulld_ping,
+    fetched,
+    push_and_convert,
+    run_lazily,
+)
 
 from apull.lab import layout, nodes
 from apull.lab.test_image import REPO, TAG
@@ -240,27 +249,6 @@ def test_gate_and_modules_survive_a_plain_reboot(lab, stock):
 
 # -- lazy pulls on the deployed stack (fscache backend on the ondemand nodes) ----------------
 
-CRI = "/usr/bin/apull-containerd-grpc cri"
-K8S_CTR = "ctr -n k8s.io"
-_PING = (
-    'python3 -c "import http.client, json, socket\n'
-    "class C(http.client.HTTPConnection):\n"
-    "    def connect(self):\n"
-    "        self.sock = socket.socket(socket.AF_UNIX); self.sock.connect('/run/apulld.sock')\n"
-    "c = C('apulld', timeout=60); c.request('GET', '/v1.0/apulld/ping')\n"
-    'print(c.getresponse().read().decode())"'
-)
-
-
-def apulld_ping(node: layout.LabNode) -> dict[str, Any]:
-    res = run_on(node, _PING)
-    assert res.returncode == 0, res.stderr
-    return dict(json.loads(res.stdout))
-
-
-def fetched(node: layout.LabNode) -> int:
-    return int(apulld_ping(node)["serving"]["stats"].get("bytes_fetched", 0))
-
 
 @pytest.fixture(scope="module")
 def lazy_image() -> LazyImage:
@@ -276,36 +264,8 @@ def lazy_node(lab, ondemand_nodes) -> Iterator[layout.LabNode]:
     )
 
 
-def forget_image(node: layout.LabNode, ref: str) -> None:
-    """The image gone, its snapshots collected (a synchronous GC), apulld's cache wiped."""
-    run_on(node, f"{CRI} rmi {ref} >/dev/null; {K8S_CTR} leases create --id lazy-gc >/dev/null "
-                 f"&& {K8S_CTR} leases rm --sync lazy-gc")  # fmt: skip
-    wiped = run_on(node, "systemctl stop apulld && rm -rf /var/lib/containerd-apull/cachefiles "
-                         "&& systemctl start apulld")  # fmt: skip
-    assert wiped.returncode == 0, wiped.stderr
-
-
 def test_converted_image_runs_lazily_over_fscache(lazy_node, lazy_image):
-    node = lazy_node
-    forget_image(node, lazy_image.ref)  # cold, even when an earlier run left it cached
-    assert apulld_ping(node)["backend"] == "fscache"
-    before = fetched(node)
-    pull = nodes.ssh(node, f"{CRI} pull --json {lazy_image.ref}", timeout=300)
-    assert pull.returncode == 0, pull.stderr
-    run = run_on(
-        node, f"{K8S_CTR} run --rm --snapshotter apull {lazy_image.ref} lazy1 cat /data/hello"
-    )
-    assert run.stdout == lazy_image.files["data/hello"].decode(), run.stderr
-    mounts = run_on(node, "grep ' erofs ' /proc/mounts").stdout.splitlines()
-    ours = [m for m in mounts if "/var/lib/containerd-apull/snapshots/" in m]
-    assert len(ours) >= 2 and all("fsid=" in m for m in ours), mounts
-    got = fetched(node) - before
-    share = 100 * got / lazy_image.erofs_bytes
-    seconds = json.loads(pull.stdout)["seconds"]
-    print(
-        f"{node.name}: pull {seconds} s; fetched {got} of {lazy_image.erofs_bytes} ({share:.1f}%)"
-    )
-    assert 0 < got < 0.15 * lazy_image.erofs_bytes
+    run_lazily(lazy_node, lazy_image, "lazy1")
 
 
 def test_apulld_restart_while_a_container_reads(lazy_node, lazy_image):

@@ -596,3 +596,63 @@ def test_a_failed_step_names_itself_and_leaves_nothing(short_tmp):
     finally:
         subprocess.run(["umount", str(snapshots)], check=True)
         snapshotter.close()
+
+
+def test_main_refuses_a_root_on_overlayfs_and_says_where_to_put_it(short_tmp):
+    """containerd would find out at the first container; we refuse to start."""
+    layers = {name: short_tmp / name for name in ("lower", "upper", "work", "merged")}
+    for path in layers.values():
+        path.mkdir()
+    options = f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])],
+                   check=True)  # fmt: skip
+    try:
+        root = layers["merged"] / "apull"
+        process = subprocess.run(
+            [sys.executable, "-m", "apull_node.snapshotter.main", "--config",
+             str(short_tmp / "absent.toml"), "--root", str(root),
+             "--address", str(short_tmp / "s.sock")],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert process.returncode == 1
+        assert (
+            f"cannot start: {root} is on an overlay file system ({layers['merged']}), which "
+            "cannot hold overlay upper and work directories: set [snapshotter] root to a "
+            "directory on ext4 or xfs"
+        ) in process.stderr
+        assert not root.exists()  # refused before anything was created
+    finally:
+        subprocess.run(["umount", str(layers["merged"])], check=True)
+
+
+def test_overlay_counts_when_registered_built_in_or_loadable_and_else_says_the_fix(tmp_path):
+    """At boot overlay is often a module nobody has loaded yet (the snapshotter starts before
+    containerd): a loadable module counts, since the first overlay mount loads it."""
+    from apull_node.snapshotter.startup_checks import problems
+
+    filesystems = tmp_path / "filesystems"
+    filesystems.write_text("nodev\tsysfs\n\text4\n")
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\n")
+    (modules / "modules.dep").write_text("kernel/fs/erofs/erofs.ko: kernel/fs/overlay.ko.bak\n")
+    assert problems(tmp_path, str(filesystems), modules) == [
+        "the kernel offers no overlay file system, built in or as a module: install the "
+        "kernel's modules package (overlay.ko under /lib/modules/$(uname -r)), or boot a "
+        "kernel built with CONFIG_OVERLAY_FS"
+    ]
+    (modules / "modules.dep").write_text("kernel/fs/overlayfs/overlay.ko.xz:\n")
+    assert problems(tmp_path, str(filesystems), modules) == []
+    (modules / "modules.dep").unlink()
+    (modules / "modules.builtin").write_text("kernel/fs/overlayfs/overlay.ko\n")
+    assert problems(tmp_path, str(filesystems), modules) == []
+    (modules / "modules.builtin").unlink()
+    filesystems.write_text("nodev\toverlay\n\text4\n")
+    assert problems(tmp_path, str(filesystems), modules) == []
+
+
+def test_this_kernel_offers_overlay():
+    """The real node (or build root) this runs on: /proc/filesystems and its modules."""
+    from apull_node.snapshotter.startup_checks import FILESYSTEMS, modules_dir, overlay_offered
+
+    assert overlay_offered(FILESYSTEMS, modules_dir())

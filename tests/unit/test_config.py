@@ -280,6 +280,24 @@ def test_lab_bullseye_nodes(tmp_path: Path) -> None:
     assert [n.lab_variant for n in cfg.nodes] == ["ondemand", "ondemand", "stock", "bullseye"]
 
 
+def test_lab_arm64_nodes(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        "SSH_USER=root\nLAB_NODES=3\nLAB_BULLSEYE_NODES=node2\nLAB_ARM64_NODES=node3\n",
+    )
+    assert [n.lab_variant for n in cfg.nodes] == ["ondemand", "bullseye", "arm64"]
+
+
+def test_a_lab_node_in_two_variants_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    line = only_problem(
+        tmp_path, "SSH_USER=root\nLAB_NODES=3\nLAB_BULLSEYE_NODES=node2\nLAB_ARM64_NODES=node2\n"
+    )
+    assert line == (
+        f"{tmp_path / 'config.txt'}:4: LAB_ARM64_NODES: node2 is bullseye already "
+        "(LAB_BULLSEYE_NODES)"
+    )
+
+
 def test_a_lab_node_in_two_variants_is_refused(tmp_path: Path) -> None:
     line = only_problem(
         tmp_path, "SSH_USER=root\nLAB_NODES=3\nLAB_STOCK_NODES=node3\nLAB_BULLSEYE_NODES=node3\n"

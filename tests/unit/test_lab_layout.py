@@ -32,6 +32,22 @@ def test_qemu_command_isolates_the_node_and_forwards_only_ssh_and_registry(tmp_p
     assert f"file={tmp_path / 'nodes/node3/disk.qcow2'}" in " ".join(cmd)
 
 
+def test_an_arm64_node_boots_its_own_kernel_on_the_aarch64_virt_board(tmp_path, monkeypatch):
+    monkeypatch.setenv("APULL_LAB_STATE", str(tmp_path))
+    images = LabImages(tmp_path / "img", tmp_path / "img/vmlinuz", tmp_path / "img/initrd", "6.1")
+    arm = nodes.qemu_command(nodes.NodeDir(layout.LabNode(2, "arm64")), images)
+    x86 = nodes.qemu_command(nodes.NodeDir(layout.LabNode(1, "bullseye")), images)
+    assert (arm[0], x86[0]) == ("qemu-system-aarch64", "qemu-system-x86_64")
+    assert arm[arm.index("-machine") + 1] == "virt" and "-machine" not in x86
+    assert arm[arm.index("-kernel") + 1] == str(tmp_path / "img/vmlinuz-arm64")
+    assert arm[arm.index("-initrd") + 1] == str(tmp_path / "img/initrd-arm64.img")
+    assert x86[x86.index("-kernel") + 1] == str(tmp_path / "img/vmlinuz")
+    assert "console=ttyAMA0" in arm[arm.index("-append") + 1]
+    assert "console=ttyS0" in x86[x86.index("-append") + 1]
+    assert nodes.node_machine(layout.LabNode(2, "arm64")) == "aarch64"
+    assert "tcg" in arm[arm.index("-accel") + 1] and "kvm" not in " ".join(arm)
+
+
 def test_processes_stop_a_running_process_and_clear_its_pidfile(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     pidfile = tmp_path / "p.pid"

@@ -12,8 +12,11 @@ import urllib.request
 import pytest
 from conftest import free_port
 
+from apull.image.registry_read import resolve_image
 from apull.lab import test_image
 from apull.registry.client import OCI_MANIFEST, RegistryClient, RegistryError
+from apull_node.image.oci import parse_platform
+from apull_node.image.registry_session import RegistrySession
 
 
 def test_test_image_is_reproducible():
@@ -63,3 +66,27 @@ def test_unknown_manifest_and_unreachable_registry(registry):
     assert dead.ping() is False
     with pytest.raises(RegistryError, match=r"127\.0\.0\.1"):
         dead.has_blob("x/y", "sha256:00")
+
+
+def test_a_push_for_two_arches_is_an_index_that_resolves_per_platform(
+    registry, tmp_path, monkeypatch
+):
+    """With arm64 lab nodes, lab/busybox:latest is an OCI index; each platform resolves to
+    its own manifest, whose config names that architecture. The arm64 busybox comes from the
+    lab's arm64 root: here a stand-in file (its bytes are only packed, never run)."""
+    monkeypatch.setenv("APULL_LAB_CACHE", str(tmp_path))
+    arm_busybox = test_image.busybox("arm64")
+    arm_busybox.parent.mkdir(parents=True)
+    arm_busybox.write_bytes(b"\x7fELF stand-in for the arm64 busybox\n")
+    digest = test_image.push(registry, ("amd64", "arm64"))
+    session = RegistrySession(registry.address, test_image.REPO, insecure=True)
+    for arch in ("amd64", "arm64"):
+        manifest, top = resolve_image(session, test_image.TAG, parse_platform(f"linux/{arch}"))
+        assert top == digest
+        config, layer = test_image.build(arch)
+        assert (manifest.config.digest, manifest.layers[0].digest) == (config.digest, layer.digest)
+        assert json.loads(config.data)["architecture"] == arch
+    assert test_image.push(registry, ("amd64", "arm64")) == digest  # reproducible
+    arm_busybox.unlink()
+    with pytest.raises(FileNotFoundError, match="arm64 lab image"):
+        test_image.build("arm64")

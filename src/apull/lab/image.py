@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from apull.lab import layout
+from apull.lab import emulation, layout
 from apull.lab.modules import build_ondemand_modules
 from apull.lab.run import LabError, Log, run_logged
 
@@ -35,6 +35,11 @@ BULLSEYE_PACKAGES = (
     "systemd,systemd-sysv,dbus,udev,kmod,openssh-server,runc,iproute2,procps,netbase,"
     "erofs-utils,ca-certificates,python3,psmisc,fuse3,iputils-ping,sudo,python3-apt"
 )
+#: The `arm64` variant: Debian 12 arm64 (aarch64, as the EulerOS fleet runs), booted under
+#: qemu-system-aarch64 with its own kernel and the on-demand modules built for it. Its root
+#: also carries busybox-static: the lab's arm64 test images are made from it.
+ARM64 = "arm64"
+ARM64_PACKAGES = PACKAGES.replace("linux-image-amd64", "linux-image-arm64") + ",busybox-static"
 DISK_SIZE = "6G"
 FILES = Path(__file__).with_name("files")
 #: Units a lab node does not need; they only slow a software-emulated boot.
@@ -53,6 +58,12 @@ class LabImages:
     def disk(self, variant: str) -> Path:
         return self.directory / f"{variant}.raw"
 
+    def boot_files(self, variant: str) -> tuple[Path, Path]:
+        """(kernel, initrd) a node of `variant` boots: the arm64 variant has its own."""
+        if variant == ARM64:
+            return self.directory / "vmlinuz-arm64", self.directory / "initrd-arm64.img"
+        return self.kernel, self.initrd
+
 
 def debian_mirror() -> str:
     """The Debian mirror this machine is configured with (read, never hard-coded)."""
@@ -70,10 +81,16 @@ def debian_mirror() -> str:
     raise LabError("no Debian mirror found in /etc/apt/sources.list.d/debian.sources")
 
 
-def ensure_rootfs(log: Log, suite: str = SUITE, packages: str = PACKAGES) -> Path:
-    """Debootstrap a root file system once (rootfs, or rootfs-SUITE); kept in the cache."""
+def ensure_rootfs(
+    log: Log, suite: str = SUITE, packages: str = PACKAGES, arch: str = "amd64"
+) -> Path:
+    """Debootstrap a root file system once (rootfs, rootfs-SUITE or rootfs-ARCH); kept in the
+    cache. Another architecture's is made, and later used, through qemu-user-static."""
     cache = layout.cache_dir()
     name = "rootfs" if suite == SUITE else f"rootfs-{suite}"
+    if arch != "amd64":
+        name += f"-{arch}"
+    emulation.ensure_emulation(arch, log)
     rootfs = cache / name
     stamp = cache / f"{name}.packages"
     if rootfs.is_dir() and stamp.exists() and stamp.read_text() == packages:
@@ -82,13 +99,16 @@ def ensure_rootfs(log: Log, suite: str = SUITE, packages: str = PACKAGES) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(rootfs, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
-    log(f"debootstrap {suite} into {rootfs} (a few minutes, once)")
+    slow = "" if arch == emulation.host_arch() else ", emulated"
+    log(f"debootstrap {suite} {arch} into {rootfs} (a few minutes{slow}, once)")
     run_logged(
-        ["debootstrap", "--variant=minbase", f"--include={packages}", suite, tmp, debian_mirror()],
-        cache / "debootstrap.log",
-        "debootstrap",
-    )
-    run_logged(["chroot", tmp, "apt-get", "clean"], cache / "debootstrap.log", "apt-get clean")
+        ["debootstrap", f"--arch={arch}", "--variant=minbase", f"--include={packages}", suite,
+         tmp, debian_mirror()],
+        cache / f"debootstrap-{name}.log",
+        f"debootstrap {suite} {arch}",
+    )  # fmt: skip
+    run_logged(["chroot", tmp, "apt-get", "clean"], cache / f"debootstrap-{name}.log",
+               "apt-get clean")  # fmt: skip
     tmp.rename(rootfs)
     stamp.write_text(packages)
     return rootfs
@@ -224,10 +244,54 @@ def _build_bullseye_disk(images: LabImages, rootfs: Path, modules: Path, log: Lo
     marker.write_text(inputs)
 
 
+def _build_arm64_disk(images: LabImages, log: Log) -> None:
+    """The arm64 variant's disk, kernel and initrd, in the same build directory (its own
+    marker): Debian 12 arm64 with the on-demand modules built for its kernel in an arm64
+    build chroot (emulated: several minutes, once)."""
+    cache = layout.cache_dir()
+    base = ensure_rootfs(log, SUITE, ARM64_PACKAGES, ARM64)
+    abi = kernel_abi(base)
+    modules = build_ondemand_modules(base, cache / f"buildroot-{ARM64}", cache / "modules", log)
+    key = ensure_ssh_key().with_suffix(".pub")
+    recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    inputs = "\n".join(
+        [ARM64_PACKAGES, abi, _tree_digest(FILES / "rootfs", modules), key.read_text(),
+         _hosts_file(), recipe]
+    )  # fmt: skip
+    marker = images.directory / f"{ARM64}.complete"
+    if marker.exists() and marker.read_text() == inputs:
+        return
+    log_path = images.directory / f"build-{ARM64}.log"
+    stage = images.directory.with_name(images.directory.name + f".{ARM64}.stage")
+    shutil.rmtree(stage, ignore_errors=True)
+    log(f"building the {ARM64} node image (Debian 12 arm64, kernel {abi})")
+    kernel, initrd = images.boot_files(ARM64)
+    try:
+        run_logged(["cp", "-a", "--reflink=auto", base, stage], log_path, "copy rootfs")
+        _customise(stage, key, log_path)
+        shutil.copy2(stage / "boot" / f"vmlinuz-{abi}", kernel)
+        shutil.copy2(stage / "boot" / f"initrd.img-{abi}", initrd)
+        _add_ondemand_modules(stage, abi, modules, log_path)
+        _make_disk(stage, images.disk(ARM64), log_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    marker.write_text(inputs)
+
+
+def _build_variants(images: LabImages, rootfs: Path, modules: Path, variants: frozenset[str],
+                    log: Log) -> None:  # fmt: skip
+    """The disks of the variants built only when a node asks for them."""
+    if BULLSEYE in variants:
+        _build_bullseye_disk(images, rootfs, modules, log)
+    if ARM64 in variants:
+        _build_arm64_disk(images, log)
+
+
 def build_images(log: Log, variants: frozenset[str] = frozenset()) -> LabImages:
     """Make sure the node images exist for the current inputs; return where they are.
 
-    "stock" and "ondemand" are always built; "bullseye" when `variants` names it."""
+    "stock" and "ondemand" are always built; "bullseye" and "arm64" when `variants` names
+    them."""
     cache = layout.cache_dir()
     rootfs = ensure_rootfs(log)
     key = ensure_ssh_key()
@@ -246,8 +310,7 @@ def build_images(log: Log, variants: frozenset[str] = frozenset()) -> LabImages:
     out = cache / "images" / build_id
     images = LabImages(out, out / "vmlinuz", out / "initrd.img", abi)
     if (out / "complete").exists():
-        if BULLSEYE in variants:
-            _build_bullseye_disk(images, rootfs, modules, log)
+        _build_variants(images, rootfs, modules, variants, log)
         return images
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -267,8 +330,7 @@ def build_images(log: Log, variants: frozenset[str] = frozenset()) -> LabImages:
         shutil.rmtree(stage, ignore_errors=True)
     (out / "complete").write_text(build_id + "\n")
     _prune_old_builds(out)
-    if BULLSEYE in variants:
-        _build_bullseye_disk(images, rootfs, modules, log)
+    _build_variants(images, rootfs, modules, variants, log)
     return images
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from apull.lab import layout, nodes, package_repo, registry, test_image
-from apull.lab.image import LabImages, build_images, ensure_rootfs
+from apull.lab.image import ARM64, LabImages, build_images, ensure_rootfs
 from apull.lab.modules import node_kernel
 from apull.lab.run import LabError, Log
 from apull.registry.client import RegistryClient
@@ -37,8 +37,12 @@ def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
     layout.state_dir().mkdir(parents=True, exist_ok=True)
     nodes.ensure_switch()
     client = registry.ensure_registry()
-    digest = test_image.push(client)
-    log(f"registry {layout.host_registry()} serves {test_image.REPO}:{test_image.TAG} ({digest})")
+    arches = ("amd64", "arm64") if any(n.variant == ARM64 for n in wanted) else ("amd64",)
+    digest = test_image.push(client, arches)
+    log(
+        f"registry {layout.host_registry()} serves {test_image.REPO}:{test_image.TAG} "
+        f"({'/'.join(arches)}, {digest})"
+    )
     package_repo.ensure_repo_server()
     log(f"package repository {layout.host_repo()} (nodes: {layout.guest_repo_url()}) is up")
 
@@ -138,7 +142,7 @@ def diverged(node: layout.LabNode) -> bool:
     installed = "install ok installed" in res.stdout
     has_updates = "updates" in res.stdout.split()
     deployed = "deployed" in res.stdout.split()
-    return installed or deployed or (node.variant in ("ondemand", "bullseye") and not has_updates)
+    return installed or deployed or (node.variant != "stock" and not has_updates)
 
 
 def _known_nodes() -> list[nodes.NodeDir]:

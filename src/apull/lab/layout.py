@@ -31,8 +31,9 @@ REPO_NAME = "repo.lab"
 HOST_REPO_PORT = int(os.environ.get("APULL_LAB_REPO_PORT", "8081"))
 MAX_NODES = 8
 #: Lab node image variants: with rebuilt on-demand modules + fs_ctl, Debian's stock modules,
-#: or on-demand with a Debian 11 userland (python3 3.9, glibc 2.31).
-VARIANTS = ("ondemand", "stock", "bullseye")
+#: on-demand with a Debian 11 userland (python3 3.9, glibc 2.31), or on-demand Debian 12
+#: arm64 (aarch64, under qemu-system-aarch64).
+VARIANTS = ("ondemand", "stock", "bullseye", "arm64")
 
 
 def cache_dir() -> Path:

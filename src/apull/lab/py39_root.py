@@ -21,7 +21,6 @@ controller's package fails to import, which is the point.
 from __future__ import annotations
 
 import hashlib
-import platform
 import shlex
 import shutil
 import subprocess
@@ -30,7 +29,8 @@ from importlib import metadata
 from pathlib import Path
 
 from apull.bundle.builder import NATIVE_DEPENDENCIES, PURE_DEPENDENCIES, ensure_bundle
-from apull.lab import layout
+from apull.lab import emulation, layout
+from apull.lab.emulation import MACHINES, host_arch
 from apull.lab.image import debian_mirror
 from apull.lab.run import LabError, Log, run_logged
 from apull.paths import suite_root
@@ -43,36 +43,8 @@ DEPS = "/opt/apull-test"
 REQUIREMENTS = Path("tests/node/requirements-py39.txt")
 
 
-#: Debian's architecture names -> `uname -m` (and the wheels' platform tags).
-MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
-BINFMT = Path("/proc/sys/fs/binfmt_misc")
-
-
 def _say(text: str) -> None:
     print(f"py39: {text}", flush=True)
-
-
-def host_arch() -> str:
-    """This machine's architecture as Debian names it."""
-    return next(deb for deb, machine in MACHINES.items() if machine == platform.machine())
-
-
-def ensure_emulation(arch: str, log: Log = _say) -> None:
-    """Programs of `arch` run here: natively, or through qemu-user-static's binfmt_misc
-    registration (Debian's line from /usr/lib/binfmt.d, registered when missing)."""
-    if arch == host_arch():
-        return
-    machine = MACHINES[arch]
-    if not (BINFMT / "register").exists():
-        run_logged(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT],
-                   layout.cache_dir() / f"{SUITE}-root.log", "mount binfmt_misc")  # fmt: skip
-    if (BINFMT / f"qemu-{machine}").exists():
-        return
-    line = Path(f"/usr/lib/binfmt.d/qemu-{machine}.conf")
-    if not line.exists():
-        raise LabError(f"{line} is missing: install qemu-user-static (make deps)")
-    log(f"registering qemu-user-static for {machine} programs (binfmt_misc)")
-    (BINFMT / "register").write_text(line.read_text().strip())
 
 
 def root_dir(arch: str) -> Path:
@@ -85,7 +57,7 @@ def ensure_root(arch: str = "amd64", log: Log = _say) -> Path:
     cache = layout.cache_dir()
     root = root_dir(arch)
     stamp = root / ".apull-packages"
-    ensure_emulation(arch, log)
+    emulation.ensure_emulation(arch, log)
     if stamp.exists() and stamp.read_text() == PACKAGES:
         return root
     tmp = root.with_name(root.name + ".tmp")

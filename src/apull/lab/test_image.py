@@ -1,7 +1,9 @@
 """A tiny real image the lab builds and pushes itself: Debian's static busybox in one layer.
 
 Built byte-for-byte reproducibly (fixed mtimes, owners and gzip header), so pushing it
-twice is a no-op.
+twice is a no-op. For amd64 the busybox is this machine's (busybox-static); for arm64 the one
+in the lab's arm64 root file system. With arm64 nodes in the lab the tag is an index of both,
+so one image reference serves a mixed fleet, as a DaemonSet's does.
 """
 
 from __future__ import annotations
@@ -13,15 +15,31 @@ import json
 import tarfile
 from pathlib import Path
 
-from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
+from apull.lab import layout
+from apull.registry.client import (
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    Blob,
+    RegistryClient,
+    image_manifest,
+)
 
 REPO = "lab/busybox"
 TAG = "latest"
 BUSYBOX = Path("/bin/busybox")
+
+
+def busybox(arch: str) -> Path:
+    """The static busybox of `arch` (Debian's name): this machine's, or the arm64 root's."""
+    if arch == "amd64":
+        return BUSYBOX
+    return layout.cache_dir() / f"rootfs-{arch}" / "bin/busybox"
+
+
 APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "false", "sha256sum", "head", "wc", "dd")
 
 
-def _layer_tar() -> bytes:
+def _layer_tar(binary: Path) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in ("bin", "tmp", "etc"):
@@ -29,7 +47,7 @@ def _layer_tar() -> bytes:
             info.type = tarfile.DIRTYPE
             info.mode = 0o1777 if name == "tmp" else 0o755
             tar.addfile(info)
-        data = BUSYBOX.read_bytes()
+        data = binary.read_bytes()
         info = tarfile.TarInfo("bin/busybox")
         info.size = len(data)
         info.mode = 0o755
@@ -47,14 +65,16 @@ def _layer_tar() -> bytes:
     return buf.getvalue()
 
 
-def build() -> tuple[Blob, Blob]:
-    """Return (config, layer) blobs of the test image."""
-    if not BUSYBOX.exists():
-        raise FileNotFoundError(f"{BUSYBOX} is missing: apt-get install busybox-static")
-    tar = _layer_tar()
+def build(arch: str = "amd64") -> tuple[Blob, Blob]:
+    """Return (config, layer) blobs of the test image for `arch` (Debian's name)."""
+    binary = busybox(arch)
+    if not binary.exists():
+        fix = "apt-get install busybox-static" if arch == "amd64" else "build the arm64 lab image"
+        raise FileNotFoundError(f"{binary} is missing: {fix}")
+    tar = _layer_tar(binary)
     layer = Blob(OCI_LAYER_GZIP, gzip.compress(tar, compresslevel=6, mtime=0))
     config = {
-        "architecture": "amd64",
+        "architecture": arch,
         "os": "linux",
         "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]},
@@ -63,7 +83,15 @@ def build() -> tuple[Blob, Blob]:
     return config_blob, layer
 
 
-def push(client: RegistryClient) -> str:
-    """Push the test image; return its manifest digest."""
-    config, layer = build()
-    return client.push_image(REPO, TAG, config, [layer])
+def push(client: RegistryClient, arches: tuple[str, ...] = ("amd64",)) -> str:
+    """Push the test image; return its digest: the manifest's for one architecture, an
+    index's (one manifest per architecture, each pushed by digest) for more."""
+    if len(arches) == 1:
+        config, layer = build(arches[0])
+        return client.push_image(REPO, TAG, config, [layer])
+    images = []
+    for arch in arches:
+        config, layer = build(arch)
+        client.push_image(REPO, f"{TAG}-{arch}", config, [layer])
+        images.append((arch, image_manifest(config, [layer])))
+    return client.push_index(REPO, TAG, images)

@@ -16,6 +16,7 @@ from apull_node.image.oci import sha256_digest
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 class RegistryError(RuntimeError):
@@ -123,14 +124,30 @@ class RegistryClient:
         """Push layers, config and an OCI manifest; return the manifest digest."""
         for blob in [*layers, config]:
             self.push_blob(repo, blob)
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": config.descriptor(),
-                "layers": [layer.descriptor() for layer in layers],
-            },
-            separators=(",", ":"),
-            sort_keys=True,
-        ).encode()
-        return self.push_manifest(repo, tag, manifest, OCI_MANIFEST)
+        return self.push_manifest(repo, tag, image_manifest(config, layers), OCI_MANIFEST)
+
+    def push_index(self, repo: str, tag: str, images: list[tuple[str, bytes]]) -> str:
+        """Push an OCI index of manifests already pushed, each given as (architecture, its
+        bytes), all for linux; return the index's digest."""
+        entries = [
+            {"mediaType": OCI_MANIFEST, "digest": sha256_digest(raw), "size": len(raw),
+             "platform": {"architecture": arch, "os": "linux"}}
+            for arch, raw in images
+        ]  # fmt: skip
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+        raw = json.dumps(index, separators=(",", ":"), sort_keys=True).encode()
+        return self.push_manifest(repo, tag, raw, OCI_INDEX)
+
+
+def image_manifest(config: Blob, layers: list[Blob]) -> bytes:
+    """The canonical OCI manifest of a config and its layers."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.descriptor(),
+            "layers": [layer.descriptor() for layer in layers],
+        },
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode()

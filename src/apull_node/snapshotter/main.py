@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     address = args.address or settings.snapshotter.address
     root = Path(args.root or settings.snapshotter.root)
 
+    from apull_node.snapshotter.startup_checks import problems
+
+    found = problems(root)
+    for problem in found:
+        log.error("cannot start: %s", problem)
+    if found:
+        return 1
     # Imported here so that a settings error is reported even where grpc is broken.
     from apull_node.snapshotter.apulld_client import ApulldClient
     from apull_node.snapshotter.content_reader import ContentReader
