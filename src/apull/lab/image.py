@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,8 +205,38 @@ def _add_static_containerd(stage: Path, rootfs: Path, binaries: Path) -> None:
     shutil.copy2(rootfs / "etc/containerd/config.toml", stage / "etc/containerd/config.toml")
 
 
+def _build_variant_disk(
+    images: LabImages,
+    variant: str,
+    base: Path,
+    inputs: str,
+    fill: Callable[[Path, Path], None],
+    log: Log,
+) -> None:
+    """A variant's disk in the build directory, with its own marker: a copy of `base`, made
+    into a node by `fill(stage, log_path)`; skipped when the marker holds these inputs."""
+    marker = images.directory / f"{variant}.complete"
+    if marker.exists() and marker.read_text() == inputs:
+        return
+    log_path = images.directory / f"build-{variant}.log"
+    stage = images.directory.with_name(images.directory.name + f".{variant}.stage")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        run_logged(["cp", "-a", "--reflink=auto", base, stage], log_path, "copy rootfs")
+        fill(stage, log_path)
+        _make_disk(stage, images.disk(variant), log_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    marker.write_text(inputs)
+
+
+def _recipe() -> str:
+    """How the variants are put together: this file."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def _build_bullseye_disk(images: LabImages, rootfs: Path, modules: Path, log: Log) -> None:
-    """The bullseye variant's disk, in the same build directory (its own marker)."""
+    """The bullseye variant's disk: Debian 11's userland on the lab's bookworm kernel."""
     from apull.lab.containerd_build import ensure_static_containerd  # it reads our mirror
 
     cache = layout.cache_dir()
@@ -214,20 +245,13 @@ def _build_bullseye_disk(images: LabImages, rootfs: Path, modules: Path, log: Lo
         rootfs, cache / "containerd-buildroot", cache / "containerd-static", log
     )
     key = ensure_ssh_key().with_suffix(".pub")
-    recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # how it is put together
     inputs = "\n".join(
         [BULLSEYE_PACKAGES, _tree_digest(FILES / "rootfs", modules, containerd), key.read_text(),
-         recipe]
+         _recipe()]
     )  # fmt: skip
-    marker = images.directory / f"{BULLSEYE}.complete"
-    if marker.exists() and marker.read_text() == inputs:
-        return
-    log_path = images.directory / f"build-{BULLSEYE}.log"
-    stage = images.directory.with_name(images.directory.name + f".{BULLSEYE}.stage")
-    shutil.rmtree(stage, ignore_errors=True)
-    log(f"building the {BULLSEYE} node image (Debian 11 userland, kernel {images.abi})")
-    try:
-        run_logged(["cp", "-a", "--reflink=auto", base, stage], log_path, "copy rootfs")
+
+    def fill(stage: Path, log_path: Path) -> None:
+        log(f"building the {BULLSEYE} node image (Debian 11 userland, kernel {images.abi})")
         # Debian 11 has no kernel of its own here: the lab's bookworm one and its modules.
         (stage / "lib/modules").mkdir(parents=True, exist_ok=True)
         run_logged(
@@ -238,44 +262,32 @@ def _build_bullseye_disk(images: LabImages, rootfs: Path, modules: Path, log: Lo
         _add_static_containerd(stage, rootfs, containerd)
         _customise(stage, key, log_path)
         _add_ondemand_modules(stage, images.abi, modules, log_path)
-        _make_disk(stage, images.disk(BULLSEYE), log_path)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    marker.write_text(inputs)
+
+    _build_variant_disk(images, BULLSEYE, base, inputs, fill, log)
 
 
 def _build_arm64_disk(images: LabImages, log: Log) -> None:
-    """The arm64 variant's disk, kernel and initrd, in the same build directory (its own
-    marker): Debian 12 arm64 with the on-demand modules built for its kernel in an arm64
-    build chroot (emulated: several minutes, once)."""
+    """The arm64 variant's disk, kernel and initrd: Debian 12 arm64 with the on-demand
+    modules built for its kernel in an arm64 build chroot (emulated: several minutes, once)."""
     cache = layout.cache_dir()
     base = ensure_rootfs(log, SUITE, ARM64_PACKAGES, ARM64)
     abi = kernel_abi(base)
     modules = build_ondemand_modules(base, cache / f"buildroot-{ARM64}", cache / "modules", log)
     key = ensure_ssh_key().with_suffix(".pub")
-    recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     inputs = "\n".join(
         [ARM64_PACKAGES, abi, _tree_digest(FILES / "rootfs", modules), key.read_text(),
-         _hosts_file(), recipe]
+         _hosts_file(), _recipe()]
     )  # fmt: skip
-    marker = images.directory / f"{ARM64}.complete"
-    if marker.exists() and marker.read_text() == inputs:
-        return
-    log_path = images.directory / f"build-{ARM64}.log"
-    stage = images.directory.with_name(images.directory.name + f".{ARM64}.stage")
-    shutil.rmtree(stage, ignore_errors=True)
-    log(f"building the {ARM64} node image (Debian 12 arm64, kernel {abi})")
-    kernel, initrd = images.boot_files(ARM64)
-    try:
-        run_logged(["cp", "-a", "--reflink=auto", base, stage], log_path, "copy rootfs")
+
+    def fill(stage: Path, log_path: Path) -> None:
+        log(f"building the {ARM64} node image (Debian 12 arm64, kernel {abi})")
+        kernel, initrd = images.boot_files(ARM64)
         _customise(stage, key, log_path)
         shutil.copy2(stage / "boot" / f"vmlinuz-{abi}", kernel)
         shutil.copy2(stage / "boot" / f"initrd.img-{abi}", initrd)
         _add_ondemand_modules(stage, abi, modules, log_path)
-        _make_disk(stage, images.disk(ARM64), log_path)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    marker.write_text(inputs)
+
+    _build_variant_disk(images, ARM64, base, inputs, fill, log)
 
 
 def _build_variants(images: LabImages, rootfs: Path, modules: Path, variants: frozenset[str],
