@@ -83,7 +83,7 @@ def test_each_node_is_its_platform(fleet: dict[str, layout.LabNode], kind: str) 
     assert python == f"/usr/bin/python{want.python}"
     assert run_on(node, "getconf GNU_LIBC_VERSION").stdout.strip() == want.glibc
     version = run_on(node, "containerd --version").stdout
-    assert re.search(r" 1\.6\.\d+ ", version), version
+    assert re.search(r" v?1\.6\.\d+", version), version
     assert run_on(node, "systemctl is-active containerd").stdout.strip() == "active"
 
 
@@ -134,5 +134,5 @@ def test_the_lab_image_is_one_reference_for_every_arch(fleet: dict[str, layout.L
     for kind, node in fleet.items():
         pull = run_on(node, f"ctr images pull --plain-http {ref} >/dev/null")
         assert pull.returncode == 0, pull.stderr
-        out = run_on(node, f"ctr run --rm {ref} arch-{kind} uname -m")
+        out = run_on(node, f"ctr run --rm {ref} arch-{kind} /bin/busybox uname -m")
         assert out.stdout.strip() == PLATFORMS[kind].machine, (kind, out.stderr)
