@@ -82,17 +82,21 @@ def debian_mirror() -> str:
     raise LabError("no Debian mirror found in /etc/apt/sources.list.d/debian.sources")
 
 
+def rootfs_path(suite: str = SUITE, arch: str = "amd64") -> Path:
+    """Where the root of `suite` for `arch` lives in the cache: rootfs[-SUITE][-ARCH]."""
+    name = "rootfs" if suite == SUITE else f"rootfs-{suite}"
+    return layout.cache_dir() / (name if arch == "amd64" else f"{name}-{arch}")
+
+
 def ensure_rootfs(
     log: Log, suite: str = SUITE, packages: str = PACKAGES, arch: str = "amd64"
 ) -> Path:
     """Debootstrap a root file system once (rootfs, rootfs-SUITE or rootfs-ARCH); kept in the
     cache. Another architecture's is made, and later used, through qemu-user-static."""
     cache = layout.cache_dir()
-    name = "rootfs" if suite == SUITE else f"rootfs-{suite}"
-    if arch != "amd64":
-        name += f"-{arch}"
+    rootfs = rootfs_path(suite, arch)
+    name = rootfs.name
     emulation.ensure_emulation(arch, log)
-    rootfs = cache / name
     stamp = cache / f"{name}.packages"
     if rootfs.is_dir() and stamp.exists() and stamp.read_text() == packages:
         return rootfs

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from apull.lab import layout, nodes, package_repo, registry, test_image
-from apull.lab.image import ARM64, LabImages, build_images, ensure_rootfs
+from apull.lab.image import LabImages, build_images, ensure_rootfs
 from apull.lab.modules import node_kernel
 from apull.lab.run import LabError, Log
 from apull.registry.client import RegistryClient
@@ -37,7 +37,7 @@ def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
     layout.state_dir().mkdir(parents=True, exist_ok=True)
     nodes.ensure_switch()
     client = registry.ensure_registry()
-    arches = ("amd64", "arm64") if any(n.variant == ARM64 for n in wanted) else ("amd64",)
+    arches = tuple(sorted({"amd64"} | {layout.variant_arch(n.variant) for n in wanted}))
     digest = test_image.push(client, arches)
     log(
         f"registry {layout.host_registry()} serves {test_image.REPO}:{test_image.TAG} "

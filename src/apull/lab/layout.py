@@ -36,6 +36,11 @@ MAX_NODES = 8
 VARIANTS = ("ondemand", "stock", "bullseye", "arm64")
 
 
+def variant_arch(variant: str) -> str:
+    """The Debian architecture of a variant's nodes: arm64 for "arm64", amd64 for the rest."""
+    return "arm64" if variant == "arm64" else "amd64"
+
+
 def cache_dir() -> Path:
     """Built artefacts kept across labs (base image, modules, lab key)."""
     return Path(os.environ.get("APULL_LAB_CACHE", "/var/cache/apull-lab"))

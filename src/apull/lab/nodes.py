@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from apull.lab import layout, processes
-from apull.lab.image import ARM64, LabImages
+from apull.lab import emulation, layout, processes
+from apull.lab.image import LabImages
 from apull.lab.run import LabError, run_logged
 
 MEMORY_MB = 1024
@@ -136,7 +136,7 @@ _MACHINES: dict[str, tuple[str, tuple[str, ...], str]] = {
 
 def node_machine(node: layout.LabNode) -> str:
     """The node's `uname -m`."""
-    return "aarch64" if node.variant == ARM64 else "x86_64"
+    return emulation.MACHINES[layout.variant_arch(node.variant)]
 
 
 def qemu_command(nd: NodeDir, images: LabImages) -> list[str]:

@@ -15,7 +15,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from apull.lab import layout
+from apull.lab.image import rootfs_path
 from apull.registry.client import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
@@ -33,7 +33,7 @@ def busybox(arch: str) -> Path:
     """The static busybox of `arch` (Debian's name): this machine's, or the arm64 root's."""
     if arch == "amd64":
         return BUSYBOX
-    return layout.cache_dir() / f"rootfs-{arch}" / "bin/busybox"
+    return rootfs_path(arch=arch) / "bin/busybox"
 
 
 APPLETS = ("sh", "echo", "cat", "ls", "sleep", "true", "false", "sha256sum", "head", "wc", "dd")
