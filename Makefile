@@ -18,10 +18,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # lab nodes.
 HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2fsprogs \
 	sshpass busybox-static socat openssh-client python3-venv ca-certificates \
-	containerd runc erofs-utils zstd qemu-user-static qemu-system-arm
+	containerd runc erofs-utils zstd qemu-user-static qemu-system-arm rpm createrepo-c xorriso
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
-	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms molecule \
+	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
+	integration-kernel molecule \
 	bundle sync-bin clean convert bench
 
 help: ## list the targets
@@ -148,5 +149,13 @@ integration-platforms: deps venv ## a mixed fleet (x86-64, python3 3.9, arm64): 
 	$(PLATFORMS_LAB) $(APULL) lab up
 	$(PLATFORMS_LAB) $(BIN)/pytest -q tests/integration/test_platform_nodes.py
 
+KERNEL_CONFIG := tests/integration/kernel510.txt
+KERNEL_LAB := APULL_CONFIG=$(abspath $(KERNEL_CONFIG)) \
+	APULL_LAB_STATE=$(or $(APULL_LAB_STATE),/var/lib/apull-lab)-kernel \
+	APULL_LAB_SSH_PORT_BASE=2420 APULL_LAB_REGISTRY_PORT=5200 APULL_LAB_REPO_PORT=8281
+integration-kernel: deps venv ## stock 5.10 nodes booted by GRUB: release change, ISO/RPM, broken kernel
+	$(KERNEL_LAB) $(APULL) lab up
+	$(KERNEL_LAB) $(BIN)/pytest -q tests/integration/test_kernel_release.py
+
 # What does not fit CI's time: test, then the tiers too slow for it.
-test-all: test unit-py39-arm64 integration-platforms ## make test, plus arm64 and Debian 11 nodes
+test-all: test unit-py39-arm64 integration-platforms integration-kernel ## make test, plus arm64, Debian 11 and 5.10 nodes

@@ -89,7 +89,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         console.print(f"[red]{cfg.path}: TARGET={cfg.target}: the lab is only for TARGET=lab")
         return 2
     if args.action == "reset":
-        return _reset(lab_nodes(cfg), args.nodes, args.if_changed)
+        return _reset(lab_nodes(cfg), args.nodes, args.if_changed, args.power_cycle)
     report = lab.up(lab_nodes(cfg), _log)
     _log(
         f"lab up: images ready in {report.build_seconds:.0f} s, "
@@ -99,7 +99,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return _print_lab_status()
 
 
-def _reset(configured: list[layout.LabNode], names: list[str], if_changed: bool) -> int:
+def _reset(
+    configured: list[layout.LabNode], names: list[str], if_changed: bool, power_cycle: bool
+) -> int:
     from apull.lab import lab
 
     by_name = {n.name: n for n in configured}
@@ -111,13 +113,17 @@ def _reset(configured: list[layout.LabNode], names: list[str], if_changed: bool)
         return 2
     started = time.monotonic()
     targets = [by_name[name] for name in dict.fromkeys(names)]
+    if if_changed and power_cycle:
+        console.print("[red]--if-changed and --power-cycle do not go together")
+        return 2
     if if_changed:
         targets = [n for n in targets if lab.diverged(n)]
         if not targets:
             _log("nothing to reset: every node is as its variant boots")
             return 0
-    lab.reset(targets, _log)
-    _log(f"reset {len(targets)} node(s) in {time.monotonic() - started:.0f} s")
+    lab.reset(targets, _log, power_cycle=power_cycle)
+    what = "power-cycled" if power_cycle else "reset"
+    _log(f"{what} {len(targets)} node(s) in {time.monotonic() - started:.0f} s")
     return 0
 
 
@@ -261,6 +267,12 @@ def parser() -> argparse.ArgumentParser:
         "--if-changed",
         action="store_true",
         help="reset: only the nodes no longer in their variant's state (e.g. upgraded)",
+    )
+    lab_p.add_argument(
+        "--power-cycle",
+        action="store_true",
+        help="reset: keep the nodes' disks; switch them off and on, as a power cycle would "
+        "(their boot loader decides what they boot)",
     )
     lab_p.set_defaults(func=cmd_lab)
     ssh_p = sub.add_parser("ssh", help="open a shell (or run a command) on a lab node")

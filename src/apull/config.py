@@ -42,6 +42,7 @@ KNOWN_KEYS = (
     "LAB_STOCK_NODES",
     "LAB_BULLSEYE_NODES",
     "LAB_ARM64_NODES",
+    "LAB_KERNEL510_NODES",
     "REGISTRY",
     "REGISTRY_INSECURE",
 )
@@ -49,12 +50,19 @@ KNOWN_KEYS = (
 SECRET_KEYS = ("SSH_PASSWORD",)
 #: Keys that only mean something for one target; set for the other one, they are ignored.
 _SERVERS_ONLY_KEYS = ("SSH_KEY", "SSH_PORT", "NODES", "SERVERS_FILE")
-_LAB_ONLY_KEYS = ("LAB_NODES", "LAB_STOCK_NODES", "LAB_BULLSEYE_NODES", "LAB_ARM64_NODES")
+_LAB_ONLY_KEYS = (
+    "LAB_NODES",
+    "LAB_STOCK_NODES",
+    "LAB_BULLSEYE_NODES",
+    "LAB_ARM64_NODES",
+    "LAB_KERNEL510_NODES",
+)
 #: Which key puts a lab node in which image variant (the rest are "ondemand").
 _LAB_VARIANT_KEYS = (
     ("LAB_STOCK_NODES", "stock"),
     ("LAB_BULLSEYE_NODES", "bullseye"),
     ("LAB_ARM64_NODES", "arm64"),
+    ("LAB_KERNEL510_NODES", "kernel510"),
 )
 
 DEFAULT_SSH_PORT = 22

@@ -75,6 +75,12 @@ def build_inventory(cfg: ClusterConfig) -> dict[str, Any]:
     if cfg.target == "lab":
         inventory["all"]["children"].append(LAB_GROUP)
         inventory[LAB_GROUP] = {"hosts": list(names)}
+        # One group per image variant (lab_stock, lab_kernel510, ...): group_vars per kind.
+        variants = sorted({n.lab_variant for n in cfg.nodes if n.lab_variant is not None})
+        for variant in variants:
+            group = f"{LAB_GROUP}_{variant}"
+            inventory[LAB_GROUP].setdefault("children", []).append(group)
+            inventory[group] = {"hosts": [n.name for n in cfg.nodes if n.lab_variant == variant]}
     inventory["_meta"] = {"hostvars": {node.name: _hostvars(cfg, node) for node in cfg.nodes}}
     return inventory
 

@@ -75,6 +75,10 @@ def test_lab_inventory(tmp_path: Path, lab_cache: Path) -> None:
     }
     assert inv["apull_nodes"]["hosts"] == ["node1", "node2", "node3"]
     assert inv["lab"]["hosts"] == ["node1", "node2", "node3"]
+    # A group per variant, under lab: group_vars per kind of node.
+    assert inv["lab"]["children"] == ["lab_ondemand", "lab_stock"]
+    assert inv["lab_stock"] == {"hosts": ["node2"]}
+    assert inv["lab_ondemand"] == {"hosts": ["node1", "node3"]}
     assert inv["_meta"]["hostvars"]["node2"] == {
         "ansible_host": "127.0.0.1",
         "ansible_port": layout.node_ssh_port(2),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from apull.lab import layout, nodes, processes
+from apull.lab import image, layout, nodes, processes
 from apull.lab.image import LabImages
 
 
@@ -46,6 +46,33 @@ def test_an_arm64_node_boots_its_own_kernel_on_the_aarch64_virt_board(tmp_path, 
     assert "console=ttyS0" in x86[x86.index("-append") + 1]
     assert nodes.node_machine(layout.LabNode(2, "arm64")) == "aarch64"
     assert "tcg" in arm[arm.index("-accel") + 1] and "kvm" not in " ".join(arm)
+
+
+def test_a_kernel510_node_boots_grub_from_its_disk_with_the_iso_in_its_drive(tmp_path, monkeypatch):
+    monkeypatch.setenv("APULL_LAB_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("APULL_LAB_CACHE", str(tmp_path / "cache"))
+    images = LabImages(tmp_path / "img", tmp_path / "img/vmlinuz", tmp_path / "img/initrd", "6.1")
+    cmd = nodes.qemu_command(nodes.NodeDir(layout.LabNode(4, "kernel510")), images)
+    # No -kernel: what boots is GRUB's choice, so a kernel upgrade really changes it.
+    assert "-kernel" not in cmd and "-initrd" not in cmd and "-append" not in cmd
+    fw_cfg = cmd[cmd.index("-fw_cfg") + 1]
+    assert fw_cfg == (
+        "name=opt/apull_lab/cmdline,string=apull_lab.hostname=node4 apull_lab.addr=10.10.0.14/24"
+    )
+    drives = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-drive"]
+    iso = tmp_path / "cache/package-repo/apull-lab.iso"
+    disk = f"file={tmp_path / 'state/nodes/node4/disk.qcow2'},if=virtio,format=qcow2,discard=unmap"
+    assert sorted(drives) == sorted([f"file={iso},media=cdrom,readonly=on", disk])
+
+
+def test_the_boot_disk_gets_an_mbr_with_one_bootable_linux_partition():
+    table = image._partition_table(2048, 12_580_864)
+    assert len(table) == 512 - 440
+    entry = table[6:22]
+    assert entry[0] == 0x80 and entry[4] == 0x83
+    assert int.from_bytes(entry[8:12], "little") == 2048
+    assert int.from_bytes(entry[12:16], "little") == 12_580_864
+    assert table[22:70] == bytes(48) and table[-2:] == b"\x55\xaa"
 
 
 def test_processes_stop_a_running_process_and_clear_its_pidfile(tmp_path):

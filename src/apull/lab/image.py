@@ -41,7 +41,15 @@ BULLSEYE_PACKAGES = (
 #: also carries busybox-static: the lab's arm64 test images are made from it.
 ARM64 = "arm64"
 ARM64_PACKAGES = PACKAGES.replace("linux-image-amd64", "linux-image-arm64") + ",busybox-static"
+#: The `kernel510` variant: Debian 11 on its own stock 5.10 kernel (no on-demand support, as
+#: EulerOS before its ISO kernel), booted by GRUB from its disk, with rpm and dnf so that a
+#: kernel RPM can be installed from an ISO the way the field does it (the lab has no RPM
+#: distribution to build a node from: only Debian's mirror is reachable).
+KERNEL510 = "kernel510"
+KERNEL510_PACKAGES = BULLSEYE_PACKAGES + ",linux-image-amd64,initramfs-tools,grub-pc,rpm,dnf"
 DISK_SIZE = "6G"
+#: Disk-booted variants: the root file system is partition 1, from this sector on.
+PARTITION_START = 2048
 FILES = Path(__file__).with_name("files")
 #: Units a lab node does not need; they only slow a software-emulated boot.
 MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer")
@@ -59,8 +67,11 @@ class LabImages:
     def disk(self, variant: str) -> Path:
         return self.directory / f"{variant}.raw"
 
-    def boot_files(self, variant: str) -> tuple[Path, Path]:
-        """(kernel, initrd) a node of `variant` boots: the arm64 variant has its own."""
+    def boot_files(self, variant: str) -> tuple[Path, Path] | None:
+        """(kernel, initrd) QEMU boots a node of `variant` with (the arm64 variant has its
+        own), or None when its disk's boot loader chooses the kernel."""
+        if variant in layout.DISK_BOOTED:
+            return None
         if variant == ARM64:
             return self.directory / "vmlinuz-arm64", self.directory / "initrd-arm64.img"
         return self.kernel, self.initrd
@@ -82,19 +93,21 @@ def debian_mirror() -> str:
     raise LabError("no Debian mirror found in /etc/apt/sources.list.d/debian.sources")
 
 
-def rootfs_path(suite: str = SUITE, arch: str = "amd64") -> Path:
-    """Where the root of `suite` for `arch` lives in the cache: rootfs[-SUITE][-ARCH]."""
+def rootfs_path(suite: str = SUITE, arch: str = "amd64", flavour: str = "") -> Path:
+    """Where the root of `suite` for `arch` lives in the cache:
+    rootfs[-SUITE][-ARCH][-FLAVOUR] (a flavour: another package set of the same suite)."""
     name = "rootfs" if suite == SUITE else f"rootfs-{suite}"
-    return layout.cache_dir() / (name if arch == "amd64" else f"{name}-{arch}")
+    name = name if arch == "amd64" else f"{name}-{arch}"
+    return layout.cache_dir() / (f"{name}-{flavour}" if flavour else name)
 
 
 def ensure_rootfs(
-    log: Log, suite: str = SUITE, packages: str = PACKAGES, arch: str = "amd64"
+    log: Log, suite: str = SUITE, packages: str = PACKAGES, arch: str = "amd64", flavour: str = ""
 ) -> Path:
     """Debootstrap a root file system once (rootfs, rootfs-SUITE or rootfs-ARCH); kept in the
     cache. Another architecture's is made, and later used, through qemu-user-static."""
     cache = layout.cache_dir()
-    rootfs = rootfs_path(suite, arch)
+    rootfs = rootfs_path(suite, arch, flavour)
     name = rootfs.name
     emulation.ensure_emulation(arch, log)
     stamp = cache / f"{name}.packages"
@@ -216,9 +229,11 @@ def _build_variant_disk(
     inputs: str,
     fill: Callable[[Path, Path], None],
     log: Log,
+    make_disk: Callable[[Path, Path, Path], None] = _make_disk,
 ) -> None:
     """A variant's disk in the build directory, with its own marker: a copy of `base`, made
-    into a node by `fill(stage, log_path)`; skipped when the marker holds these inputs."""
+    into a node by `fill(stage, log_path)`, written out by `make_disk(stage, disk, log_path)`;
+    skipped when the marker holds these inputs."""
     marker = images.directory / f"{variant}.complete"
     if marker.exists() and marker.read_text() == inputs:
         return
@@ -228,7 +243,7 @@ def _build_variant_disk(
     try:
         run_logged(["cp", "-a", "--reflink=auto", base, stage], log_path, "copy rootfs")
         fill(stage, log_path)
-        _make_disk(stage, images.disk(variant), log_path)
+        make_disk(stage, images.disk(variant), log_path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     marker.write_text(inputs)
@@ -285,13 +300,142 @@ def _build_arm64_disk(images: LabImages, log: Log) -> None:
 
     def fill(stage: Path, log_path: Path) -> None:
         log(f"building the {ARM64} node image (Debian 12 arm64, kernel {abi})")
-        kernel, initrd = images.boot_files(ARM64)
+        boot = images.boot_files(ARM64)
+        assert boot is not None, "the arm64 variant boots QEMU's -kernel"
+        kernel, initrd = boot
         _customise(stage, key, log_path)
         shutil.copy2(stage / "boot" / f"vmlinuz-{abi}", kernel)
         shutil.copy2(stage / "boot" / f"initrd.img-{abi}", initrd)
         _add_ondemand_modules(stage, abi, modules, log_path)
 
     _build_variant_disk(images, ARM64, base, inputs, fill, log)
+
+
+#: GRUB settings of the disk-booted nodes: its menu and the kernel's console on the serial
+#: port (the node's serial.log), a one-second menu, the lab's interface names.
+GRUB_LAB_DEFAULTS = """\
+# apull lab: GRUB's menu and the kernel's console on the serial port (serial.log), a short
+# menu, eth0/eth1 as the lab's network units name them.
+GRUB_TIMEOUT=1
+GRUB_TERMINAL="serial console"
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
+GRUB_CMDLINE_LINUX="console=ttyS0 net.ifnames=0"
+GRUB_CMDLINE_LINUX_DEFAULT="quiet"
+GRUB_DISABLE_OS_PROBER=true
+"""
+#: Where GRUB's core image finds its modules and grub.cfg: partition 1 of the first disk.
+GRUB_PREFIX = "(hd0,msdos1)/boot/grub"
+#: Offsets in GRUB's boot.img that grub-bios-setup patches (grub/i386/pc/boot.h).
+_BOOT_KERNEL_SECTOR = 0x5C
+_BOOT_DRIVE_CHECK = 0x66
+_MBR_CODE = 440
+
+
+def _first_menu(abi: str) -> str:
+    """The grub.cfg a disk-booted image starts with: its one kernel. (update-grub, run by the
+    kernel role or a kernel package on the node, writes the real one: grub-mkconfig cannot
+    probe a root that is not mounted from a disk.)"""
+    return f"""\
+# apull lab: the image's first menu. update-grub on the node replaces it.
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set default=0
+set timeout=1
+menuentry 'Debian GNU/Linux, with Linux {abi}' {{
+\tinsmod part_msdos
+\tinsmod ext2
+\tset root=(hd0,msdos1)
+\tlinux /boot/vmlinuz-{abi} root=/dev/vda1 ro console=ttyS0 net.ifnames=0 quiet
+\tinitrd /boot/initrd.img-{abi}
+}}
+"""
+
+
+def _add_grub(stage: Path, abi: str, log_path: Path) -> None:
+    """GRUB for BIOS in the image as grub-install would put it there: its modules in
+    /boot/grub/i386-pc, a core image that reads them from partition 1, the lab's defaults
+    and a first menu."""
+    lib = stage / "usr/lib/grub/i386-pc"
+    target = stage / "boot/grub/i386-pc"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in lib.iterdir():
+        if path.suffix in (".mod", ".lst"):
+            shutil.copy2(path, target / path.name)
+    run_logged(
+        ["chroot", stage, "grub-mkimage", "-O", "i386-pc", "-o", "/boot/grub/i386-pc/core.img",
+         "-p", GRUB_PREFIX, "biosdisk", "part_msdos", "ext2"],
+        log_path, "grub-mkimage",
+    )  # fmt: skip
+    (stage / "etc/default/grub.d").mkdir(parents=True, exist_ok=True)
+    (stage / "etc/default/grub.d/10-apull-lab.cfg").write_text(GRUB_LAB_DEFAULTS)
+    (stage / "boot/grub/grub.cfg").write_text(_first_menu(abi))
+    (stage / "etc/fstab").write_text("/dev/vda1 / ext4 defaults,noatime 0 1\n")
+
+
+def _partition_table(start: int, sectors: int) -> bytes:
+    """Bytes 440-511 of an MBR: a disk signature, one bootable Linux partition (LBA only)
+    and the boot signature."""
+    lba_only = b"\xfe\xff\xff"  # CHS fields beyond 8 GiB's reach: use the LBA fields
+    entry = b"\x80" + lba_only + b"\x83" + lba_only
+    entry += start.to_bytes(4, "little") + sectors.to_bytes(4, "little")
+    return b"APUL\0\0" + entry + bytes(16 * 3) + b"\x55\xaa"
+
+
+def _make_boot_disk(stage: Path, disk: Path, log_path: Path) -> None:
+    """A disk with an MBR partition table, the root file system as partition 1 and GRUB (the
+    stage's boot.img and core.img) in the MBR and in the gap before the partition, where
+    grub-install embeds it."""
+    sector = 512
+    boot = (stage / "usr/lib/grub/i386-pc/boot.img").read_bytes()
+    core = (stage / "boot/grub/i386-pc/core.img").read_bytes()
+    if len(core) > (PARTITION_START - 1) * sector:
+        raise LabError(f"GRUB's core image ({len(core)} bytes) does not fit before the partition")
+    tmp = disk.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    run_logged(["truncate", "-s", DISK_SIZE, tmp], log_path, "truncate")
+    total = tmp.stat().st_size // sector
+    size_kib = (total - PARTITION_START) * sector // 1024
+    run_logged(
+        ["mkfs.ext4", "-q", "-F", "-L", "apull-root", "-E", f"offset={PARTITION_START * sector}",
+         "-d", stage, tmp, f"{size_kib}k"],
+        log_path, "mkfs.ext4",
+    )  # fmt: skip
+    mbr = bytearray(boot[:_MBR_CODE])
+    mbr[_BOOT_KERNEL_SECTOR : _BOOT_KERNEL_SECTOR + 8] = (1).to_bytes(8, "little")
+    mbr[_BOOT_DRIVE_CHECK : _BOOT_DRIVE_CHECK + 2] = b"\x90\x90"  # a disk, never a floppy
+    mbr += _partition_table(PARTITION_START, total - PARTITION_START)
+    with tmp.open("r+b") as raw:
+        raw.write(mbr)
+        raw.seek(sector)
+        raw.write(core)
+    tmp.rename(disk)
+
+
+def _build_kernel510_disk(images: LabImages, rootfs: Path, log: Log) -> None:
+    """The kernel510 variant's disk: Debian 11 with its stock 5.10 kernel, GRUB, rpm/dnf and
+    the static containerd; GRUB on the disk boots it."""
+    from apull.lab.containerd_build import ensure_static_containerd  # it reads our mirror
+
+    cache = layout.cache_dir()
+    base = ensure_rootfs(log, BULLSEYE, KERNEL510_PACKAGES, flavour=KERNEL510)
+    abi = kernel_abi(base)
+    containerd = ensure_static_containerd(
+        rootfs, cache / "containerd-buildroot", cache / "containerd-static", log
+    )
+    key = ensure_ssh_key().with_suffix(".pub")
+    inputs = "\n".join(
+        [KERNEL510_PACKAGES, abi, _tree_digest(FILES / "rootfs", containerd), key.read_text(),
+         _hosts_file(), _recipe()]
+    )  # fmt: skip
+
+    def fill(stage: Path, log_path: Path) -> None:
+        log(f"building the {KERNEL510} node image (Debian 11, its kernel {abi}, GRUB)")
+        _add_static_containerd(stage, rootfs, containerd)
+        _customise(stage, key, log_path)
+        _add_grub(stage, abi, log_path)
+
+    _build_variant_disk(images, KERNEL510, base, inputs, fill, log, _make_boot_disk)
 
 
 def _build_variants(images: LabImages, rootfs: Path, modules: Path, variants: frozenset[str],
@@ -301,6 +445,8 @@ def _build_variants(images: LabImages, rootfs: Path, modules: Path, variants: fr
         _build_bullseye_disk(images, rootfs, modules, log)
     if ARM64 in variants:
         _build_arm64_disk(images, log)
+    if KERNEL510 in variants:
+        _build_kernel510_disk(images, rootfs, log)
 
 
 def build_images(log: Log, variants: frozenset[str] = frozenset()) -> LabImages:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from apull.lab import layout, nodes, package_repo, registry, test_image
+from apull.lab import kernel_packages, layout, nodes, package_repo, registry, test_image
 from apull.lab.image import LabImages, build_images, ensure_rootfs
 from apull.lab.modules import node_kernel
 from apull.lab.run import LabError, Log
@@ -31,7 +31,8 @@ class UpReport:
 
 def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
     started = time.monotonic()
-    images = build_images(log, frozenset(n.variant for n in wanted))
+    variants = frozenset(n.variant for n in wanted)
+    images = build_images(log, variants)
     build_package_repo(images, log)
     build_seconds = time.monotonic() - started
     layout.state_dir().mkdir(parents=True, exist_ok=True)
@@ -82,23 +83,28 @@ def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
 
 
 def build_package_repo(images: LabImages, log: Log) -> None:
-    """The on-demand modules of these images as a package in the lab's repository (and ISO)."""
+    """The on-demand modules of these images as a package in the lab's repository (and ISO),
+    and their whole kernel as packages for the nodes that change release. Always both: labs
+    that share the cache then share one repository."""
     cache = layout.cache_dir()
-    _, source_version = node_kernel(ensure_rootfs(log))
+    rootfs = ensure_rootfs(log)
+    _, source_version = node_kernel(rootfs)
+    modules = cache / "modules" / images.abi
+    kernel = kernel_packages.KernelSource(rootfs, images.abi, source_version, modules)
     package_repo.build_repo(
-        cache / "buildroot",
-        cache / "modules" / images.abi,
-        images.abi,
-        source_version,
-        layout.repo_dir(),
-        log,
+        modules, images.abi, source_version, layout.repo_dir(), log, kernel=kernel
     )
 
 
-def reset(wanted: layout.LabNode | Sequence[layout.LabNode], log: Log) -> dict[str, float]:
+def reset(
+    wanted: layout.LabNode | Sequence[layout.LabNode], log: Log, power_cycle: bool = False
+) -> dict[str, float]:
     """Boot nodes afresh from their variant's image: stop each, drop its disk overlay, start
     it anew (all of them at once), then wait for ssh on all. Returns the seconds each took
-    to answer ssh. Whatever was installed or changed on the nodes is gone."""
+    to answer ssh. Whatever was installed or changed on the nodes is gone.
+
+    With power_cycle, each node's disk is kept: its VM is stopped at once, as pulling the
+    plug would, and started again, so its boot loader decides what it boots."""
     targets = [wanted] if isinstance(wanted, layout.LabNode) else list(wanted)
     if not targets:
         return {}
@@ -108,11 +114,17 @@ def reset(wanted: layout.LabNode | Sequence[layout.LabNode], log: Log) -> dict[s
     started: list[nodes.NodeDir] = []
     for node in targets:
         nd = nodes.NodeDir(node)
+        if power_cycle and not nd.disk.exists():
+            raise LabError(f"{node.name} has no disk to power-cycle; reset it without it")
         if nodes.stop_node(nd):
-            log(f"{node.name}: stopped")
-        nd.disk.unlink(missing_ok=True)
-        log(f"{node.name}: booting fresh ({node.variant}, ssh 127.0.0.1:{node.ssh_port})")
-        nodes.start_node(nd, images, fresh=True)
+            log(f"{node.name}: {'powered off' if power_cycle else 'stopped'}")
+        if power_cycle:
+            log(f"{node.name}: powering on (its disk kept, ssh 127.0.0.1:{node.ssh_port})")
+            nodes.start_node(nd, images, fresh=False)
+        else:
+            nd.disk.unlink(missing_ok=True)
+            log(f"{node.name}: booting fresh ({node.variant}, ssh 127.0.0.1:{node.ssh_port})")
+            nodes.start_node(nd, images, fresh=True)
         started.append(nd)
     took = nodes.wait_for_ssh(started, BOOT_TIMEOUT)
     for name, seconds in sorted(took.items()):
@@ -128,7 +140,10 @@ _STATE_PROBE = (
     "test -e /etc/apull -o -e /usr/bin/apulld -o -e /var/lib/apull "
     "-o -e /etc/containerd/config.toml.apull-orig "
     "-o -e /etc/containerd/config.toml.apull-orig.absent "
-    "&& echo deployed"
+    "&& echo deployed; "
+    # A disk-booted node that got a kernel package (deb or RPM) or a changed GRUB default.
+    "{ [ $(ls /boot/vmlinuz-* | wc -l) -gt 1 ] "
+    "|| [ -e /etc/default/grub.d/90-apull-boot-once.cfg ]; } && echo upgraded"
 )
 
 
@@ -142,7 +157,9 @@ def diverged(node: layout.LabNode) -> bool:
     installed = "install ok installed" in res.stdout
     has_updates = "updates" in res.stdout.split()
     deployed = "deployed" in res.stdout.split()
-    return installed or deployed or (node.variant != "stock" and not has_updates)
+    upgraded = "upgraded" in res.stdout.split()
+    stock = node.variant in ("stock", *layout.DISK_BOOTED)
+    return installed or deployed or upgraded or (not stock and not has_updates)
 
 
 def _known_nodes() -> list[nodes.NodeDir]:

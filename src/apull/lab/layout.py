@@ -31,9 +31,13 @@ REPO_NAME = "repo.lab"
 HOST_REPO_PORT = int(os.environ.get("APULL_LAB_REPO_PORT", "8081"))
 MAX_NODES = 8
 #: Lab node image variants: with rebuilt on-demand modules + fs_ctl, Debian's stock modules,
-#: on-demand with a Debian 11 userland (python3 3.9, glibc 2.31), or on-demand Debian 12
-#: arm64 (aarch64, under qemu-system-aarch64).
-VARIANTS = ("ondemand", "stock", "bullseye", "arm64")
+#: on-demand with a Debian 11 userland (python3 3.9, glibc 2.31), on-demand Debian 12 arm64
+#: (aarch64, under qemu-system-aarch64), or Debian 11 on its own stock 5.10 kernel, booted
+#: by GRUB from its disk.
+VARIANTS = ("ondemand", "stock", "bullseye", "arm64", "kernel510")
+#: Variants whose nodes boot through a boot loader on their disk (so that installing a kernel
+#: and rebooting really changes the kernel); the others boot QEMU's -kernel/-initrd.
+DISK_BOOTED = ("kernel510",)
 
 
 def variant_arch(variant: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from apull.lab import emulation, layout, processes
 from apull.lab.image import LabImages
+from apull.lab.package_repo import ISO_NAME
 from apull.lab.run import LabError, run_logged
 
 MEMORY_MB = 1024
@@ -134,6 +135,10 @@ _MACHINES: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
+#: The fw_cfg item a disk-booted node reads its identity from (the apull_lab.* arguments).
+IDENTITY_FW_CFG = "opt/apull_lab/cmdline"
+
+
 def node_machine(node: layout.LabNode) -> str:
     """The node's `uname -m`."""
     return emulation.MACHINES[layout.variant_arch(node.variant)]
@@ -142,14 +147,21 @@ def node_machine(node: layout.LabNode) -> str:
 def qemu_command(nd: NodeDir, images: LabImages) -> list[str]:
     node = nd.node
     binary, machine_options, console = _MACHINES[node_machine(node)]
-    kernel, initrd = images.boot_files(node.variant)
-    append = " ".join(
-        [
-            f"root=/dev/vda rw console={console} net.ifnames=0 quiet",
-            f"apull_lab.hostname={node.name}",
-            f"apull_lab.addr={node.lan_addr}/{layout.LAN_MASK_BITS}",
-        ]
+    identity = (
+        f"apull_lab.hostname={node.name} apull_lab.addr={node.lan_addr}/{layout.LAN_MASK_BITS}"
     )
+    boot_files = images.boot_files(node.variant)
+    if boot_files is None:
+        # GRUB on the disk picks the kernel and its command line; the node reads its identity
+        # from QEMU's firmware configuration instead (apull-lab-init). The lab's ISO (an OS
+        # DVD's layout, the kernel RPM on it) is in its CD-ROM drive, /dev/sr0.
+        iso = layout.repo_dir() / ISO_NAME
+        boot = ["-fw_cfg", f"name={IDENTITY_FW_CFG},string={identity}",
+                "-drive", f"file={iso},media=cdrom,readonly=on"]  # fmt: skip
+    else:
+        kernel, initrd = boot_files
+        append = f"root=/dev/vda rw console={console} net.ifnames=0 quiet {identity}"
+        boot = ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
     registry_fwd = (
         f"guestfwd=tcp:{layout.GUEST_REGISTRY_ADDR}:{layout.REGISTRY_PORT}"
         f"-cmd:socat - TCP:{layout.host_registry()}"
@@ -166,9 +178,7 @@ def qemu_command(nd: NodeDir, images: LabImages) -> list[str]:
         *machine_options,
         "-m", str(MEMORY_MB),
         "-smp", "1",
-        "-kernel", str(kernel),
-        "-initrd", str(initrd),
-        "-append", append,
+        *boot,
         "-drive", f"file={nd.disk},if=virtio,format=qcow2,discard=unmap",
         "-netdev", wan,
         "-device", "virtio-net-pci,netdev=wan",

@@ -5,18 +5,20 @@ In the field a node gets its new kernel as a package (an RPM from an EulerOS ISO
 repository), installed by the package manager, then a reboot. The lab reproduces that path
 for its stock nodes with one Debian package, apull-ondemand-modules-<abi>, which carries
 cachefiles.ko and erofs.ko rebuilt with fscache on-demand support plus the fs_ctl gate in
-/lib/modules/<abi>/updates/ (what the "ondemand" image has baked in). It is offered three ways:
+/lib/modules/<abi>/updates/ (what the "ondemand" image has baked in). For the nodes that
+change kernel release (kernel510) it also holds a whole kernel (see kernel_packages): the
+apull-lab-kernel .deb, the `kernel` RPM and a deliberately broken kernel. They are offered
+three ways:
 
-- out/repo/: a flat apt repository (Packages, Packages.gz, Release, the .deb), served over
-  HTTP on the host's loopback and forwarded into every node as http://repo.lab/
+- out/repo/: a flat apt repository (Packages, Packages.gz, Release, the .debs and the RPM),
+  served over HTTP on the host's loopback and forwarded into every node as http://repo.lab/
   (``deb [trusted=yes] http://repo.lab/ ./``);
-- out/apull-lab-modules.iso: the same directory as an ISO image, for the loop-mounted ISO
-  path (``deb [trusted=yes] file:/media/apull-iso ./``);
-- out/repo/<name>_<version>_amd64.deb: the package file itself.
+- out/apull-lab.iso, laid out like an OS DVD: Packages/ and repodata/ (the RPMs and their
+  dnf repository, made by createrepo_c) at its root, the apt repository in debian/;
+- out/repo/<file>: the package files themselves.
 
-The .deb is built with the host's dpkg-deb (dpkg is Essential on the Debian host the lab
-needs anyway); the index is written here from ``dpkg-deb -f``; the ISO is made by xorriso in
-the modules' build chroot, so the host needs no new package.
+The .debs are built with the host's dpkg-deb, the RPM with rpmbuild, the apt index is
+written here from ``dpkg-deb -f``, the ISO is made by xorriso.
 """
 
 from __future__ import annotations
@@ -32,21 +34,21 @@ import sys
 import time
 from pathlib import Path
 
-from apull.lab import layout, processes
-from apull.lab.modules import MODULES, chroot_mounts, in_chroot
+from apull.lab import kernel_packages, layout, processes
+from apull.lab.modules import MODULES
 from apull.lab.run import LabError, Log, run_logged, tail
 
 ARCH = "amd64"
 #: Appended to the Debian kernel version: the package's own revision.
 REVISION = "+apull1"
-ISO_NAME = "apull-lab-modules.iso"
+ISO_NAME = "apull-lab.iso"
+#: Where the apt repository sits on the ISO (the RPMs' Packages/ and repodata/ are at its root).
+ISO_APT_DIR = "debian"
 ISO_VOLUME = "APULL_LAB"
 CONFFILE = "etc/modules-load.d/apull-fs-ctl.conf"
 STAMP = ".apull-stamp"
 #: Bump when the way the repository is laid out changes (the stamp then differs).
-FORMAT = "1"
-#: Where the ISO is made inside the build chroot.
-CHROOT_WORK = "/var/tmp/apull-repo"
+FORMAT = "2"
 MAINTAINER = "apull lab <apull-lab@localhost>"
 
 
@@ -107,42 +109,59 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _stamp_key(modules_dir: Path, abi: str, source_version: str) -> str:
+def _stamp_key(
+    modules_dir: Path, abi: str, source_version: str, kernel: kernel_packages.KernelSource | None
+) -> str:
     h = hashlib.sha256()
     parts = [FORMAT, abi, source_version, _control(abi, source_version, 0), CONFFILE]
     parts += [f"{name}\n{text}" for name, text in sorted(_scripts(abi).items())]
     parts += [f"{m} {_sha256(modules_dir / m)}" for m in MODULES]
+    if kernel is not None:
+        vmlinuz = kernel.root / "boot" / f"vmlinuz-{kernel.abi}"
+        parts += [kernel.abi, kernel.source_version, _sha256(vmlinuz)]
+        parts += [_sha256(Path(kernel_packages.__file__))]
     for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
 
 
-def _outputs(out: Path, abi: str, source_version: str) -> list[Path]:
+def _outputs(
+    out: Path, abi: str, source_version: str, kernel: kernel_packages.KernelSource | None
+) -> list[Path]:
     repo = out / "repo"
     deb = repo / deb_filename(abi, source_version)
-    return [deb, repo / "Packages", repo / "Packages.gz", repo / "Release", out / ISO_NAME]
+    outputs = [deb, repo / "Packages", repo / "Packages.gz", repo / "Release", out / ISO_NAME]
+    if kernel is not None:
+        outputs.append(repo / kernel_packages.rpm_filename(kernel))
+    return outputs
 
 
 def build_repo(
-    buildroot: Path, modules_dir: Path, abi: str, source_version: str, out: Path, log: Log
+    modules_dir: Path,
+    abi: str,
+    source_version: str,
+    out: Path,
+    log: Log,
+    kernel: kernel_packages.KernelSource | None = None,
 ) -> Path:
-    """Build the package, the repository out/repo/ and out/apull-lab-modules.iso.
+    """Build the packages, the repository out/repo/ and the ISO out/apull-lab.iso; with
+    `kernel`, the whole-kernel packages too.
 
-    Returns out/repo. A second call with the same modules, abi and version returns at once.
+    Returns out/repo. A second call with the same inputs returns at once.
     """
     missing = [m for m in MODULES if not (modules_dir / m).is_file()]
     if missing:
         raise LabError(f"{modules_dir} lacks {', '.join(missing)}; build the modules first")
     out.mkdir(parents=True, exist_ok=True)
-    key = _stamp_key(modules_dir, abi, source_version)
+    key = _stamp_key(modules_dir, abi, source_version, kernel)
     stamp = out / STAMP
     with (out / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (
             stamp.is_file()
             and stamp.read_text() == key
-            and all(p.is_file() for p in _outputs(out, abi, source_version))
+            and all(p.is_file() for p in _outputs(out, abi, source_version, kernel))
         ):
             log(f"package repository {out / 'repo'} is up to date")
             return out / "repo"
@@ -150,15 +169,24 @@ def build_repo(
         stamp.unlink(missing_ok=True)
         log_file = out / "build.log"
         log_file.write_text(f"# {package_name(abi)} {package_version(source_version)}\n")
-        log(f"building {package_name(abi)} {package_version(source_version)}; log in {log_file}")
+        what = package_name(abi) + (" and the kernel packages" if kernel else "")
+        log(f"building {what}; log in {log_file}")
         work = out / ".build"
         shutil.rmtree(work, ignore_errors=True)
         repo = work / "repo"
         repo.mkdir(parents=True)
-        deb = repo / deb_filename(abi, source_version)
-        _build_deb(work / "pkg", deb, modules_dir, abi, source_version, log_file)
-        _write_index(repo, deb)
-        _make_iso(buildroot, modules_dir, repo, work / ISO_NAME, log_file)
+        debs = [repo / deb_filename(abi, source_version)]
+        _build_deb(work / "pkg", debs[0], modules_dir, abi, source_version, log_file)
+        rpms: list[Path] = []
+        if kernel is not None:
+            tree = work / "kernel-tree"
+            kernel_packages.kernel_tree(kernel, tree)
+            debs.append(kernel_packages.build_kernel_deb(kernel, tree, repo, log_file))
+            debs.append(kernel_packages.build_broken_deb(kernel, work, repo, log_file))
+            rpms.append(kernel_packages.build_kernel_rpm(kernel, tree, work, repo, log_file))
+            shutil.rmtree(tree)
+        _write_index(repo, debs)
+        _make_iso(repo, debs, rpms, work, log_file)
         _replace(out, work)
         shutil.rmtree(work, ignore_errors=True)
         stamp.write_text(key)
@@ -232,9 +260,9 @@ def packages_stanza(deb: Path, filename: str) -> str:
     return "".join(f"{name}: {value}\n" for name, value in ordered) + "\n"
 
 
-def _write_index(repo: Path, deb: Path) -> None:
-    """Packages, Packages.gz and Release of a flat repository holding deb."""
-    packages = packages_stanza(deb, f"./{deb.name}").encode()
+def _write_index(repo: Path, debs: list[Path]) -> None:
+    """Packages, Packages.gz and Release of a flat repository holding debs."""
+    packages = "".join(packages_stanza(deb, f"./{deb.name}") for deb in debs).encode()
     (repo / "Packages").write_bytes(packages)
     with (
         (repo / "Packages.gz").open("wb") as raw,
@@ -257,40 +285,22 @@ def _write_index(repo: Path, deb: Path) -> None:
     (repo / "Release").write_text("\n".join(lines) + "\n")
 
 
-def _ensure_xorriso(buildroot: Path, log_file: Path) -> None:
-    if (buildroot / "usr/bin/xorriso").exists():
-        return
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "xorriso"]
-    with chroot_mounts(buildroot, log_file):
-        try:
-            in_chroot(buildroot, install, log_file, "installing xorriso in the chroot")
-        except LabError:
-            # The chroot's package lists may be older than the mirror.
-            in_chroot(buildroot, ["apt-get", "update"], log_file, "apt-get update in the chroot")
-            in_chroot(buildroot, install, log_file, "installing xorriso in the chroot")
-        in_chroot(buildroot, ["apt-get", "clean"], log_file, "apt-get clean in the chroot")
-
-
-def _make_iso(buildroot: Path, modules_dir: Path, repo: Path, iso: Path, log_file: Path) -> None:
-    """xorriso, in the build chroot, makes an ISO 9660 (Rock Ridge + Joliet) image of repo."""
-    if not (buildroot / "usr/bin").is_dir():
-        raise LabError(f"no build chroot at {buildroot}; build the modules first")
-    # The modules build holds this lock while it (re)creates the chroot.
-    with (modules_dir.parent / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _ensure_xorriso(buildroot, log_file)
-        work = buildroot / CHROOT_WORK.lstrip("/")
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(repo, work / "repo")
-        try:
-            cmd = [
-                "xorriso", "-as", "mkisofs", "-r", "-J", "-V", ISO_VOLUME,
-                "-o", f"{CHROOT_WORK}/{ISO_NAME}", f"{CHROOT_WORK}/repo",
-            ]  # fmt: skip
-            in_chroot(buildroot, cmd, log_file, "xorriso")
-            shutil.copyfile(work / ISO_NAME, iso)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+def _make_iso(repo: Path, debs: list[Path], rpms: list[Path], work: Path, log_file: Path) -> None:
+    """An ISO 9660 (Rock Ridge + Joliet) image laid out like an OS DVD: the RPMs in Packages/
+    with their dnf repository in repodata/ (createrepo_c), the apt repository in debian/."""
+    dvd = work / "dvd"
+    (dvd / ISO_APT_DIR).mkdir(parents=True)
+    for path in [*debs, repo / "Packages", repo / "Packages.gz", repo / "Release"]:
+        os.link(path, dvd / ISO_APT_DIR / path.name)
+    if rpms:
+        (dvd / "Packages").mkdir()
+        for rpm in rpms:
+            os.link(rpm, dvd / "Packages" / rpm.name)
+        run_logged(["createrepo_c", "--quiet", dvd], log_file, "createrepo_c")
+    cmd: list[str | Path] = ["xorriso", "-as", "mkisofs", "-r", "-J", "-V", ISO_VOLUME]
+    cmd += ["-o", work / ISO_NAME, dvd]
+    run_logged(cmd, log_file, "xorriso")
+    shutil.rmtree(dvd)
 
 
 def _replace(out: Path, work: Path) -> None:
