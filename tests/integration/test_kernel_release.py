@@ -9,6 +9,8 @@ no fscache on-demand support):
   next one;
 - the ISO path: the role mounts the ISO in the node's CD-ROM drive, dnf installs the `kernel`
   RPM from it (--repofrompath), the ISO is unmounted, the old kernel stays in the boot menu;
+- the files source: a package file on the controller, copied, installed, the copy removed;
+- check mode: the package, its source and the reboot are named, nothing changes;
 - `make all` (playbooks/site.yml): the node reboots once into the new release, the
   `bind ondemand` probe is accepted, the stack is deployed and a converted image runs lazily;
   a second run changes nothing and reboots nothing.
@@ -77,6 +79,39 @@ def untouched(node: layout.LabNode, boot: str) -> None:
     assert release(node) == OLD
     assert kernels(node) == [OLD], f"{node.name} got a kernel"
     assert run_on(node, "test -e /etc/default/grub.d/90-apull-boot-once.cfg").returncode == 1
+
+
+def fresh(node: layout.LabNode) -> None:
+    """The node as its variant boots (an earlier test may have upgraded it)."""
+    if lab_control.diverged(node):
+        reset_nodes([node])
+
+
+def test_check_mode_names_the_package_its_source_and_the_reboot_and_changes_nothing(k510):
+    first = k510[0]
+    fresh(first)
+    boot = boot_id(first)
+    env = grubenv(first)
+    repo = apull("run", "kernel", "--no-lab", "--limit", first.name, "--check", "--diff")
+    assert repo.returncode == 0, repo.stdout[-3000:]
+    assert (
+        "would install apull-lab-kernel from the repository deb [trusted=yes] http://repo.lab/ ./"
+        f" with apt, then reboot into it once (GRUB keeps {OLD} as the default"
+    ) in " ".join(repo.stdout.split())
+    # The GRUB settings it would change, as a diff.
+    assert "+++ after: /etc/default/grub.d/90-apull-boot-once.cfg" in repo.stdout
+    assert "+GRUB_DEFAULT=saved" in repo.stdout
+    iso = apull(
+        "run", "kernel", "--no-lab", "--limit", first.name, "--check",
+        "-e", "kernel_source=iso", "-e", "kernel_package_manager=dnf",
+        "-e", json.dumps({"kernel_packages": ["kernel"]}),
+    )  # fmt: skip
+    assert iso.returncode == 0, iso.stdout[-3000:]
+    assert "would install kernel from the ISO /dev/sr0 mounted on /media/apull-iso with dnf" in (
+        " ".join(iso.stdout.split())
+    )
+    untouched(first, boot)
+    assert grubenv(first) == env
 
 
 def test_a_broken_kernel_stops_the_rollout_and_a_power_cycle_brings_the_old_one_back(k510):
@@ -172,11 +207,31 @@ def test_the_iso_path_installs_the_rpm_with_dnf_and_keeps_the_old_kernel(k510):
     assert f"gnulinux-{new}-advanced-" in grubenv(second)["saved_entry"]
 
 
+def test_the_files_source_installs_a_package_file_from_the_controller(k510):
+    third = k510[2]
+    fresh(third)
+    debs = sorted((layout.repo_dir() / "repo").glob("apull-lab-kernel_*_amd64.deb"))
+    assert len(debs) == 1, debs
+    started = time.monotonic()
+    result = apull(
+        "run", "kernel", "--no-lab", "--limit", third.name,
+        "-e", json.dumps({"kernel_source": "files", "kernel_package_files": [str(debs[0])]}),
+    )  # fmt: skip
+    print(f"files-source kernel upgrade of {third.name}: {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert release(third).startswith("6.1.")
+    assert ondemand_accepted(third)
+    status = run_on(third, "dpkg-query -W -f='${Status}' apull-lab-kernel").stdout
+    assert status == "install ok installed"
+    assert run_on(third, "test -e /var/tmp/apull-kernel").returncode == 1, "staged copy left"
+
+
 def test_make_all_moves_stock_510_nodes_to_the_new_release_then_changes_nothing(k510):
-    first, second, third = k510
-    stale = [n for n in (first, third) if lab_control.diverged(n)]
-    if stale:
-        reset_nodes(stale)
+    first = k510[0]
+    fresh(first)
+    # Nodes the ISO and files tests upgraded already: make all must leave their kernel alone.
+    upgraded = {n.name for n in k510 if release(n) != OLD}
+    assert first.name not in upgraded
     before = {n.name: boot_id(n) for n in k510}
     started = time.monotonic()
     result = apull("run", "site", "--no-lab", timeout=5400)
@@ -185,13 +240,12 @@ def test_make_all_moves_stock_510_nodes_to_the_new_release_then_changes_nothing(
     out = result.stdout
     assert result.returncode == 0, out[-4000:]
     print(out[-2500:])
-    for node in (first, third):
-        assert boot_id(node) != before[node.name], f"{node.name} was not rebooted"
+    for node in k510:
         assert release(node).startswith("6.1."), node.name
         assert ondemand_accepted(node), node.name
         assert f"gnulinux-{release(node)}-advanced-" in grubenv(node)["saved_entry"]
-    assert boot_id(second) == before[second.name], "an upgraded node was rebooted again"
-    for node in k510:
+        rebooted = boot_id(node) != before[node.name]
+        assert rebooted == (node.name not in upgraded), (node.name, upgraded)
         plugins = run_on(node, "ctr plugins ls").stdout
         assert re.search(r"^io\.containerd\.snapshotter\.v1\s+apull\s+\S+\s+ok\s*$", plugins, re.M)
     run_lazily(first, push_and_convert("amd64"), "lazy-510")

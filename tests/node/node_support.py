@@ -7,9 +7,27 @@ python3.9 in a build root, where only apull_node and its bundled dependencies ex
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+#: The collection's modules: the ones that run on nodes are tested here, under 3.9 too.
+MODULES = (
+    Path(__file__).resolve().parents[2]
+    / "collections/ansible_collections/apull/deploy/plugins/modules"
+)
+
+
+def ansible_module(path: Path) -> ModuleType:
+    """One of the collection's module files, imported as a Python module of its own."""
+    spec = importlib.util.spec_from_file_location(f"apull_module_{path.stem}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def stdlib_names() -> frozenset[str]:

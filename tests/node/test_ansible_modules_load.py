@@ -4,27 +4,20 @@ make unit-py39 that is Debian 11's 3.9, under make unit-py39-arm64 the same on a
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from node_support import MODULES, ansible_module
 
-MODULES = (
-    Path(__file__).resolve().parents[2] / "collections/ansible_collections/apull/deploy/plugins"
-    / "modules"
-)  # fmt: skip
 ON_NODE = sorted(p for p in MODULES.glob("*.py") if "AnsibleModule(" in p.read_text())
 
 
 def test_the_node_side_modules_are_the_ones_expected() -> None:
-    assert [p.stem for p in ON_NODE] == ["fs_ctl", "kernel_modules", "node_facts"]
+    assert [p.stem for p in ON_NODE] == ["boot_loader", "fs_ctl", "kernel_modules", "node_facts"]
 
 
 @pytest.mark.parametrize("path", ON_NODE, ids=lambda p: p.stem)
 def test_a_node_side_module_loads(path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(f"apull_module_{path.stem}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = ansible_module(path)
     assert callable(module.main)
     assert module.DOCUMENTATION.lstrip().startswith("---")

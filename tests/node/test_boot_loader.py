@@ -5,17 +5,11 @@ module against the real GRUB (make integration-kernel)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-MODULE = (
-    Path(__file__).resolve().parents[2]
-    / "collections/ansible_collections/apull/deploy/plugins/modules/boot_loader.py"
-)
-spec = importlib.util.spec_from_file_location("boot_loader", MODULE)
-assert spec and spec.loader
-bl = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bl)
+from node_support import MODULES, ansible_module
+
+bl = ansible_module(MODULES / "boot_loader.py")
 
 GRUB_CFG = (Path(__file__).parent / "fixtures/grub-debian11.cfg").read_text()
 UUID = "70503b99-5d63-4b03-a502-1b3a32f319dc"

@@ -5,28 +5,20 @@ ping, its --check-backend), and its registry check against a real local HTTP ser
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
+from node_support import MODULES, ansible_module
 from test_apulld_api import Daemon
 
 from apull_node.daemon.backend import NodePaths, choose_backend, probe_file
 
-MODULE = (
-    Path(__file__).resolve().parents[2]
-    / "collections/ansible_collections/apull/deploy/plugins/modules/node_facts.py"
-)
-spec = importlib.util.spec_from_file_location("node_facts", MODULE)
-assert spec and spec.loader
-nf = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(nf)
+nf = ansible_module(MODULES / "node_facts.py")
 
 PARAMS = {
     "block_size": 4096,

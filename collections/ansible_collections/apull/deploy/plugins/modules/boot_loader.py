@@ -131,7 +131,7 @@ def release_of(image):
     name = image.rsplit("/", 1)[-1]
     for prefix in ("vmlinuz-", "vmlinux-", "Image-"):
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return None
 
 
@@ -293,6 +293,17 @@ class BootLoader:
                 msg="%s: %s failed (rc %d): %s" % (step, " ".join(argv), rc, (err or out).strip())
             )
 
+    def set(self, env, key, entry, step, result, diffs):
+        """Make GRUB's `key` entry (saved_entry: grub-set-default, next_entry: grub-reboot)
+        `entry` unless it is already, recording the change and its diff in result/diffs."""
+        default = key == "saved_entry"
+        if env.get(key) != entry:
+            result["changed"] = True
+            diffs.append(env_diff(self, key, env, entry))
+            if not self.module.check_mode:
+                self.run([self.tools["set_default" if default else "reboot"], entry], step)
+        result["default_entry" if default else "next_entry"] = entry
+
     def entry(self, release, step):
         path = entry_for(self.entries(), release)
         if path is None:
@@ -345,7 +356,7 @@ def main():
             "/boot/grub/grub.cfg and grub2-reboot with /boot/grub2/grub.cfg); nothing was "
             "changed. Set kernel_boot_once: false to reboot into whatever the node's boot "
             "loader picks, with no fallback.",
-            **result
+            **result,
         )
     env = loader.env()
     result["default_entry"] = env.get("saved_entry", "")
@@ -358,8 +369,9 @@ def main():
         if setting is not None:
             path, text, old = setting
             result["changed"] = True
-            diffs.append({"before_header": path, "after_header": path, "before": old,
-                          "after": text})
+            diffs.append(
+                {"before_header": path, "after_header": path, "before": old, "after": text}
+            )
             if not module.check_mode:
                 with open(path, "w") as handle:
                     handle.write(text)
@@ -368,16 +380,13 @@ def main():
             # The configuration was not regenerated: its entries may change.
             wanted = entry_for(loader.entries(), running) if setting is None else None
             wanted = wanted or "<the entry of %s after %s>" % (
-                running, " ".join(loader.tools["mkconfig"]))
+                running,
+                " ".join(loader.tools["mkconfig"]),
+            )
         else:
             wanted = loader.entry(running, "pinning the running kernel")
         result["release"], result["entry"] = running, wanted
-        if env.get("saved_entry") != wanted:
-            result["changed"] = True
-            diffs.append(env_diff(loader, "saved_entry", env, wanted))
-            if not module.check_mode:
-                loader.run([loader.tools["set_default"], wanted], "pinning the running kernel")
-            result["default_entry"] = wanted
+        loader.set(env, "saved_entry", wanted, "pinning the running kernel", result, diffs)
     elif state == "once":
         release = module.params["release"]
         if not release:
@@ -386,29 +395,20 @@ def main():
                 module.fail_json(
                     msg="several kernels were installed (%s); set kernel_expected_release to the "
                     "one to boot" % ", ".join(new),
-                    **result
+                    **result,
                 )
             release = new[0] if new else ""
         if release and release != running:
             entry = loader.entry(release, "booting the new kernel once")
             result["release"], result["entry"] = release, entry
-            if env.get("next_entry") != entry:
-                result["changed"] = True
-                diffs.append(env_diff(loader, "next_entry", env, entry))
-                if not module.check_mode:
-                    loader.run([loader.tools["reboot"], entry], "booting the new kernel once")
-            result["next_entry"] = entry
+            loader.set(env, "next_entry", entry, "booting the new kernel once", result, diffs)
     elif state == "default":
         release = module.params["release"] or running
         entry = loader.entry(release, "making the verified kernel the default")
         result["release"], result["entry"] = release, entry
-        if env.get("saved_entry") != entry:
-            result["changed"] = True
-            diffs.append(env_diff(loader, "saved_entry", env, entry))
-            if not module.check_mode:
-                loader.run([loader.tools["set_default"], entry],
-                           "making the verified kernel the default")
-            result["default_entry"] = entry
+        loader.set(
+            env, "saved_entry", entry, "making the verified kernel the default", result, diffs
+        )
     if diffs and module._diff:
         result["diff"] = diffs
     module.exit_json(**result)
