@@ -155,7 +155,7 @@ KERNEL_LAB := APULL_CONFIG=$(abspath $(KERNEL_CONFIG)) \
 	APULL_LAB_SSH_PORT_BASE=2420 APULL_LAB_REGISTRY_PORT=5200 APULL_LAB_REPO_PORT=8281
 integration-kernel: deps venv ## stock 5.10 nodes booted by GRUB: release change, ISO/RPM, broken kernel
 	$(KERNEL_LAB) $(APULL) lab up
-	$(KERNEL_LAB) $(BIN)/pytest -q tests/integration/test_kernel_release.py
+	$(KERNEL_LAB) $(BIN)/pytest -q -rP tests/integration/test_kernel_release.py
 
 # What does not fit CI's time: test, then the tiers too slow for it.
 test-all: test unit-py39-arm64 integration-platforms integration-kernel ## make test, plus arm64, Debian 11 and 5.10 nodes
