@@ -123,7 +123,7 @@ def test_check_diff_reports_the_upgrade_and_changes_nothing(lab, stock):
     assert result.returncode == 0, out[-3000:]
     assert (
         "would install apull-ondemand-modules-6.1.0-50-amd64 from the repository "
-        "deb [trusted=yes] http://repo.lab/ ./ with apt, then reboot\""
+        'deb [trusted=yes] http://repo.lab/ ./ with apt, then reboot"'
     ) in out
     assert re.search(rf"^{stock.name}\s.*would change", out, re.M)
     assert {n.name: boot_id(n) for n in lab} == before
