@@ -31,8 +31,7 @@ class UpReport:
 
 def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
     started = time.monotonic()
-    variants = frozenset(n.variant for n in wanted)
-    images = build_images(log, variants)
+    images = build_images(log, frozenset(n.variant for n in wanted))
     build_package_repo(images, log)
     build_seconds = time.monotonic() - started
     layout.state_dir().mkdir(parents=True, exist_ok=True)
@@ -118,13 +117,10 @@ def reset(
             raise LabError(f"{node.name} has no disk to power-cycle; reset it without it")
         if nodes.stop_node(nd):
             log(f"{node.name}: {'powered off' if power_cycle else 'stopped'}")
-        if power_cycle:
-            log(f"{node.name}: powering on (its disk kept, ssh 127.0.0.1:{node.ssh_port})")
-            nodes.start_node(nd, images, fresh=False)
-        else:
-            nd.disk.unlink(missing_ok=True)
-            log(f"{node.name}: booting fresh ({node.variant}, ssh 127.0.0.1:{node.ssh_port})")
-            nodes.start_node(nd, images, fresh=True)
+        how = "powering on (its disk kept" if power_cycle else f"booting fresh ({node.variant}"
+        log(f"{node.name}: {how}, ssh 127.0.0.1:{node.ssh_port})")
+        # A fresh start makes the disk overlay anew; a power cycle boots the one it has.
+        nodes.start_node(nd, images, fresh=not power_cycle)
         started.append(nd)
     took = nodes.wait_for_ssh(started, BOOT_TIMEOUT)
     for name, seconds in sorted(took.items()):
