@@ -22,7 +22,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
-	integration-kernel molecule \
+	integration-kernel integration-kube deps-kube molecule \
 	bundle sync-bin clean convert bench
 
 help: ## list the targets
@@ -157,5 +157,25 @@ integration-kernel: deps venv ## stock 5.10 nodes booted by GRUB: release change
 	$(KERNEL_LAB) $(APULL) lab up
 	$(KERNEL_LAB) $(BIN)/pytest -q -rP tests/integration/test_kernel_release.py
 
+# A real Kubernetes cluster over three lab nodes (tests/integration/kube.txt): the control
+# plane on the lab network (in a network namespace of its own), a kubelet on every node.
+# Its binaries are built once from Debian's kubernetes source into the image cache.
+KUBE_HOST_PACKAGES := golang-go golang-github-modern-go-reflect2-dev etcd-server rsync dpkg-dev
+KUBE_CONFIG := tests/integration/kube.txt
+KUBE_LAB := APULL_CONFIG=$(abspath $(KUBE_CONFIG)) \
+	APULL_LAB_STATE=$(or $(APULL_LAB_STATE),/var/lib/apull-lab)-kube \
+	APULL_LAB_SSH_PORT_BASE=2440 APULL_LAB_REGISTRY_PORT=5300 APULL_LAB_REPO_PORT=8381 \
+	APULL_LAB_KUBE_PORT=6453
+deps-kube: deps ## the Debian packages the lab's Kubernetes build and control plane need
+	@missing=$$(for p in $(KUBE_HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+integration-kube: deps-kube venv ## a real Kubernetes cluster over the lab: nodes Ready, pods run
+	$(KUBE_LAB) $(APULL) lab up
+	$(KUBE_LAB) $(BIN)/pytest -q -rP tests/integration/test_kube_cluster.py
+
 # What does not fit CI's time: test, then the tiers too slow for it.
-test-all: test unit-py39-arm64 integration-platforms integration-kernel ## make test, plus arm64, Debian 11 and 5.10 nodes
+test-all: test unit-py39-arm64 integration-platforms integration-kernel integration-kube ## make test, plus arm64, Debian 11, 5.10 nodes and Kubernetes

@@ -90,12 +90,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return 2
     if args.action == "reset":
         return _reset(lab_nodes(cfg), args.nodes, args.if_changed, args.power_cycle)
-    report = lab.up(lab_nodes(cfg), _log)
+    report = lab.up(lab_nodes(cfg), _log, kubernetes=cfg.lab_kubernetes)
     _log(
         f"lab up: images ready in {report.build_seconds:.0f} s, "
         f"booted {len(report.booted)} node(s) in {report.boot_seconds:.0f} s, "
         f"{len(report.kept)} already running"
     )
+    if report.cluster is not None:
+        slowest = max(report.cluster.ready_seconds.values(), default=0.0)
+        _log(
+            f"lab up: Kubernetes control plane ready in "
+            f"{report.cluster.control_plane_seconds:.0f} s, every node Ready "
+            f"{slowest:.0f} s after the cluster step began"
+        )
     return _print_lab_status()
 
 
@@ -131,23 +138,41 @@ def _print_lab_status() -> int:
     from apull.lab import lab
 
     rows, registry_up = lab.status()
+    kube = lab.kube_status()
     table = Table(title="apull lab", title_justify="left")
-    for column in ("node", "variant", "qemu", "ssh", "kernel", "containerd", "uptime"):
+    columns = ["node", "variant", "qemu", "ssh", "kernel", "containerd", "uptime"]
+    for column in columns + (["kubernetes"] if kube is not None else []):
         table.add_column(column)
     for row in rows:
-        table.add_row(
+        cells = [
             row.name, row.variant,
             "running" if row.running else "[red]stopped",
             f"127.0.0.1:{row.ssh_port}" + ("" if row.reachable else " [red](no answer)"),
             row.kernel, row.containerd, row.uptime,
-        )  # fmt: skip
+        ]  # fmt: skip
+        if kube is not None:
+            cells.append(_ready_cell(kube.nodes.get(row.name)) if kube.api_up else "-")
+        table.add_row(*cells)
     out.print(table)
     out.print(
         f"registry {layout.host_registry()} (nodes: {layout.guest_registry()}): "
         + ("up" if registry_up else "down")
     )
     healthy = registry_up and rows and all(r.reachable for r in rows)
+    if kube is not None:
+        out.print(
+            f"kubernetes apiserver {kube.url}: "
+            + ("up" if kube.api_up else f"[red]down[/red] ({kube.error})")
+            + f"; kubeconfig {layout.admin_kubeconfig()}"
+        )
+        healthy = healthy and kube.api_up and all(kube.nodes.get(r.name) == "True" for r in rows)
     return 0 if healthy else 1
+
+
+def _ready_cell(ready: str | None) -> str:
+    if ready is None:
+        return "[red]not registered"
+    return "Ready" if ready == "True" else f"[red]NotReady ({ready})"
 
 
 def _use_mitogen(env: dict[str, str], cfg: ClusterConfig) -> None:
@@ -186,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.target == "lab" and not args.no_lab:
         from apull.lab import lab
 
-        lab.up(lab_nodes(cfg), _log)
+        lab.up(lab_nodes(cfg), _log, kubernetes=cfg.lab_kubernetes)
     return run_playbook(cfg, args.playbook, args.ansible_args)
 
 
@@ -215,7 +240,7 @@ def cmd_sync_bin(args: argparse.Namespace) -> int:
     if cfg.target == "lab" and not args.no_lab:
         from apull.lab import lab
 
-        lab.up(lab_nodes(cfg), _log)
+        lab.up(lab_nodes(cfg), _log, kubernetes=cfg.lab_kubernetes)
     return sync_bin(
         cfg,
         rollback=args.rollback,

@@ -43,6 +43,7 @@ KNOWN_KEYS = (
     "LAB_BULLSEYE_NODES",
     "LAB_ARM64_NODES",
     "LAB_KERNEL510_NODES",
+    "LAB_KUBERNETES",
     "REGISTRY",
     "REGISTRY_INSECURE",
 )
@@ -56,6 +57,7 @@ _LAB_ONLY_KEYS = (
     "LAB_BULLSEYE_NODES",
     "LAB_ARM64_NODES",
     "LAB_KERNEL510_NODES",
+    "LAB_KUBERNETES",
 )
 #: Which key puts a lab node in which image variant (the rest are "ondemand").
 _LAB_VARIANT_KEYS = (
@@ -131,6 +133,8 @@ class ClusterConfig:
     registry_insecure: bool
     nodes: tuple[Node, ...]
     warnings: tuple[str, ...]
+    #: The lab runs a Kubernetes cluster over its nodes (LAB_KUBERNETES=yes).
+    lab_kubernetes: bool = False
 
     def secret(self, key: str) -> Secret | None:
         """The value of the secret config key ``key`` (one of :data:`SECRET_KEYS`)."""
@@ -354,7 +358,11 @@ class _Parser:
             ssh_key = self.existing_file("SSH_KEY")
             ssh_port = self.port("SSH_PORT")
             nodes = self.server_nodes(ssh_user, ssh_port)
+        kubernetes = lab and self.bool("LAB_KUBERNETES", False)
         kubeconfig = self.existing_file("KUBECONFIG_PATH")
+        if kubernetes and not self.get("KUBECONFIG_PATH"):
+            # The lab writes its cluster-admin kubeconfig when it brings the cluster up.
+            kubeconfig = layout.admin_kubeconfig()
         registry = self.registry(layout.guest_registry() if lab else "")
         insecure = self.bool("REGISTRY_INSECURE", lab)
         if self.problems:
@@ -372,6 +380,7 @@ class _Parser:
             registry_insecure=insecure,
             nodes=tuple(nodes),
             warnings=tuple(self.warnings),
+            lab_kubernetes=kubernetes,
         )
 
     def read_entries(self, text: str) -> None:

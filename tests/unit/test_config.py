@@ -221,6 +221,39 @@ def test_kubeconfig_missing_file(tmp_path: Path) -> None:
     assert line == f"{tmp_path / 'config.txt'}:2: KUBECONFIG_PATH: no such file: /nonexistent/kube"
 
 
+def test_lab_kubernetes_defaults_kubeconfig_to_the_labs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APULL_LAB_STATE", str(tmp_path / "state"))
+    cfg = load(tmp_path, "SSH_USER=root\nLAB_KUBERNETES=yes\n")
+    assert cfg.lab_kubernetes is True
+    # Not there yet: the lab writes it when it brings the cluster up.
+    assert cfg.kubeconfig_path == tmp_path / "state" / "kubernetes" / "admin.kubeconfig"
+    assert cfg.kubeconfig_path == layout.admin_kubeconfig()
+
+
+def test_lab_kubernetes_keeps_an_explicit_kubeconfig(tmp_path: Path) -> None:
+    (tmp_path / "kube.yaml").write_text("")
+    cfg = load(tmp_path, "SSH_USER=root\nLAB_KUBERNETES=1\nKUBECONFIG_PATH=kube.yaml\n")
+    assert (cfg.lab_kubernetes, cfg.kubeconfig_path) == (True, tmp_path / "kube.yaml")
+
+
+def test_lab_kubernetes_off_by_default_and_ignored_for_servers(tmp_path: Path) -> None:
+    assert load(tmp_path, "SSH_USER=root\n").lab_kubernetes is False
+    cfg = load(tmp_path, f"{SERVERS}NODES=a\nLAB_KUBERNETES=yes\n")
+    assert cfg.lab_kubernetes is False
+    assert cfg.kubeconfig_path is None
+    assert any("LAB_KUBERNETES" in w for w in cfg.warnings), cfg.warnings
+
+
+def test_lab_kubernetes_bad_bool(tmp_path: Path) -> None:
+    line = only_problem(tmp_path, "SSH_USER=root\nLAB_KUBERNETES=maybe\n")
+    assert line == (
+        f"{tmp_path / 'config.txt'}:2: LAB_KUBERNETES: expected true/false (or yes/no, 1/0), "
+        "not 'maybe'"
+    )
+
+
 @pytest.mark.parametrize("value", ["yes", "True", "1", "no", "FALSE", "0"])
 def test_registry_insecure_bool(tmp_path: Path, value: str) -> None:
     cfg = load(tmp_path, f"SSH_USER=root\nREGISTRY_INSECURE={value}\n")

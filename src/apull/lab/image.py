@@ -22,11 +22,12 @@ from apull.lab.run import LabError, Log, run_logged
 
 SUITE = "bookworm"
 #: What every node has: systemd, sshd, containerd + runc, Python (and python3-apt) for
-#: Ansible, EROFS tools, sudo for non-root operators.
+#: Ansible, EROFS tools, sudo for non-root operators, and what a kubelet needs beside them
+#: (CNI plugins, iptables) when the lab runs Kubernetes.
 PACKAGES = (
     "systemd,systemd-sysv,dbus,udev,kmod,openssh-server,containerd,runc,linux-image-amd64,"
     "initramfs-tools,iproute2,procps,netbase,erofs-utils,ca-certificates,python3,psmisc,"
-    "fuse3,iputils-ping,sudo,python3-apt"
+    "fuse3,iputils-ping,sudo,python3-apt,containernetworking-plugins,iptables"
 )
 #: The `bullseye` variant: a Debian 11 userland (glibc 2.31, python3.9, as RHEL 9 and
 #: openEuler 22.03 nodes have) booted on the lab's bookworm kernel with the on-demand

@@ -4,12 +4,22 @@ everything that runs, `status` tells what is there."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from apull.lab import kernel_packages, layout, nodes, package_repo, registry, test_image
+from apull.lab import (
+    kernel_packages,
+    kube_cluster,
+    kube_control,
+    layout,
+    nodes,
+    package_repo,
+    registry,
+    test_image,
+)
 from apull.lab.image import LabImages, build_images, ensure_rootfs
 from apull.lab.modules import node_kernel
 from apull.lab.run import LabError, Log
@@ -27,9 +37,11 @@ class UpReport:
     booted: tuple[str, ...]
     kept: tuple[str, ...]
     image_digest: str
+    #: The Kubernetes cluster's start (LAB_KUBERNETES=yes), else None.
+    cluster: kube_cluster.ClusterReport | None = None
 
 
-def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
+def up(wanted: list[layout.LabNode], log: Log, kubernetes: bool = False) -> UpReport:
     started = time.monotonic()
     images = build_images(log, frozenset(n.variant for n in wanted))
     build_package_repo(images, log)
@@ -72,12 +84,18 @@ def up(wanted: list[layout.LabNode], log: Log) -> UpReport:
         took = nodes.wait_for_ssh(booted, BOOT_TIMEOUT)
         for name, seconds in sorted(took.items()):
             log(f"{name}: ssh answered after {seconds:.0f} s")
+    boot_seconds = time.monotonic() - boot_start
+    cluster = kube_cluster.up(wanted, client, log) if kubernetes else None
+    if not kubernetes and layout.kube_dir().exists():
+        log("LAB_KUBERNETES is off: stopping the lab's Kubernetes control plane")
+        kube_cluster.down()
     return UpReport(
         build_seconds=build_seconds,
-        boot_seconds=time.monotonic() - boot_start,
+        boot_seconds=boot_seconds,
         booted=tuple(nd.node.name for nd in booted),
         kept=tuple(kept),
         image_digest=digest,
+        cluster=cluster,
     )
 
 
@@ -181,6 +199,7 @@ def down(log: Log) -> None:
         if nodes.stop_node(nd):
             log(f"{nd.node.name}: stopped")
         shutil.rmtree(nd.path, ignore_errors=True)
+    kube_cluster.down()
     registry.stop_registry()
     package_repo.stop_repo_server()
     nodes.stop_switch()
@@ -226,3 +245,24 @@ def status() -> tuple[list[NodeStatus], bool]:
         rows = list(pool.map(_probe, known))
     reg_up = RegistryClient(layout.host_registry()).ping()
     return rows, reg_up
+
+
+@dataclass(frozen=True)
+class KubeStatus:
+    """The lab cluster as this machine's kubectl sees it."""
+
+    url: str
+    api_up: bool
+    nodes: dict[str, str]  #: node -> its Ready condition ("True", "False", "Unknown")
+    error: str
+
+
+def kube_status() -> KubeStatus | None:
+    """The cluster's state, or None when the lab runs no Kubernetes."""
+    if not layout.admin_kubeconfig().exists():
+        return None
+    url = kube_control.host_api_url()
+    try:
+        return KubeStatus(url, True, kube_cluster.node_ready(), "")
+    except (LabError, subprocess.TimeoutExpired) as exc:
+        return KubeStatus(url, False, {}, str(exc).splitlines()[0])

@@ -16,6 +16,10 @@ SSH_PORT_BASE = int(os.environ.get("APULL_LAB_SSH_PORT_BASE", "2220"))
 #: Address of node i on the private lab network (the second NIC) is LAN_PREFIX + (10 + i).
 LAN_PREFIX = "10.10.0."
 LAN_MASK_BITS = 24
+#: The lab's Kubernetes control plane on the private lab network (LAB_KUBERNETES=yes).
+CONTROL_PLANE_ADDR = f"{LAN_PREFIX}1"
+#: Host-side loopback port that reaches the lab's apiserver (for this machine's kubectl).
+HOST_KUBE_PORT = int(os.environ.get("APULL_LAB_KUBE_PORT", "6443"))
 #: The registry as the nodes see it (QEMU forwards this address to the host's registry).
 GUEST_REGISTRY_ADDR = "10.0.2.100"
 REGISTRY_PORT = 5000
@@ -58,6 +62,16 @@ def state_dir() -> Path:
 def repo_dir() -> Path:
     """The lab's package repository build: repo/ (a flat apt repository) and its ISO image."""
     return cache_dir() / "package-repo"
+
+
+def kube_dir() -> Path:
+    """The lab cluster's state: certificates, kubeconfigs, etcd data, control-plane logs."""
+    return state_dir() / "kubernetes"
+
+
+def admin_kubeconfig() -> Path:
+    """The lab cluster's admin kubeconfig; KUBECONFIG_PATH defaults to it (LAB_KUBERNETES)."""
+    return kube_dir() / "admin.kubeconfig"
 
 
 def ssh_key_path() -> Path:

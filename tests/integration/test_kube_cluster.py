@@ -1,0 +1,147 @@
+"""The lab as a real Kubernetes cluster (make integration-kube: tests/integration/kube.txt).
+
+The control plane runs on this machine on the lab network; every node runs a kubelet on its
+containerd. Nothing here is faked: kubectl talks to a real apiserver, real kubelets start
+pods of the lab registry's image, and CNI gives them addresses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+from conftest import apull, run_on
+
+from apull.config import default_config_path, load_config
+from apull.lab import kube_cluster, kube_control, kube_nodes, layout
+
+NAMESPACE = "apull-lab-test"
+IMAGE = f"{layout.guest_registry()}/lab/busybox:latest"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> None:
+    cfg = load_config(default_config_path())
+    if not cfg.lab_kubernetes:
+        pytest.skip("the lab runs no Kubernetes (LAB_KUBERNETES=yes: make integration-kube)")
+
+
+def kubectl(*args: str, stdin: str | None = None, timeout: float = 120) -> str:
+    res = subprocess.run(
+        [kube_cluster.kubectl(), f"--kubeconfig={layout.admin_kubeconfig()}", *args],
+        input=stdin, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, f"kubectl {' '.join(args)}: {res.stderr}"
+    return res.stdout
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    kubectl("create", "namespace", NAMESPACE)
+    yield NAMESPACE
+    kubectl("delete", "namespace", NAMESPACE, "--wait=true", timeout=300)
+
+
+def test_every_node_is_ready_with_its_kubelet(lab: list[layout.LabNode]) -> None:
+    items = json.loads(kubectl("get", "nodes", "-o", "json"))["items"]
+    by_name = {i["metadata"]["name"]: i for i in items}
+    assert sorted(by_name) == sorted(n.name for n in lab)
+    for node in lab:
+        item = by_name[node.name]
+        ready = [c for c in item["status"]["conditions"] if c["type"] == "Ready"]
+        assert ready and ready[0]["status"] == "True", (node.name, ready)
+        addrs = {a["type"]: a["address"] for a in item["status"]["addresses"]}
+        assert addrs["InternalIP"] == node.lan_addr
+        info = item["status"]["nodeInfo"]
+        assert info["kubeletVersion"] == "v1.20.2"
+        assert info["containerRuntimeVersion"].startswith("containerd://1.6")
+        res = run_on(node, "systemctl is-active kubelet; pgrep -x kubelet >/dev/null && echo pid")
+        assert res.stdout.split() == ["active", "pid"], (node.name, res.stdout, res.stderr)
+
+
+def test_pods_run_with_addresses_from_their_node_range(
+    lab: list[layout.LabNode], namespace: str
+) -> None:
+    manifest = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "sleeper", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": "sleeper"}},
+            "template": {
+                "metadata": {"labels": {"app": "sleeper"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "c", "image": IMAGE, "command": ["sleep", "3600"]}],
+                },
+            },
+        },
+    }
+    kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+    deadline = time.monotonic() + 600
+    pods: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        pods = json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"]
+        running = [p for p in pods if p["status"].get("phase") == "Running"]
+        if len(running) == len(lab):
+            break
+        time.sleep(3)
+    else:
+        pytest.fail(f"not every pod Running after 600 s: {[p['status'] for p in pods]}")
+    by_node = {n.name: n for n in lab}
+    for pod in pods:
+        spec, status = pod["spec"], pod["status"]
+        node = by_node[spec["nodeName"]]
+        net = ipaddress.ip_network(kube_nodes.pod_cidr(node))
+        assert ipaddress.ip_address(status["podIP"]) in net, (node.name, status)
+    # The apiserver reaches each kubelet over the lab network (exec, with its serving cert).
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        out = kubectl("exec", "-n", namespace, name, "--", "cat", "/etc/motd")
+        assert out == "apull lab test image\n"
+
+
+def test_a_node_cannot_act_for_another(lab: list[layout.LabNode]) -> None:
+    """Each kubelet has its own identity: the Node authorizer and NodeRestriction hold node1's
+    credentials to node1."""
+    first, other = lab[0], lab[1]
+    conf = run_on(first, "cat /etc/kubernetes/kubelet.kubeconfig").stdout
+    local = layout.kube_dir() / f"test-{first.name}.kubeconfig"
+    local.write_text(conf)
+    local.chmod(0o600)
+    try:
+        base = [kube_cluster.kubectl(), f"--kubeconfig={local}",
+                f"--server={kube_control.host_api_url()}"]  # fmt: skip
+        own = subprocess.run([*base, "get", "node", first.name], capture_output=True, text=True)
+        assert own.returncode == 0, own.stderr
+        label = [*base, "label", "node", other.name, "apull.io/test=1", "--overwrite"]
+        res = subprocess.run(label, capture_output=True, text=True)
+        assert res.returncode != 0
+        assert "forbidden" in res.stderr.lower(), res.stderr
+    finally:
+        local.unlink()
+
+
+def test_second_lab_up_changes_nothing(lab: list[layout.LabNode]) -> None:
+    before = {n.name: _kubelet_started(n) for n in lab}
+    res = apull("lab", "up", timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    said = res.stdout + res.stderr  # progress lines go to stderr, the status table to stdout
+    for node in lab:
+        assert f"{node.name}: kubelet joined (unchanged)" in said, said
+    assert {n.name: _kubelet_started(n) for n in lab} == before
+    status = apull("lab", "status", timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    rows = [line for line in status.stdout.splitlines() if line.lstrip("│ ").startswith("node")]
+    assert len(rows) == len(lab) and all("Ready" in r for r in rows), status.stdout
+
+
+def _kubelet_started(node: layout.LabNode) -> str:
+    res = run_on(node, "systemctl show -p ActiveEnterTimestampMonotonic --value kubelet")
+    return res.stdout.strip()
