@@ -89,7 +89,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
         console.print(f"[red]{cfg.path}: TARGET={cfg.target}: the lab is only for TARGET=lab")
         return 2
     if args.action == "reset":
-        return _reset(lab_nodes(cfg), args.nodes, args.if_changed, args.power_cycle)
+        rc = _reset(lab_nodes(cfg), args.nodes, args.if_changed, args.power_cycle)
+        if rc == 0 and cfg.lab_kubernetes:
+            # A fresh node has no kubelet: join it again (the others stay as they are).
+            _log("joining the reset nodes to the lab's Kubernetes cluster again")
+            lab.up(lab_nodes(cfg), _log, kubernetes=True)
+        return rc
     report = lab.up(lab_nodes(cfg), _log, kubernetes=cfg.lab_kubernetes)
     _log(
         f"lab up: images ready in {report.build_seconds:.0f} s, "

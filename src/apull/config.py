@@ -359,6 +359,16 @@ class _Parser:
             ssh_port = self.port("SSH_PORT")
             nodes = self.server_nodes(ssh_user, ssh_port)
         kubernetes = lab and self.bool("LAB_KUBERNETES", False)
+        if kubernetes:
+            # The kubelet and its CNI plugins are on the Debian 12 amd64 images only.
+            variants = {n.lab_variant for n in nodes if n.lab_variant is not None}
+            others = sorted(variants - {"ondemand", "stock"})
+            if others:
+                self.keyed_problem(
+                    "LAB_KUBERNETES",
+                    f"the lab's Kubernetes runs on ondemand and stock nodes only, not on "
+                    f"{', '.join(others)} nodes",
+                )
         kubeconfig = self.existing_file("KUBECONFIG_PATH")
         if kubernetes and not self.get("KUBECONFIG_PATH"):
             # The lab writes its cluster-admin kubeconfig when it brings the cluster up.

@@ -7,6 +7,7 @@ pods of the lab registry's image, and CNI gives them addresses.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import subprocess
@@ -105,6 +106,14 @@ def test_pods_run_with_addresses_from_their_node_range(
         name = pod["metadata"]["name"]
         out = kubectl("exec", "-n", namespace, name, "--", "cat", "/etc/motd")
         assert out == "apull lab test image\n"
+    # Each node reaches the pods on the other nodes by their own addresses (the routes over
+    # the lab network; no NAT).
+    for node in lab:
+        for pod in pods:
+            if pod["spec"]["nodeName"] != node.name:
+                ip = pod["status"]["podIP"]
+                res = run_on(node, f"ping -c 1 -W 5 {ip}")
+                assert res.returncode == 0, (node.name, ip, res.stdout, res.stderr)
 
 
 def test_a_node_cannot_act_for_another(lab: list[layout.LabNode]) -> None:
@@ -130,16 +139,29 @@ def test_a_node_cannot_act_for_another(lab: list[layout.LabNode]) -> None:
 
 def test_second_lab_up_changes_nothing(lab: list[layout.LabNode]) -> None:
     before = {n.name: _kubelet_started(n) for n in lab}
+    plane = _control_plane()
     res = apull("lab", "up", timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
     said = res.stdout + res.stderr  # progress lines go to stderr, the status table to stdout
     for node in lab:
         assert f"{node.name}: kubelet joined (unchanged)" in said, said
     assert {n.name: _kubelet_started(n) for n in lab} == before
+    assert _control_plane() == plane  # same processes, same certificates
     status = apull("lab", "status", timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr
     rows = [line for line in status.stdout.splitlines() if line.lstrip("│ ").startswith("node")]
-    assert len(rows) == len(lab) and all("Ready" in r for r in rows), status.stdout
+    cells = [[c.strip() for c in row.split("│")] for row in rows]
+    assert len(rows) == len(lab), status.stdout
+    assert all(c[-2] == "Ready" for c in cells), status.stdout
+
+
+def _control_plane() -> dict[str, str]:
+    """The control plane's pids and the digests of its certificates and keys."""
+    kube = layout.kube_dir()
+    found = {p.name: p.read_text().strip() for p in kube.glob("*.pid")}
+    for path in sorted((kube / "pki").iterdir()):
+        found[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
 
 
 def _kubelet_started(node: layout.LabNode) -> str:

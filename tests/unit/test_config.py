@@ -246,6 +246,14 @@ def test_lab_kubernetes_off_by_default_and_ignored_for_servers(tmp_path: Path) -
     assert any("LAB_KUBERNETES" in w for w in cfg.warnings), cfg.warnings
 
 
+def test_lab_kubernetes_refuses_other_platforms(tmp_path: Path) -> None:
+    line = only_problem(tmp_path, "SSH_USER=root\nLAB_KUBERNETES=yes\nLAB_ARM64_NODES=node2\n")
+    assert line == (
+        f"{tmp_path / 'config.txt'}:2: LAB_KUBERNETES: the lab's Kubernetes runs on ondemand "
+        "and stock nodes only, not on arm64 nodes"
+    )
+
+
 def test_lab_kubernetes_bad_bool(tmp_path: Path) -> None:
     line = only_problem(tmp_path, "SSH_USER=root\nLAB_KUBERNETES=maybe\n")
     assert line == (

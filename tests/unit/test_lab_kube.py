@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from apull.lab import kube_control, kube_nodes, layout
 from apull.lab.kube_pki import Pki, kubeconfig
+from apull.lab.run import LabError
 
 
 @pytest.fixture(autouse=True)
@@ -110,11 +111,65 @@ def test_node_files(tmp_path: Path) -> None:
     ]
     unit = files["/etc/systemd/system/kubelet.service"].data.decode()
     assert f"--node-ip={node2.lan_addr}" in unit
-    toml = tomllib.loads(files[kube_nodes.CONTAINERD_CONF].data.decode())
-    cri = toml["plugins"]["io.containerd.grpc.v1.cri"]
-    assert cri["sandbox_image"] == f"{layout.guest_registry()}/lab/pause:3.2"
-    mirror = cri["registry"]["mirrors"][layout.guest_registry()]
-    assert mirror["endpoint"] == [f"http://{layout.guest_registry()}"]
+    assert kube_nodes.CONTAINERD_CONF not in files  # edited in place, not replaced
+    assert '"ipMasq": false' in cni  # pods reach each other across nodes without NAT
     kubeconf = yaml.safe_load(files["/etc/kubernetes/kubelet.kubeconfig"].data)
     assert kubeconf["users"][0]["name"] == "system:node:node2"
     assert kubeconf["clusters"][0]["cluster"]["server"] == kube_control.api_url()
+
+
+DEBIAN_CONTAINERD = """version = 2
+
+[plugins]
+  [plugins."io.containerd.grpc.v1.cri"]
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "/etc/cni/net.d"
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "/var/lib/containerd/opt"
+"""
+
+
+def test_containerd_config_gets_the_two_keys_and_keeps_the_rest() -> None:
+    # Debian's file (its containerd 1.6 package), then the same after apull's patch.
+    patched = kube_nodes.containerd_patched(DEBIAN_CONTAINERD)
+    doc = tomllib.loads(patched)
+    cri = doc["plugins"]["io.containerd.grpc.v1.cri"]
+    assert cri["sandbox_image"] == f"{layout.guest_registry()}/lab/pause:3.2"
+    mirror = cri["registry"]["mirrors"][layout.guest_registry()]
+    assert mirror["endpoint"] == [f"http://{layout.guest_registry()}"]
+    assert cri["cni"] == {"bin_dir": "/usr/lib/cni", "conf_dir": "/etc/cni/net.d"}
+    assert doc["plugins"]["io.containerd.internal.v1.opt"] == {"path": "/var/lib/containerd/opt"}
+    assert kube_nodes.containerd_patched(patched) == patched  # a second join changes nothing
+    with_apull = patched + (
+        '\n[proxy_plugins]\n  [proxy_plugins.apull]\n    type = "snapshot"\n'
+        '    address = "/run/containerd-apull-grpc.sock"\n'
+    )
+    assert kube_nodes.containerd_patched(with_apull) == with_apull
+
+
+def test_containerd_config_keeps_other_mirror_endpoints() -> None:
+    reg = layout.guest_registry()
+    text = (
+        f'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{reg}"]\n'
+        'endpoint = ["https://mirror.example"]\n'
+    )
+    doc = tomllib.loads(kube_nodes.containerd_patched(text))
+    mirror = doc["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"][reg]
+    assert mirror["endpoint"] == [f"http://{reg}", "https://mirror.example"]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("version = 3\n", "version = 3"),
+        (
+            'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+            'config_path = "/etc/containerd/certs.d"\n',
+            "registry.config_path is set",
+        ),
+    ],
+)
+def test_containerd_config_it_cannot_edit_is_refused(text: str, says: str) -> None:
+    with pytest.raises(LabError, match=says):
+        kube_nodes.containerd_patched(text)

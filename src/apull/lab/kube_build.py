@@ -35,6 +35,15 @@ BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube
 HOST_PACKAGES = (
     "golang-go", "golang-github-modern-go-reflect2-dev", "etcd-server", "rsync", "dpkg-dev",
 )  # fmt: skip
+
+
+def _multiarch() -> str:
+    if shutil.which("gcc") is None:
+        return "x86_64-linux-gnu"
+    out = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "x86_64-linux-gnu"
+
+
 REFLECT2 = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
 STAMP = "inputs"
 
@@ -45,17 +54,20 @@ def bin_dir() -> Path:
 
 
 def _inputs_key() -> str:
-    """What the binaries depend on: the source version, the build settings and Go."""
-    go = ""
-    if shutil.which("go"):
-        go = subprocess.run(["go", "version"], capture_output=True, text=True, check=False).stdout
-    parts = [SOURCE_VERSION, " ".join(BINARIES), "providerless,CGO_ENABLED=0", go.strip()]
+    """What the binaries depend on: the source version and the build settings. Not the host's
+    Go point release: an update of it alone must not rebuild and replace every kubelet."""
+    parts = [SOURCE_VERSION, " ".join(BINARIES), "providerless,CGO_ENABLED=0,pause-static"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _missing_host_tools() -> list[str]:
-    need = {"go": "golang-go", "etcd": "etcd-server", "rsync": "rsync", "dpkg-source": "dpkg-dev"}
+    need = {
+        "go": "golang-go", "etcd": "etcd-server", "rsync": "rsync", "dpkg-source": "dpkg-dev",
+        "gcc": "gcc",
+    }  # fmt: skip
     missing = [pkg for tool, pkg in need.items() if shutil.which(tool) is None]
+    if not Path(f"/usr/lib/{_multiarch()}/libc.a").exists():
+        missing.append("libc6-dev")  # pause is linked statically
     if not REFLECT2.is_dir():
         missing.append("golang-github-modern-go-reflect2-dev")
     return missing

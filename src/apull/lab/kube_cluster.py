@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,17 +61,33 @@ def _pause_image(pause: Path) -> tuple[Blob, Blob]:
     return Blob(OCI_CONFIG, json.dumps(config, sort_keys=True).encode()), layer
 
 
-def node_ready() -> dict[str, str]:
-    """Each registered node's Ready condition: "True", "False" or "Unknown"."""
-    res = kubectl_run("get", "nodes", "-o", "json", timeout=30)
+@dataclass(frozen=True)
+class NodeCondition:
+    ready: str  #: the Ready condition's status: "True", "False" or "Unknown"
+    heartbeat: str  #: its lastHeartbeatTime, as the kubelet last posted it
+
+
+def node_conditions() -> dict[str, NodeCondition]:
+    """Each registered node's Ready condition."""
+    try:
+        res = kubectl_run("get", "nodes", "-o", "json", timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        raise LabError("kubectl get nodes: no answer from the apiserver in 30 s") from exc
     if res.returncode != 0:
         raise LabError(f"kubectl get nodes failed: {res.stderr.strip()}")
-    ready = {}
+    found = {}
     for item in json.loads(res.stdout)["items"]:
         conditions = item.get("status", {}).get("conditions", [])
-        status = next((c["status"] for c in conditions if c["type"] == "Ready"), "Unknown")
-        ready[item["metadata"]["name"]] = status
-    return ready
+        ready: dict[str, str] = next((c for c in conditions if c["type"] == "Ready"), {})
+        found[item["metadata"]["name"]] = NodeCondition(
+            ready.get("status", "Unknown"), ready.get("lastHeartbeatTime", "")
+        )
+    return found
+
+
+def node_ready() -> dict[str, str]:
+    """Each registered node's Ready condition: "True", "False" or "Unknown"."""
+    return {name: c.ready for name, c in node_conditions().items()}
 
 
 @dataclass(frozen=True)
@@ -90,31 +107,88 @@ def up(members: list[layout.LabNode], client: RegistryClient, log: Log) -> Clust
     pki = Pki(layout.kube_dir() / "pki")
     pki.ensure_ca()
 
-    def join(node: layout.LabNode) -> kube_nodes.JoinResult:
-        return kube_nodes.join(node, members, pki, bin_dir)
-
+    before = _conditions_or_empty()
     with ThreadPoolExecutor(max_workers=max(1, len(members))) as pool:
-        results = list(pool.map(join, members))
+        outcomes = list(pool.map(_join_or_error(members, pki, bin_dir), members))
+    errors = [o for o in outcomes if isinstance(o, LabError)]
+    if errors:
+        raise LabError("\n".join(str(e) for e in errors))
+    results = [o for o in outcomes if isinstance(o, kube_nodes.JoinResult)]
     changed = {r.node: r.changed for r in results}
     for r in results:
         what = f"{len(r.changed)} file(s) changed" if r.changed else "unchanged"
         log(f"{r.node}: kubelet joined ({what})")
+    # A restarted kubelet's node shows the old Ready for a while: wait for its new heartbeat.
+    stale = {r.node: before[r.node].heartbeat for r in results if r.changed and r.node in before}
     ready_at: dict[str, float] = {}
+    last_error = ""
     while len(ready_at) < len(members):
-        states = node_ready()
+        try:
+            states = node_conditions()
+        except LabError as exc:  # the apiserver busy, or restarting: try again until the end
+            states, last_error = {}, str(exc)
         for node in members:
-            if node.name not in ready_at and states.get(node.name) == "True":
-                ready_at[node.name] = time.monotonic() - started
-                log(f"{node.name}: Ready after {ready_at[node.name]:.0f} s")
+            state = states.get(node.name)
+            if node.name in ready_at or state is None or state.ready != "True":
+                continue
+            if node.name in stale and state.heartbeat == stale[node.name]:
+                continue  # still the status from before the kubelet's restart
+            ready_at[node.name] = time.monotonic() - started
+            log(f"{node.name}: Ready after {ready_at[node.name]:.0f} s")
         if len(ready_at) < len(members):
             if time.monotonic() - started > READY_TIMEOUT:
                 waiting = sorted({n.name for n in members} - set(ready_at))
+                shown = {n: states[n].ready for n in waiting if n in states}
+                extra = f"; {last_error}" if last_error else ""
                 raise LabError(
                     f"not Ready after {READY_TIMEOUT:.0f} s: {', '.join(waiting)} "
-                    f"(states: {states}); see `journalctl -u kubelet` on the node"
+                    f"(Ready: {shown or 'not registered'}{extra}); "
+                    "see `journalctl -u kubelet` on the node"
                 )
             time.sleep(2)
     return ClusterReport(plane, ready_at, changed)
+
+
+def leave(members: list[layout.LabNode], log: Log) -> None:
+    """Stop the kubelets of the running nodes among members (best effort: a node that does
+    not answer is named and skipped)."""
+    for node in members:
+        try:
+            kube_nodes.leave(node)
+        except LabError as exc:
+            log(f"{node.name}: kubelet not stopped: {exc}")
+
+
+def forget(name: str, log: Log) -> None:
+    """Remove a node that left the lab from the cluster (best effort)."""
+    try:
+        res = kubectl_run("delete", "node", name, "--ignore-not-found", timeout=60)
+    except subprocess.TimeoutExpired:
+        log(f"{name}: not removed from the cluster (the apiserver did not answer)")
+        return
+    if res.returncode != 0:
+        log(f"{name}: not removed from the cluster: {res.stderr.strip()}")
+
+
+def _conditions_or_empty() -> dict[str, NodeCondition]:
+    try:
+        return node_conditions()
+    except LabError:
+        return {}
+
+
+def _join_or_error(
+    members: list[layout.LabNode], pki: Pki, bin_dir: Path
+) -> Callable[[layout.LabNode], kube_nodes.JoinResult | LabError]:
+    """join() for one node, its LabError returned (so every node's failure is reported)."""
+
+    def join(node: layout.LabNode) -> kube_nodes.JoinResult | LabError:
+        try:
+            return kube_nodes.join(node, members, pki, bin_dir)
+        except LabError as exc:
+            return exc
+
+    return join
 
 
 def down() -> None:

@@ -13,6 +13,7 @@ network is left as it is: no address, route or interface is added outside the na
 from __future__ import annotations
 
 import hashlib
+import shutil
 import ssl
 import subprocess
 import time
@@ -60,10 +61,24 @@ def host_api_url() -> str:
 
 @dataclass(frozen=True)
 class Component:
-    """One control-plane process: its name and arguments."""
+    """One control-plane process: its name and arguments; it runs in the lab's namespace
+    unless in_netns is False (the host-side forward)."""
 
     name: str
     argv: tuple[str, ...]
+    in_netns: bool = True
+
+    @property
+    def program(self) -> str:
+        return Path(self.argv[0]).name
+
+    def identity(self) -> str:
+        """What the running process must match: its argv, and its binary's size and mtime
+        (a rebuilt binary restarts the component)."""
+        binary = Path(self.argv[0])
+        stat = binary.stat() if binary.is_absolute() and binary.exists() else None
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "-"
+        return "\n".join((*self.argv, stamp))
 
     @property
     def pidfile(self) -> Path:
@@ -90,15 +105,18 @@ def ensure_network() -> None:
     if not netns_path().exists():
         _ip("netns", "add", netns_name())
     tap_pid = layout.kube_dir() / "tap.pid"
-    if not processes.is_alive(tap_pid):
+    if not processes.runs(tap_pid, "vde_plug2tap"):
+        tap_pid.unlink(missing_ok=True)
         run_logged(
             _in_netns(["vde_plug2tap", "--daemon", f"--pidfile={tap_pid}",
                        f"--sock={nodes.switch_dir()}", TAP]),
             layout.kube_dir() / "netns.log", "plugging the control plane into the lab switch",
         )  # fmt: skip
         deadline = time.monotonic() + 10
-        while not processes.is_alive(tap_pid) and time.monotonic() < deadline:
+        while not processes.runs(tap_pid, "vde_plug2tap") and time.monotonic() < deadline:
             time.sleep(0.1)
+        if not processes.runs(tap_pid, "vde_plug2tap"):
+            raise LabError(f"vde_plug2tap did not stay up; see {layout.kube_dir() / 'netns.log'}")
     addrs = subprocess.run(
         ["ip", "-n", netns_name(), "-o", "addr", "show", "dev", TAP],
         capture_output=True, text=True, check=False,
@@ -111,7 +129,7 @@ def ensure_network() -> None:
 
 
 def remove_network() -> None:
-    processes.stop(layout.kube_dir() / "tap.pid")
+    processes.stop(layout.kube_dir() / "tap.pid", program="vde_plug2tap")
     if netns_path().exists():
         subprocess.run(["ip", "netns", "del", netns_name()], check=False, capture_output=True)
 
@@ -196,48 +214,40 @@ def components(bin_dir: Path, pki: Pki) -> list[Component]:
 
 
 def _start(component: Component) -> None:
+    """Start the component unless it already runs as asked (same argv, same binary)."""
     args_file = component.pidfile.with_suffix(".args")
-    if processes.is_alive(component.pidfile):
-        if args_file.exists() and args_file.read_text() == "\n".join(component.argv):
+    if processes.runs(component.pidfile, component.program):
+        if args_file.exists() and args_file.read_text() == component.identity():
             return
-        processes.stop(component.pidfile)
+        processes.stop(component.pidfile, timeout=20.0, program=component.program)
+    argv = list(component.argv)
     with component.log.open("a") as out:
         proc = subprocess.Popen(
-            _in_netns(list(component.argv)),
+            _in_netns(argv) if component.in_netns else argv,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     component.pidfile.write_text(f"{proc.pid}\n")
-    args_file.write_text("\n".join(component.argv))
+    args_file.write_text(component.identity())
 
 
-def _forward() -> None:
-    """127.0.0.1:HOST_KUBE_PORT -> the apiserver, through the namespace."""
+def forward_component() -> Component:
+    """127.0.0.1:HOST_KUBE_PORT -> the apiserver: socat enters the namespace per connection."""
     script = layout.kube_dir() / "api-forward.sh"
-    script.write_text(
+    text = (
         "#!/bin/sh\n"
         f"exec nsenter --net={netns_path()} -- "
         f"socat STDIO TCP:{layout.CONTROL_PLANE_ADDR}:{API_PORT}\n"
     )
-    script.chmod(0o755)
-    forward = Component("api-forward", (
+    if not script.exists() or script.read_text() != text:
+        script.write_text(text)
+        script.chmod(0o755)
+    return Component("api-forward", (
         "socat", f"TCP-LISTEN:{layout.HOST_KUBE_PORT},bind=127.0.0.1,reuseaddr,fork",
         f"EXEC:{script}",
-    ))  # fmt: skip
-    args_file = forward.pidfile.with_suffix(".args")
-    if processes.is_alive(forward.pidfile) and args_file.exists():
-        if args_file.read_text() == "\n".join(forward.argv):
-            return
-        processes.stop(forward.pidfile)
-    with forward.log.open("a") as out:
-        proc = subprocess.Popen(
-            list(forward.argv), stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-    forward.pidfile.write_text(f"{proc.pid}\n")
-    args_file.write_text("\n".join(forward.argv))
+    ), in_netns=False)  # fmt: skip
 
 
 def _healthy(pki: Pki, admin: KeyPair) -> bool:
@@ -250,14 +260,18 @@ def _healthy(pki: Pki, admin: KeyPair) -> bool:
         return False
 
 
-def _wait_ready(pki: Pki, admin: KeyPair, started: list[Component], since: float) -> None:
+def _check_alive(running: list[Component]) -> None:
+    for component in running:
+        if not processes.runs(component.pidfile, component.program):
+            raise LabError(
+                f"{component.name} exited; last lines of {component.log}:\n"
+                f"{tail(component.log, 15)}"
+            )
+
+
+def _wait_ready(pki: Pki, admin: KeyPair, running: list[Component], since: float) -> None:
     while not _healthy(pki, admin):
-        for component in started:
-            if not processes.is_alive(component.pidfile):
-                raise LabError(
-                    f"{component.name} exited; last lines of {component.log}:\n"
-                    f"{tail(component.log, 15)}"
-                )
+        _check_alive(running)
         if time.monotonic() - since > READY_TIMEOUT:
             raise LabError(
                 f"the apiserver is not ready after {READY_TIMEOUT:.0f} s; see "
@@ -272,26 +286,31 @@ def up(bin_dir: Path, log: Log) -> float:
     etcd and the apiserver first; the controller-manager and the scheduler once the
     apiserver is ready (its RBAC roles made), since they exit when their reads are refused."""
     started = time.monotonic()
+    if shutil.which("etcd") is None:
+        raise LabError("etcd is missing: run `make deps-kube` (Debian's etcd-server)")
     ensure_network()
     pki = Pki(layout.kube_dir() / "pki")
     pairs = ensure_certificates(pki)
     store, apiserver, *others = components(bin_dir, pki)
-    for component in (store, apiserver):
+    forward = forward_component()
+    for component in (store, apiserver, forward):
         _start(component)
-    _forward()
-    _wait_ready(pki, pairs["admin"], [store, apiserver], started)
+    _wait_ready(pki, pairs["admin"], [store, apiserver, forward], started)
     took = time.monotonic() - started
     for component in others:
         _start(component)
-    time.sleep(1.0)
-    _wait_ready(pki, pairs["admin"], [store, apiserver, *others], started)
+    # They exit within a second or two when something is wrong (flags, credentials).
+    time.sleep(2.0)
+    _check_alive([store, apiserver, forward, *others])
     log(f"control plane ready in {took:.1f} s: {api_url()} on the lab network, "
         f"{host_api_url()} from this machine; kubeconfig {layout.admin_kubeconfig()}")  # fmt: skip
     return took
 
 
 def down() -> None:
-    for name in ("api-forward", "kube-scheduler", "kube-controller-manager", "kube-apiserver",
-                 "etcd"):  # fmt: skip
-        processes.stop(layout.kube_dir() / f"{name}.pid", timeout=20.0)
+    programs = (("api-forward", "socat"), ("kube-scheduler", "kube-scheduler"),
+                ("kube-controller-manager", "kube-controller-manager"),
+                ("kube-apiserver", "kube-apiserver"), ("etcd", "etcd"))  # fmt: skip
+    for name, program in programs:
+        processes.stop(layout.kube_dir() / f"{name}.pid", timeout=20.0, program=program)
     remove_network()

@@ -8,8 +8,9 @@ What a node gets (all of it a cluster administrator's set-up, none of it apull's
 - /etc/cni/net.d/10-lab.conflist: a bridge with host-local addresses from the node's own pod
   range (POD_PREFIX.INDEX.0/24), with routes to the other nodes' ranges over the lab network
   (set again at every kubelet start);
-- /etc/containerd/config.toml: Debian's file plus the sandbox (pause) image from the lab's
-  registry, which containerd reaches over plain HTTP. containerd restarts only if it changed.
+- /etc/containerd/config.toml: the node's own file with two keys made sure of (tomlkit keeps
+  the rest, apull's proxy plugin included): the sandbox (pause) image from the lab's
+  registry, and a plain-HTTP mirror for that registry. containerd restarts only if it changed.
 
 A node whose files all match is left alone; the kubelet binary (58 MB) is copied only when
 it differs.
@@ -25,6 +26,8 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomlkit
 
 from apull.lab import kube_control, layout, nodes
 from apull.lab.kube_pki import Pki, kubeconfig
@@ -47,22 +50,34 @@ def pod_cidr(node: layout.LabNode) -> str:
     return f"{POD_PREFIX}.{node.index}.0/24"
 
 
-def containerd_config() -> str:
-    """Debian's containerd config.toml, with the lab's sandbox image and plain-HTTP registry."""
+def containerd_patched(text: str) -> str:
+    """The node's containerd config.toml with the lab's sandbox image and a plain-HTTP mirror
+    for the lab registry; everything else (apull's proxy plugin among it) kept as it is, so
+    the text comes back unchanged when both are already there."""
+    doc = tomlkit.parse(text) if text.strip() else tomlkit.document()
+    version = doc.get("version", 1)
+    if version != 2:
+        raise LabError(
+            f"{CONTAINERD_CONF}: version = {version}; the lab's kubelet set-up edits version 2 "
+            "files (Debian's containerd 1.6)"
+        )
+    plugins = doc.setdefault("plugins", tomlkit.table())
+    cri = plugins.setdefault("io.containerd.grpc.v1.cri", tomlkit.table())
+    if cri.get("sandbox_image") != pause_image():
+        cri["sandbox_image"] = pause_image()
+    registry = cri.setdefault("registry", tomlkit.table())
+    if registry.get("config_path"):
+        raise LabError(
+            f"{CONTAINERD_CONF}: registry.config_path is set (hosts.toml); the lab's set-up "
+            "writes a CRI mirror, which containerd refuses beside it"
+        )
+    mirrors = registry.setdefault("mirrors", tomlkit.table())
     reg = layout.guest_registry()
-    return f"""version = 2
-
-[plugins]
-  [plugins."io.containerd.grpc.v1.cri"]
-    sandbox_image = "{pause_image()}"
-    [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "/usr/lib/cni"
-      conf_dir = "/etc/cni/net.d"
-    [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{reg}"]
-      endpoint = ["http://{reg}"]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "/var/lib/containerd/opt"
-"""
+    mirror = mirrors.setdefault(reg, tomlkit.table())
+    endpoints = list(mirror.get("endpoint", []))
+    if f"http://{reg}" not in endpoints:
+        mirror["endpoint"] = [f"http://{reg}", *endpoints]
+    return tomlkit.dumps(doc)
 
 
 def cni_config(node: layout.LabNode) -> str:
@@ -74,7 +89,9 @@ def cni_config(node: layout.LabNode) -> str:
                 "type": "bridge",
                 "bridge": "cni0",
                 "isGateway": True,
-                "ipMasq": True,
+                # Pods reach each other across nodes by their own addresses (routes over
+                # the lab network), never through NAT.
+                "ipMasq": False,
                 "hairpinMode": True,
                 "ipam": {
                     "type": "host-local",
@@ -171,7 +188,6 @@ def node_files(
         NodeFile("/etc/kubernetes/pod-routes.sh", pod_routes(node, members).encode(), 0o755),
         NodeFile("/etc/systemd/system/kubelet.service", kubelet_unit(node).encode()),
         NodeFile(CNI_CONF, cni_config(node).encode()),
-        NodeFile(CONTAINERD_CONF, containerd_config().encode()),
     ]
 
 
@@ -192,6 +208,26 @@ class JoinResult:
     changed: tuple[str, ...]
 
 
+def _ssh(node: layout.LabNode, command: str, timeout: float) -> str:
+    try:
+        res = nodes.ssh(node, command, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"{node.name}: no answer within {timeout:.0f} s to: {command}") from exc
+    if res.returncode != 0:
+        raise LabError(f"{node.name}: `{command}` failed: {res.stderr.strip()}")
+    return res.stdout
+
+
+#: Extract into a directory beside, then rename each file into place: a half-copied kubelet
+#: or config is never in place, and the directory (it holds the node's key) goes on any exit.
+_INSTALL = (
+    "set -e; d=$(mktemp -d /var/tmp/apull-kube.XXXXXX); trap 'rm -rf \"$d\"' EXIT; "
+    'tar -x -C "$d"; cd "$d"; find . -type f | while read -r f; do '
+    't="/${f#./}"; mkdir -p "$(dirname "$t")"; mv -f "$f" "$t" || { echo "$t" >&2; exit 1; }; '
+    "done"
+)
+
+
 def join(
     node: layout.LabNode, members: list[layout.LabNode], pki: Pki, bin_dir: Path
 ) -> JoinResult:
@@ -199,36 +235,40 @@ def join(
     concern. Raises LabError naming the node when a step fails."""
     files = node_files(node, members, pki, bin_dir)
     paths = " ".join(shlex.quote(f.path) for f in files)
-    res = nodes.ssh(node, f"sha256sum {paths} 2>/dev/null; true", timeout=120)
+    out = _ssh(
+        node, f"sha256sum {paths} 2>/dev/null; echo ---; cat {CONTAINERD_CONF} 2>/dev/null; true",
+        timeout=120,
+    )  # fmt: skip
+    sums, _, current_conf = out.partition("---\n")
     have = {}
-    for line in res.stdout.splitlines():
+    for line in sums.splitlines():
         digest, _, path = line.partition("  ")
         have[path] = digest
     changed = [f for f in files if have.get(f.path) != hashlib.sha256(f.data).hexdigest()]
+    patched = containerd_patched(current_conf)
+    if patched != current_conf:
+        changed.append(NodeFile(CONTAINERD_CONF, patched.encode()))
     names = tuple(f.path for f in changed)
     if changed:
-        # Extract beside, then rename: a half-copied kubelet or config is never in place.
-        script = (
-            'set -e; d=$(mktemp -d /var/tmp/apull-kube.XXXXXX); tar -x -C "$d"; '
-            'cd "$d"; find . -type f | while read -r f; do '
-            't="/${f#./}"; mkdir -p "$(dirname "$t")"; mv -f "$f" "$t"; done; '
-            'rm -rf "$d"'
-        )
-        proc = subprocess.run(
-            nodes.ssh_command(node, script), input=_tar(changed), capture_output=True,
-            timeout=600, check=False,
-        )  # fmt: skip
+        try:
+            proc = subprocess.run(
+                nodes.ssh_command(node, _INSTALL), input=_tar(changed), capture_output=True,
+                timeout=600, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{node.name}: copying the kubelet's files took over 600 s") from exc
         if proc.returncode != 0:
-            raise LabError(f"{node.name}: copying the kubelet's files failed: "
+            raise LabError(f"{node.name}: copying {', '.join(names)} failed: "
                            f"{proc.stderr.decode(errors='replace').strip()}")  # fmt: skip
     steps = ["systemctl daemon-reload"] if any(n.endswith(".service") for n in names) else []
     if CONTAINERD_CONF in names:
         steps.append("systemctl restart containerd")
-    if changed:
-        steps.append("systemctl enable kubelet && systemctl restart kubelet")
-    else:
-        steps.append("systemctl enable kubelet && systemctl start kubelet")
-    res = nodes.ssh(node, " && ".join(steps), timeout=180)
-    if res.returncode != 0:
-        raise LabError(f"{node.name}: starting the kubelet failed: {res.stderr.strip()}")
+    verb = "restart" if changed else "start"
+    steps.append(f"systemctl enable kubelet && systemctl {verb} kubelet")
+    _ssh(node, " && ".join(steps), timeout=180)
     return JoinResult(node.name, names)
+
+
+def leave(node: layout.LabNode) -> None:
+    """Stop and disable the node's kubelet (the cluster is going away); its files stay."""
+    _ssh(node, "systemctl disable --now kubelet 2>/dev/null || true", timeout=120)

@@ -63,6 +63,8 @@ def up(wanted: list[layout.LabNode], log: Log, kubernetes: bool = False) -> UpRe
         if stale.node.name not in wanted_names:
             log(f"{stale.node.name}: not in the config any more, removing")
             remove_node(stale)
+            if layout.admin_kubeconfig().exists():
+                kube_cluster.forget(stale.node.name, log)
 
     booted: list[nodes.NodeDir] = []
     kept: list[str] = []
@@ -87,7 +89,8 @@ def up(wanted: list[layout.LabNode], log: Log, kubernetes: bool = False) -> UpRe
     boot_seconds = time.monotonic() - boot_start
     cluster = kube_cluster.up(wanted, client, log) if kubernetes else None
     if not kubernetes and layout.kube_dir().exists():
-        log("LAB_KUBERNETES is off: stopping the lab's Kubernetes control plane")
+        log("LAB_KUBERNETES is off: stopping the kubelets and the lab's control plane")
+        kube_cluster.leave(wanted, log)
         kube_cluster.down()
     return UpReport(
         build_seconds=build_seconds,

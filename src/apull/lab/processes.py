@@ -33,10 +33,25 @@ def is_alive(pidfile: Path) -> bool:
     return state != "Z"
 
 
-def stop(pidfile: Path, timeout: float = 10.0) -> bool:
-    """Stop the process behind pidfile (TERM, then KILL); True if one was running."""
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def runs(pidfile: Path, program: str) -> bool:
+    """True if pidfile's process is alive and is `program` (its command line names it): a pid
+    file that outlived a host reboot may name some other process by now."""
     pid = read_pid(pidfile)
-    if pid is None or not is_alive(pidfile):
+    return pid is not None and is_alive(pidfile) and program.encode() in cmdline(pid)
+
+
+def stop(pidfile: Path, timeout: float = 10.0, program: str | None = None) -> bool:
+    """Stop the process behind pidfile (TERM, then KILL); True if one was running. With
+    `program`, only if the process is that program (else the stale pid file goes)."""
+    pid = read_pid(pidfile)
+    if pid is None or not is_alive(pidfile) or (program and not runs(pidfile, program)):
         pidfile.unlink(missing_ok=True)
         return False
     os.kill(pid, signal.SIGTERM)
