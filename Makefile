@@ -176,6 +176,7 @@ deps-kube: deps ## the Debian packages the lab's Kubernetes build and control pl
 integration-kube: deps-kube venv ## a real Kubernetes cluster over the lab: nodes Ready, pods run
 	$(KUBE_LAB) $(APULL) lab up
 	$(KUBE_LAB) $(BIN)/pytest -q -rP tests/integration/test_kube_cluster.py
+	cd roles/node_labels && $(KUBE_LAB) molecule test
 
 # What does not fit CI's time: test, then the tiers too slow for it.
 test-all: test unit-py39-arm64 integration-platforms integration-kernel integration-kube ## make test, plus arm64, Debian 11, 5.10 nodes and Kubernetes

@@ -114,7 +114,9 @@ class CallbackModule(CallbackBase):
         if "apull_platform" in facts:  # a refused node: its platform is the reason
             self.platforms[self._host(result)] = facts["apull_platform"]
         if not ignore_errors:
-            self.failed[self._host(result)] = result._task.get_name()
+            # The first failure is the cause: a rescue that re-raises it (site.yml's verify
+            # takes the node's labels off first) must not hide which task it was.
+            self.failed.setdefault(self._host(result), result._task.get_name())
 
     def v2_runner_on_unreachable(self, result):
         self.failed[self._host(result)] = "unreachable"
