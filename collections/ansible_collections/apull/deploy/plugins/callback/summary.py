@@ -123,6 +123,11 @@ class CallbackModule(CallbackBase):
 
     def _rows(self):
         hosts = sorted(set(self.nodes) | set(self.platforms) | set(self.changed) | set(self.failed))
+        # The controller's own plays (site.yml's cluster clean-up) get a row only when they
+        # changed or failed something: the table is about the nodes.
+        quiet = not self.changed.get("localhost") and "localhost" not in self.failed
+        if len(hosts) > 1 and "localhost" in hosts and quiet:
+            hosts.remove("localhost")
         for host in hosts:
             node = self.nodes.get(host, {})
             fs_ctl = node.get("fs_ctl")
