@@ -39,9 +39,7 @@ def ensure_switch() -> None:
     pidfile = layout.state_dir() / "switch.pid"
     if processes.is_alive(pidfile) and (sw / "ctl").exists():
         return
-    pid = processes.read_pid(pidfile)
-    if pid is not None and b"vde_switch" in _cmdline(pid):
-        processes.stop(pidfile)
+    processes.stop(pidfile, program="vde_switch")
     pidfile.unlink(missing_ok=True)
     # A switch that died (or a host that rebooted) leaves its socket directory behind, and
     # vde_switch does not reliably take over a stale one: start from an empty directory.
@@ -57,15 +55,8 @@ def ensure_switch() -> None:
         raise LabError(f"vde_switch started but {sw}/ctl is missing; see {log}")
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def stop_switch() -> None:
-    processes.stop(layout.state_dir() / "switch.pid")
+    processes.stop(layout.state_dir() / "switch.pid", program="vde_switch")
 
 
 @dataclass(frozen=True)
