@@ -22,7 +22,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
-	integration-kernel integration-kube deps-kube molecule \
+	integration-kernel integration-kube deps-kube k8s-test bench-k8s molecule \
 	bundle sync-bin clean convert bench
 
 help: ## list the targets
@@ -185,6 +185,18 @@ integration-kube: deps-kube venv ## a real Kubernetes cluster over the lab: node
 	$(KUBE_LAB) $(BIN)/pytest -q -rP tests/integration/test_kube_cluster.py
 	cd roles/node_labels && $(KUBE_LAB) molecule test
 	cd roles/cluster_cleanup && $(KUBE_LAB) molecule test
+
+# The documents' test: a DaemonSet of IMAGE on every Ready node of config.txt's cluster
+# (KUBECONFIG_PATH), kubelet's pull time and the time to Running per node, then removed.
+k8s-test: venv ## DaemonSet of IMAGE on every Ready node: kubelet's pull time per node
+	@test -n "$(IMAGE)" || { echo "make k8s-test IMAGE=registry/repo:tag [K8S_TEST_ARGS=...]"; exit 2; }
+	$(APULL) k8s-test $(IMAGE) $(K8S_TEST_ARGS)
+
+# The same test with the bench's 1 GiB image, original against converted, on the
+# Kubernetes lab (deployed first by site.yml).
+bench-k8s: deps-kube venv ## DaemonSet of the 1 GiB image on the Kubernetes lab: lazy vs full per node
+	$(KUBE_LAB) $(APULL) run site
+	$(KUBE_LAB) $(BIN)/python -m apull.bench.k8s $(BENCH_ARGS)
 
 # What does not fit CI's time: test, then the tiers too slow for it.
 test-all: test unit-py39-arm64 integration-platforms integration-kernel integration-kube ## make test, plus arm64, Debian 11, 5.10 nodes and Kubernetes

@@ -256,6 +256,41 @@ def cmd_sync_bin(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_k8s_test(args: argparse.Namespace) -> int:
+    from apull.kube import daemonset_timing
+    from apull.kube.kubectl import Kubectl, KubeError
+
+    cfg = _load(args.config)
+    if cfg.kubeconfig_path is None:
+        console.print(
+            f"{cfg.path}: KUBECONFIG_PATH is empty: the test needs the cluster's kubeconfig"
+            + (" (or LAB_KUBERNETES=yes for the lab's)" if cfg.target == "lab" else "")
+        )
+        return 2
+    try:
+        timings = daemonset_timing.run(
+            Kubectl(cfg.kubeconfig_path),
+            args.image,
+            namespace=args.namespace,
+            command=args.command,
+            timeout=args.timeout,
+            keep=args.keep,
+            say=_log,
+        )
+    except (KubeError, daemonset_timing.DaemonSetTestError) as err:
+        console.print("[red]k8s-test failed:[/red]", end=" ")
+        console.print(str(err), markup=False)
+        return 1
+    table = Table(title=f"DaemonSet of {args.image}")
+    for column in ("node", "pod", "image pull (kubelet)", "Running after"):
+        table.add_column(column)
+    for t in timings:
+        pull = f"{t.pull_seconds:.2f} s" if t.pull_seconds is not None else t.pull_note
+        table.add_row(t.node, t.pod, pull, f"{t.running_seconds:.1f} s")
+    out.print(table)
+    return 0
+
+
 def cmd_cri(args: argparse.Namespace) -> int:
     from apull_node.cri.cli import main as cri_main
 
@@ -341,6 +376,23 @@ def parser() -> argparse.ArgumentParser:
     )
     sb.add_argument("--no-lab", action="store_true", help="do not bring the lab up first")
     sb.set_defaults(func=cmd_sync_bin)
+    kt = sub.add_parser(
+        "k8s-test",
+        help="the documents' test: a DaemonSet of IMAGE on every Ready node, with kubelet's "
+        "pull time and the time to Running per node",
+    )
+    kt.add_argument("image", help="image reference as the nodes pull it")
+    kt.add_argument(
+        "--namespace",
+        default="apull-k8s-test",
+        help="namespace (default apull-k8s-test; made and removed when missing)",
+    )
+    kt.add_argument("--command", default=None, help="run this with sh -c instead of the image's")
+    kt.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds until every pod is Running (900)"
+    )
+    kt.add_argument("--keep", action="store_true", help="leave the DaemonSet in place")
+    kt.set_defaults(func=cmd_k8s_test)
     cri = sub.add_parser(
         "cri",
         add_help=False,

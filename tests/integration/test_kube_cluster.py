@@ -158,6 +158,38 @@ def test_second_lab_up_changes_nothing(lab: list[layout.LabNode]) -> None:
     assert all(c[-2] == "Ready" for c in cells), status.stdout
 
 
+def test_the_documents_daemonset_test_times_each_nodes_pull(lab: list[layout.LabNode]) -> None:
+    """`apull k8s-test IMAGE`: a DaemonSet on every Ready node; per node kubelet's pull time
+    (the image removed from the nodes first, so kubelet pulls it) and the time to Running;
+    then everything it made is gone. Run again, kubelet pulls nothing and it says so."""
+    for node in lab:
+        res = run_on(node, "for r in $(ctr -n k8s.io images ls -q | grep lab/busybox); do "
+                           'ctr -n k8s.io images rm "$r" >/dev/null; done; '
+                           "ctr -n k8s.io images ls -q | grep -c lab/busybox || true")  # fmt: skip
+        assert res.stdout.strip() == "0", (node.name, res.stdout, res.stderr)
+    first = apull("k8s-test", IMAGE, "--command", "sleep 1000000", timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for node in lab:
+        row = re.search(
+            rf"^\W*{node.name}\s+│\s+apull-k8s-test-\w+\s+│\s+(\d+\.\d\d) s\s+│\s+(\d+\.\d) s",
+            first.stdout, re.M,
+        )  # fmt: skip
+        assert row, (node.name, first.stdout)
+        pull, running = float(row[1]), float(row[2])
+        assert 0 < pull < running, (node.name, pull, running)
+    res = subprocess.run(
+        [kube_cluster.kubectl(), f"--kubeconfig={layout.admin_kubeconfig()}", "get",
+         "namespace", "apull-k8s-test"], capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0 and "NotFound" in res.stderr, res.stdout + res.stderr
+    again = apull("k8s-test", IMAGE, "--command", "sleep 1000000", timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for node in lab:
+        assert re.search(rf"^\W*{node.name}\s+│.*│\s+already present\s+│", again.stdout, re.M), (
+            node.name, again.stdout,
+        )  # fmt: skip
+
+
 def _control_plane() -> dict[str, str]:
     """The control plane's pids and the digests of its certificates and keys."""
     kube = layout.kube_dir()

@@ -52,6 +52,8 @@ FILES_BYTES = sum(size for _, files in LIBRARY_LAYERS for _, size in files)
 #: The file the read-throughput runs read in full (the entrypoint never touches it).
 READ_FILE = "opt/cuda/lib64/libbench3_big.so"
 READ_FILE_SIZE = 256 * MIB
+#: The entrypoint (the image's Cmd).
+START_PATH = "/bench/start.sh"
 #: What the entrypoint reads before it prints READY_LINE.
 START_SCRIPT = f"""#!/bin/sh
 cat /opt/cuda/version.json > /dev/null
@@ -113,7 +115,7 @@ def _app(tar: tarfile.TarFile) -> None:
         _dir(tar, directory)
     version = json.dumps({"cuda": {"name": "apull bench", "version": "12.0.0"}}).encode()
     _file(tar, "opt/cuda/version.json", version)
-    _file(tar, "bench/start.sh", START_SCRIPT.encode(), 0o755)
+    _file(tar, START_PATH.lstrip("/"), START_SCRIPT.encode(), 0o755)
 
 
 def build(progress: Callable[[str], None] = lambda _: None) -> BigImage:
@@ -133,7 +135,7 @@ def build(progress: Callable[[str], None] = lambda _: None) -> BigImage:
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bench/start.sh"]},
+        "config": {"Env": ["PATH=/bin"], "Cmd": [START_PATH]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
     return BigImage(Blob(OCI_CONFIG, json.dumps(config, sort_keys=True).encode()), layers)

