@@ -182,7 +182,8 @@ $(BIN)/helm:
 	$@ version --short
 integration-kube: deps-kube venv ## a real Kubernetes cluster over the lab: nodes Ready, pods run
 	$(KUBE_LAB) $(APULL) lab up
-	$(KUBE_LAB) $(BIN)/pytest -q -rP tests/integration/test_kube_cluster.py
+	$(KUBE_LAB) $(BIN)/pytest -q -rP tests/integration/test_kube_cluster.py \
+		tests/integration/test_kube_drains.py
 	cd roles/node_labels && $(KUBE_LAB) molecule test
 	cd roles/cluster_cleanup && $(KUBE_LAB) molecule test
 
