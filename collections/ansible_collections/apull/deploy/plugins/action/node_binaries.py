@@ -36,20 +36,25 @@ class _AnsibleTransport:
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = True
-    _VALID_ARGS = frozenset(("bundle_dir", "restart"))
+    _VALID_ARGS = frozenset(("bundle_dir", "prebuilt", "restart"))
 
     def run(self, tmp=None, task_vars=None):
         result = super(ActionModule, self).run(tmp, task_vars)
         from pathlib import Path
 
-        from apull.bundle.artefacts import BundleError
+        from apull.bundle.artefacts import BundleError, load_bundle
         from apull.bundle.builder import ensure_bundle
         from apull.sync.engine import NodeSyncError, sync_node
 
         args = self._task.args
         bundle_dir = args.get("bundle_dir")
         try:
-            bundle, _built = ensure_bundle(Path(bundle_dir) if bundle_dir else None)
+            if args.get("prebuilt"):
+                if not bundle_dir:
+                    raise AnsibleActionFail("prebuilt: true needs bundle_dir")
+                bundle = load_bundle(Path(bundle_dir))
+            else:
+                bundle, _built = ensure_bundle(Path(bundle_dir) if bundle_dir else None)
         except BundleError as err:
             raise AnsibleActionFail(str(err)) from err
 

@@ -24,6 +24,13 @@ options:
   bundle_dir:
     description: The bundle directory on the controller (default the suite's build/bundle).
     type: path
+  prebuilt:
+    description:
+      - Send the bundle in O(bundle_dir) as it is, checked against its manifest, instead of
+        building it from the suite's sources when stale (the chart's image carries a
+        prebuilt bundle and no build tools).
+    type: bool
+    default: false
   restart:
     description:
       - Restart, on the node, the running services whose binary changed.
