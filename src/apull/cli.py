@@ -291,6 +291,36 @@ def cmd_k8s_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chart_image(args: argparse.Namespace) -> int:
+    from apull.bundle.builder import ensure_bundle
+    from apull.chart import image as chart_image
+    from apull.registry.client import RegistryClient, RegistryError
+
+    push_to = args.registry
+    pulled_as = args.pulled_as
+    if push_to is None:
+        cfg = _load(args.config)
+        if cfg.target != "lab":
+            console.print("--registry HOST:PORT is needed outside the lab")
+            return 2
+        from apull.lab.registry import ensure_registry
+
+        push_to = ensure_registry().address
+        pulled_as = pulled_as or layout.guest_registry()
+    started = time.monotonic()
+    bundle, built = ensure_bundle()
+    _log(f"bundle {bundle.directory}: {'built' if built else 'up to date'}")
+    image = chart_image.build(bundle, _log)
+    try:
+        digest = chart_image.push(RegistryClient(push_to), image)
+    except RegistryError as err:
+        console.print(f"[red]push to {push_to} failed:[/red] {err}")
+        return 1
+    _log(f"pushed {image.reference(push_to)} ({digest}) in {time.monotonic() - started:.0f} s")
+    out.print(image.reference(pulled_as or push_to))
+    return 0
+
+
 def cmd_cri(args: argparse.Namespace) -> int:
     from apull_node.cri.cli import main as cri_main
 
@@ -393,6 +423,17 @@ def parser() -> argparse.ArgumentParser:
     )
     kt.add_argument("--keep", action="store_true", help="leave the DaemonSet in place")
     kt.set_defaults(func=cmd_k8s_test)
+    ci = sub.add_parser(
+        "chart-image",
+        help="build the chart's installer image (charts/apull) and push it; prints its reference",
+    )
+    ci.add_argument(
+        "--registry", default=None, help="push to HOST:PORT (plain HTTP; default the lab's)"
+    )
+    ci.add_argument(
+        "--pulled-as", default=None, help="the registry as nodes name it, for the printed reference"
+    )
+    ci.set_defaults(func=cmd_chart_image)
     cri = sub.add_parser(
         "cri",
         add_help=False,

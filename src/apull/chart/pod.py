@@ -1,0 +1,167 @@
+"""What the chart's DaemonSet pod runs (`python3 -m apull.chart.pod`, the installer image).
+
+The pod only starts the work; the host does it, so that restarting or deleting the pod
+stops nothing on the node:
+
+1. The image's files (Debian with python3, ansible-core, the suite's playbooks, roles and
+   prebuilt bundle) are copied once per build into the host directory the chart mounts
+   (`/var/lib/apull-chart/root-<build>` on the host).
+2. A transient systemd unit on the host (`systemd-run`, entered with nsenter) runs
+   ansible-playbook with that directory as its root: `playbooks/chart_node.yml` (fscache and
+   deploy: the same roles `make all` runs) for install and upgrade, `playbooks/uninstall.yml`
+   for uninstall, against this node through the connection `apull.deploy.host_namespaces`.
+   Its output is this pod's log; a unit left running by an earlier pod is waited for.
+3. Done, the pod says so (`/tmp/apull-chart-ready`, its readiness probe), removes the roots
+   of other builds, and waits. SIGTERM ends it at once: the stack stays, as host units.
+
+A failure exits non-zero (kubelet retries, with back-off); the pod never becomes ready.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: The chart mounts the host's directory (APULL_CHART_HOST_DIR) here.
+MOUNT = Path(os.environ.get("APULL_CHART_MOUNT", "/host/apull-chart"))
+HOST_DIR = os.environ.get("APULL_CHART_HOST_DIR", "/var/lib/apull-chart")
+#: The chart's settings: role variables as JSON (a ConfigMap).
+SETTINGS = Path(os.environ.get("APULL_CHART_SETTINGS", "/etc/apull-chart/vars.json"))
+READY = Path("/tmp/apull-chart-ready")
+#: The image's top-level entries the host root needs (bin, lib, sbin are links into usr).
+COPIED = ("bin", "etc", "lib", "lib64", "opt", "sbin", "usr", "var")
+EMPTY = ("dev", "proc", "sys", "run", "tmp", "root")
+PLAYBOOKS = {"install": "playbooks/chart_node.yml", "uninstall": "playbooks/uninstall.yml"}
+NSENTER = ["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--"]
+SUITE = "/opt/apull/suite"
+UNIT_WAIT_SECONDS = 3600
+
+
+def say(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} apull-chart: {message}", flush=True)
+
+
+def ensure_root(build: str) -> Path:
+    """This build's root in the host directory (as this pod sees it), copied once."""
+    root = MOUNT / f"root-{build}"
+    if (root / ".complete").exists():
+        return root
+    tmp = MOUNT / f".root-{build}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.monotonic()
+    present = [f"/{name}" for name in COPIED if os.path.lexists(f"/{name}")]
+    subprocess.run(["cp", "-a", *present, str(tmp)], check=True)
+    for name in EMPTY:
+        (tmp / name).mkdir(exist_ok=True)
+    (tmp / "tmp").chmod(0o1777)
+    (tmp / ".complete").write_text(build + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    say(f"copied build {build} to {HOST_DIR}/{root.name} in {time.monotonic() - started:.1f} s")
+    return root
+
+
+def write_run_files(root: Path, node: str, action: str) -> None:
+    """The inventory (this node, reached through nsenter) and the variables."""
+    settings = json.loads(SETTINGS.read_text()) if SETTINGS.exists() else {}
+    if not isinstance(settings, dict):
+        raise SystemExit(f"{SETTINGS}: not a JSON object of role variables")
+    variables = {
+        **settings,
+        "apull_target": "chart",
+        "apull_kubeconfig_path": "",
+        "apull_bundle_dir": "/opt/apull/bundle",
+        "apull_bundle_prebuilt": True,
+    }
+    inventory = {
+        "apull_nodes": {
+            "hosts": {node: {"ansible_connection": "apull.deploy.host_namespaces"}},
+        }
+    }
+    run = root / SUITE.lstrip("/") / "inventory"
+    (run / "chart.json").write_text(json.dumps(inventory, indent=1) + "\n")
+    (run / "chart-vars.json").write_text(json.dumps(variables, indent=1) + "\n")
+    say(f"{action} on {node} with {len(settings)} setting(s) from {SETTINGS}")
+
+
+def _unit_state(unit: str) -> str:
+    res = subprocess.run([*NSENTER, "systemctl", "is-active", unit],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    return res.stdout.strip()
+
+
+def run_on_host(build: str, action: str) -> int:
+    """ansible-playbook in a transient unit on the host, rooted in this build's copy."""
+    unit = f"apull-chart-{action}"
+    deadline = time.monotonic() + UNIT_WAIT_SECONDS
+    while _unit_state(unit) in ("active", "activating", "deactivating"):
+        if time.monotonic() > deadline:
+            say(f"{unit} is still running after {UNIT_WAIT_SECONDS} s")
+            return 1
+        say(f"{unit} (started by an earlier pod) is still running: waiting for it")
+        time.sleep(10)
+    subprocess.run([*NSENTER, "systemctl", "reset-failed", unit],
+                   capture_output=True, check=False)  # fmt: skip
+    env = {
+        "PYTHONPATH": "/opt/apull/lib:/opt/apull/suite/src",
+        "ANSIBLE_CONFIG": f"{SUITE}/ansible.cfg",
+        "ANSIBLE_LOCAL_TEMP": "/tmp/ansible-local",
+        "HOME": "/root",
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        *NSENTER, "systemd-run", f"--unit={unit}", "--wait", "--pipe", "--collect", "--quiet",
+        f"--property=RootDirectory={HOST_DIR}/root-{build}", "--property=MountAPIVFS=yes",
+        "--property=PrivateTmp=yes", f"--working-directory={SUITE}",
+        *(f"--setenv={k}={v}" for k, v in env.items()),
+        "/usr/bin/python3", "-m", "ansible.cli.playbook",
+        "-i", f"{SUITE}/inventory/chart.json", "-e", f"@{SUITE}/inventory/chart-vars.json",
+        f"{SUITE}/{PLAYBOOKS[action]}",
+    ]  # fmt: skip
+    say(f"running {PLAYBOOKS[action]} on the host as {unit}")
+    return subprocess.run(command, check=False).returncode
+
+
+def remove_other_roots(keep: str | None) -> None:
+    for path in sorted(MOUNT.glob("root-*")):
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+            say(f"removed {HOST_DIR}/{path.name}")
+
+
+def _stop(_signum: int, _frame: object) -> None:
+    say("stopping; the stack stays on the host")
+    sys.exit(0)
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
+    action = os.environ.get("APULL_CHART_ACTION", "install")
+    node = os.environ.get("NODE_NAME", "")
+    build = os.environ.get("APULL_CHART_BUILD", "")
+    if action not in PLAYBOOKS or not node or not build:
+        say(f"APULL_CHART_ACTION={action!r} (install or uninstall), NODE_NAME={node!r} and "
+            f"APULL_CHART_BUILD={build!r} must be set")  # fmt: skip
+        return 2
+    root = ensure_root(build)
+    write_run_files(root, node, action)
+    rc = run_on_host(build, action)
+    if rc != 0:
+        say(f"{PLAYBOOKS[action]} failed on {node} (exit {rc}); this pod exits and is retried")
+        return rc
+    remove_other_roots(keep=None if action == "uninstall" else root.name)
+    READY.write_text(f"{action} {build}\n")
+    say(f"{action} done on {node}; waiting (the stack runs as host units)")
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
