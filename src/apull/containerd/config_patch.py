@@ -148,6 +148,12 @@ def grpc_address(text: str) -> str:
     return address if isinstance(address, str) and address else DEFAULT_GRPC_ADDRESS
 
 
+def cri_default_snapshotter_key(text: str, source: str = "config.toml") -> str:
+    """The dotted key of CRI's default snapshotter in this config's version."""
+    version = _version(_load(text, source), source)
+    return format_key_path((*CRI_IMAGE_TABLES[version], "snapshotter"))
+
+
 def patch_config(
     text: str,
     *,

@@ -26,7 +26,7 @@ DEFAULT_PATH = "/etc/containerd/config.toml"
 MAX_ENCODED = 96 * 1024
 
 ARGUMENT_SPEC = dict(
-    state=dict(type="str", default="patched", choices=["patched", "original"]),
+    state=dict(type="str", default="patched", choices=["patched", "released", "original"]),
     path=dict(type="str", default=DEFAULT_PATH),
     backup_path=dict(type="str"),
     proxy_address=dict(type="str", default="/run/containerd-apull-grpc.sock"),
@@ -236,10 +236,13 @@ class ActionModule(ActionBase):
 
     def _patch(self, result, args):
         path = self._paths["p"]
-        read = self._read(result, want_default=True, want_backup=False)
+        released = args["state"] == "released"
+        read = self._read(result, want_default=True, want_backup=released)
         if read is None:
             return result
         fields, sections, res = read
+        if released and fields.get("backup") != "1" and fields.get("marker") != "1":
+            return result  # never patched (or restored already): nothing to release
         if not result["containerd_version"]:
             return self._fail(result, "%s: containerd is not installed on the node" % path)
         exists = fields["exists"] == "1"
@@ -252,14 +255,24 @@ class ActionModule(ActionBase):
             return self._fail(result, "%s is not UTF-8 text: %s" % (path, exc))
 
         patch = _import_patch()
+        base, overrides, default = current, args["overrides"], args["set_default_snapshotter"]
+        if released:
+            # The original with the proxy plugin still in (containerd can still reach the
+            # snapshotter, to remove what is on it), its own default snapshotter back.
+            default = False
+            if "backup" in sections:
+                base = sections["backup"].decode("utf-8", "replace")
+            else:  # apull created the file: containerd's own default snapshotter
+                overrides = dict(overrides)
+                overrides[patch.cri_default_snapshotter_key(current)] = "overlayfs"
         try:
             patched = patch.patch_config(
-                current,
+                base,
                 proxy_address=args["proxy_address"],
                 snapshotter_name=args["snapshotter_name"],
-                set_default_snapshotter=args["set_default_snapshotter"],
+                set_default_snapshotter=default,
                 insecure_registries=args["insecure_registries"],
-                overrides=args["overrides"],
+                overrides=overrides,
                 source=path if exists else "%s (containerd config default)" % path,
             )
         except patch.ConfigPatchError as exc:
@@ -286,7 +299,7 @@ class ActionModule(ActionBase):
         # text before it, so the caller restarts, and can roll back to that copy.
         if exists and fields.get("previous") == "1":
             result.update(restart_pending=True, previous_path=self._paths["prev"])
-        if exists and not patched.changed:
+        if exists and (patched.text == current if released else not patched.changed):
             return result
 
         result.update(changed=True, created=not exists)

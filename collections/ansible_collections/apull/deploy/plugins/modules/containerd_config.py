@@ -49,8 +49,12 @@ options:
   state:
     description:
       - V(patched) patches the file; V(original) puts the original back.
+      - V(released) writes the original patched again but with the original's own CRI
+        default snapshotter (C(overlayfs) when apull created the file), so that nothing new
+        starts on apull while what is on it is removed; the step before V(original) in an
+        uninstall. Does nothing on a node never patched.
     type: str
-    choices: [patched, original]
+    choices: [patched, released, original]
     default: patched
   path:
     description: containerd's config file on the node.
