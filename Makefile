@@ -22,7 +22,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
-	integration-kernel integration-kube deps-kube k8s-test bench-k8s molecule \
+	integration-kernel integration-kube deps-kube k8s-test bench-k8s chart-image molecule \
 	bundle sync-bin clean convert bench
 
 help: ## list the targets
@@ -183,7 +183,7 @@ $(BIN)/helm: | venv
 integration-kube: deps-kube venv ## a real Kubernetes cluster over the lab: nodes Ready, pods run
 	$(KUBE_LAB) $(APULL) lab up
 	$(KUBE_LAB) $(BIN)/pytest -q -rP tests/integration/test_kube_cluster.py \
-		tests/integration/test_kube_drains.py
+		tests/integration/test_kube_drains.py tests/integration/test_chart.py
 	cd roles/node_labels && $(KUBE_LAB) molecule test
 	cd roles/cluster_cleanup && $(KUBE_LAB) molecule test
 
@@ -198,6 +198,12 @@ k8s-test: venv ## DaemonSet of IMAGE on every Ready node: kubelet's pull time pe
 bench-k8s: deps-kube venv ## DaemonSet of the 1 GiB image on the Kubernetes lab: lazy vs full per node
 	$(KUBE_LAB) $(APULL) run site
 	$(KUBE_LAB) $(BIN)/python -m apull.bench.k8s $(BENCH_ARGS)
+
+# The chart's installer image (charts/apull): built from this checkout and pushed to the lab's
+# registry, or to REGISTRY=HOST:PORT (plain HTTP); prints the reference for image.repository
+# and image.tag.
+chart-image: venv ## build and push the installer image of charts/apull; prints its reference
+	$(APULL) chart-image $(if $(REGISTRY),--registry $(REGISTRY))
 
 # What does not fit CI's time: test, then the tiers too slow for it.
 test-all: test unit-py39-arm64 integration-platforms integration-kernel integration-kube ## make test, plus arm64, Debian 11, 5.10 nodes and Kubernetes

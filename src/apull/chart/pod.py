@@ -10,7 +10,8 @@ stops nothing on the node:
    ansible-playbook with that directory as its root: `playbooks/chart_node.yml` (fscache and
    deploy: the same roles `make all` runs) for install and upgrade, `playbooks/uninstall.yml`
    for uninstall, against this node through the connection `apull.deploy.host_namespaces`.
-   Its output is this pod's log; a unit left running by an earlier pod is waited for.
+   The unit's output (in the host's journal) is followed into this pod's log; a unit left
+   running by an earlier pod is waited for.
 3. Done, the pod says so (`/tmp/apull-chart-ready`, its readiness probe), removes the roots
    of other builds, and waits. SIGTERM ends it at once: the stack stays, as host units.
 
@@ -116,8 +117,10 @@ def run_on_host(build: str, action: str) -> int:
         "HOME": "/root",
         "PYTHONUNBUFFERED": "1",
     }
+    # No --pipe: the unit's output goes to the journal and this pod follows it there, so
+    # the unit runs on whatever happens to the pod (the uninstall stops this very container).
     command = [
-        *NSENTER, "systemd-run", f"--unit={unit}", "--wait", "--pipe", "--collect", "--quiet",
+        *NSENTER, "systemd-run", f"--unit={unit}", "--wait", "--collect", "--quiet",
         f"--property=RootDirectory={HOST_DIR}/root-{build}", "--property=MountAPIVFS=yes",
         "--property=PrivateTmp=yes", f"--working-directory={SUITE}",
         *(f"--setenv={k}={v}" for k, v in env.items()),
@@ -126,7 +129,14 @@ def run_on_host(build: str, action: str) -> int:
         f"{SUITE}/{PLAYBOOKS[action]}",
     ]  # fmt: skip
     say(f"running {PLAYBOOKS[action]} on the host as {unit}")
-    return subprocess.run(command, check=False).returncode
+    follow = subprocess.Popen([*NSENTER, "journalctl", f"--unit={unit}", "--follow",
+                               "--lines=0", "--output=cat"])  # fmt: skip
+    try:
+        return subprocess.run(command, check=False).returncode
+    finally:
+        time.sleep(2)  # the journal's last lines
+        follow.terminate()
+        follow.wait()
 
 
 def remove_other_roots(keep: str | None) -> None:
