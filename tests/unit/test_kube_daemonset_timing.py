@@ -66,8 +66,12 @@ def test_the_daemonset_runs_on_the_named_nodes_and_tolerates_the_control_plane()
     doc = manifest("t", "ns", "r/x:1", ["node2", "node1"], None)
     spec = doc["spec"]["template"]["spec"]
     term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    fields = term["nodeSelectorTerms"][0]["matchFields"][0]
-    assert fields == {"key": "metadata.name", "operator": "In", "values": ["node1", "node2"]}
+    # The apiserver takes one value per field selector: one term per node, ORed.
+    fields = [t["matchFields"] for t in term["nodeSelectorTerms"]]
+    assert fields == [
+        [{"key": "metadata.name", "operator": "In", "values": ["node1"]}],
+        [{"key": "metadata.name", "operator": "In", "values": ["node2"]}],
+    ]
     assert {t["key"] for t in spec["tolerations"]} == set(CONTROL_PLANE_TAINTS)
     (container,) = spec["containers"]
     assert container["image"] == "r/x:1"

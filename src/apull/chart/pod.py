@@ -39,7 +39,10 @@ READY = Path("/tmp/apull-chart-ready")
 COPIED = ("bin", "etc", "lib", "lib64", "opt", "sbin", "usr", "var")
 EMPTY = ("dev", "proc", "sys", "run", "tmp", "root")
 PLAYBOOKS = {"install": "playbooks/chart_node.yml", "uninstall": "playbooks/uninstall.yml"}
-NSENTER = ["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--"]
+#: The host's mount namespace is enough for systemctl, systemd-run and journalctl (their
+#: sockets and files); without --pid, nsenter execs the command instead of forking it, so
+#: stopping it stops the command.
+NSENTER = ["nsenter", "--target", "1", "--mount", "--"]
 SUITE = "/opt/apull/suite"
 UNIT_WAIT_SECONDS = 3600
 
@@ -116,6 +119,8 @@ def run_on_host(build: str, action: str) -> int:
         "ANSIBLE_LOCAL_TEMP": "/tmp/ansible-local",
         "HOME": "/root",
         "PYTHONUNBUFFERED": "1",
+        # The modules' own "Invoked with ..." syslog lines would land in the unit's journal.
+        "ANSIBLE_NO_TARGET_SYSLOG": "True",
     }
     # No --pipe: the unit's output goes to the journal and this pod follows it there, so
     # the unit runs on whatever happens to the pod (the uninstall stops this very container).

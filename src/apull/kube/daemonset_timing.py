@@ -114,16 +114,19 @@ def manifest(
                     "affinity": {
                         "nodeAffinity": {
                             "requiredDuringSchedulingIgnoredDuringExecution": {
+                                # One term per node (terms are ORed): a field
+                                # selector takes one value only.
                                 "nodeSelectorTerms": [
                                     {
                                         "matchFields": [
                                             {
                                                 "key": "metadata.name",
                                                 "operator": "In",
-                                                "values": sorted(nodes),
+                                                "values": [node],
                                             }
                                         ]
                                     }
+                                    for node in sorted(nodes)
                                 ]
                             }
                         }
