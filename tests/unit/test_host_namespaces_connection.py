@@ -90,7 +90,8 @@ def _play(tmp_path: Path, pid: int, shared: Path) -> subprocess.CompletedProcess
         f"      ansible_python_interpreter: {sys.executable}\n"
     )
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
-    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), str(play)]
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-vvv", "-i", str(inventory),
+           str(play)]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -109,6 +110,8 @@ def test_tasks_act_in_the_hosts_namespaces(tmp_path: Path, host: tuple[int, Path
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert there.stdout.split() == ["640", str(len("from the controller\n"))], there.stderr
+    # Modules are piped (pipelining): the copy's content is the one file sent.
+    assert result.stdout.count("HOST NS PUT ") == 1, result.stdout[-3000:]
 
 
 def test_a_process_it_cannot_enter_fails_the_host_with_the_reason(tmp_path: Path) -> None:

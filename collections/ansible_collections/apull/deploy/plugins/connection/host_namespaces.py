@@ -28,6 +28,16 @@ options:
     default: 1
     vars:
       - name: apull_host_namespaces_pid
+  pipelining:
+    description:
+      - Send modules through the command's standard input instead of copying them to the
+        host first (one nsenter instead of four per module).
+    type: boolean
+    default: true
+    env:
+      - name: ANSIBLE_PIPELINING
+    vars:
+      - name: ansible_pipelining
   nsenter:
     description: The nsenter program where Ansible runs.
     type: str
