@@ -316,7 +316,9 @@ def cmd_chart_image(args: argparse.Namespace) -> int:
     except RegistryError as err:
         console.print(f"[red]push to {push_to} failed:[/red] {err}")
         return 1
-    _log(f"pushed {image.reference(push_to)} ({digest}) in {time.monotonic() - started:.0f} s")
+    _log(f"pushed {image.reference(push_to)} ({digest}, {image.architecture}) in "
+         f"{time.monotonic() - started:.0f} s; chart values: image.architecture="
+         f"{image.architecture}")  # fmt: skip
     out.print(image.reference(pulled_as or push_to))
     return 0
 

@@ -116,6 +116,12 @@ def _install_args(reference: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _rolled_out(kube: Kubectl) -> None:
+    """Every node done: helm's --wait returns while maxUnavailable nodes still work."""
+    kube.run("rollout", "status", f"daemonset/{RELEASE}", "-n", NS, "--timeout=40m",
+             timeout=2500)  # fmt: skip
+
+
 def _lazy_daemonset(image: LazyImage) -> dict[str, Any]:
     labels = {"app": "lazy"}
     return {
@@ -187,6 +193,7 @@ def test_the_chart_installs_upgrades_survives_a_reboot_and_uninstalls(
     res = helm("install", RELEASE, str(ROOT / "charts/apull"), "--create-namespace",
                *_install_args(first))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _rolled_out(kube)
     for node in lab:
         plugins = run_on(node, "ctr plugins ls | grep -w apull").stdout
         assert plugins.split()[-1:] == ["ok"], (node.name, plugins)
@@ -209,6 +216,7 @@ def test_the_chart_installs_upgrades_survives_a_reboot_and_uninstalls(
     assert second != first
     res = helm("upgrade", RELEASE, str(ROOT / "charts/apull"), *_install_args(second))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _rolled_out(kube)
     for node in lab:
         now = _sha(node, NODE_BINARIES[0])
         assert now and now != installed[node.name], node.name
@@ -245,7 +253,7 @@ def test_the_chart_installs_upgrades_survives_a_reboot_and_uninstalls(
             before[node.name].encode()).hexdigest(), node.name  # fmt: skip
         assert _apull_mounts(node) == [], node.name
         assert not _sha(node, NODE_BINARIES[0]), node.name
-        left = run_on(node, "ls /var/lib/apull-chart 2>/dev/null").stdout.split()
+        left = run_on(node, "ls -A /var/lib/apull-chart 2>/dev/null").stdout.split()
         assert left == [], (node.name, left)
     plain = {
         "apiVersion": "apps/v1",

@@ -198,7 +198,8 @@ def test_a_pdb_stops_the_drain_then_the_upgrade_evicts_and_reschedules(
     assert blocked.returncode != 0, out[-3000:]
     assert recap(out)[node.name][3] == 1, out[-3000:]
     assert f"blocked by {NS}/{pinned['metadata']['name']}." in out, out[-3000:]
-    assert "Nothing was changed on the node; it is uncordoned again" in out
+    assert "Nothing was changed on the node; its kernel upgrade stops here" in out
+    assert "It is uncordoned again." in out
     assert boot_id(node) == booted and not package_installed(node)
     assert run_on(node, "uname -r").stdout.strip() == kernel
     _wait_nodes(kube, {node.name}, timeout=60)

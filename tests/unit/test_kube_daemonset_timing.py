@@ -52,6 +52,14 @@ def test_pull_time_is_the_pods_own_pulled_event() -> None:
     assert pull_result(events, "ds-b") == (9.5, "pulled")
 
 
+def test_newer_kubelets_pull_messages_are_read_too() -> None:
+    message = (
+        'Successfully pulled image "r/x:1" in 717ms (718ms including waiting). '
+        "Image size: 2048 bytes."
+    )
+    assert pull_result([_event("ds-a", "Pulled", message)], "ds-a") == (0.717, "pulled")
+
+
 def test_an_image_already_on_the_node_has_no_pull_time() -> None:
     events = [_event("ds-a", "Pulled", 'Container image "r/x:1" already present on machine')]
     assert pull_result(events, "ds-a") == (None, "already present")

@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import io
 import json
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ from packaging.requirements import Requirement
 
 from apull.bundle.artefacts import Bundle
 from apull.kube.kubectl import KubeError, kubectl_binary
+from apull.lab import emulation, layout
 from apull.lab import image as lab_image
-from apull.lab import layout
 from apull.lab.run import LabError
 from apull.paths import suite_root
 from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
@@ -78,6 +79,7 @@ FIXED_MTIME = 1_700_000_000
 @dataclass(frozen=True)
 class InstallerImage:
     tag: str
+    architecture: str
     config: Blob
     layers: tuple[Blob, ...]
 
@@ -212,10 +214,16 @@ def _suite_members(bundle: Bundle, build_file: Path) -> list[tuple[str, Path]]:
 
 def build(bundle: Bundle, log: Callable[[str], None]) -> InstallerImage:
     """The installer image for this checkout and `bundle` (the base root made once)."""
+    arch = emulation.host_arch()
     base_root = lab_image.ensure_rootfs(log, packages=BASE_PACKAGES, flavour=BASE_FLAVOUR)
     nsenter = base_root / "usr/bin/nsenter"
     if not nsenter.exists():
         raise LabError(f"{base_root} has no usr/bin/nsenter (util-linux)")
+    # The venv's packages (compiled ones among them) run under the base's python3.
+    ours = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if not (base_root / "usr/bin" / ours).exists():
+        raise LabError(f"the image's Debian 12 root has no {ours} (this venv's): build the "
+                       "chart image from a venv of Debian 12's python3")  # fmt: skip
     base, base_id = _layer(_tree(base_root, skip=BASE_SKIP))
     log(f"base layer: {len(base.data) / 1e6:.1f} MB ({base_root})")
     python, python_id = _layer(_python_members(), mtime=FIXED_MTIME)
@@ -236,14 +244,13 @@ def build(bundle: Bundle, log: Callable[[str], None]) -> InstallerImage:
     suite, suite_id = _layer(_suite_members(bundle, build_file), mtime=FIXED_MTIME)
     log(f"suite layer: {len(suite.data) / 1e6:.1f} MB (playbooks, roles, bundle; build {tag})")
     config = {
-        "architecture": "amd64",
+        "architecture": arch,
         "os": "linux",
         "config": {
             "Env": [
                 "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                 f"PYTHONPATH=/{OPT}/lib:/{OPT}/suite/src",
                 f"ANSIBLE_CONFIG=/{OPT}/suite/ansible.cfg",
-                f"APULL_CHART_BUILD={tag}",
             ],
             "Entrypoint": ["/usr/bin/python3", "-m", "apull.chart.pod"],
             "WorkingDir": f"/{OPT}/suite",
@@ -252,7 +259,7 @@ def build(bundle: Bundle, log: Callable[[str], None]) -> InstallerImage:
         "rootfs": {"type": "layers", "diff_ids": [base_id, python_id, suite_id]},
     }
     config_blob = Blob(OCI_CONFIG, json.dumps(config, sort_keys=True).encode())
-    return InstallerImage(tag, config_blob, (base, python, suite))
+    return InstallerImage(tag, arch, config_blob, (base, python, suite))
 
 
 def push(client: RegistryClient, image: InstallerImage) -> str:

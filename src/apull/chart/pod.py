@@ -45,6 +45,7 @@ PLAYBOOKS = {"install": "playbooks/chart_node.yml", "uninstall": "playbooks/unin
 NSENTER = ["nsenter", "--target", "1", "--mount", "--"]
 SUITE = "/opt/apull/suite"
 UNIT_WAIT_SECONDS = 3600
+UNIT = "apull-chart"
 
 
 def say(message: str) -> None:
@@ -52,7 +53,8 @@ def say(message: str) -> None:
 
 
 def ensure_root(build: str) -> Path:
-    """This build's root in the host directory (as this pod sees it), copied once."""
+    """This build's root in the host directory (as this pod sees it), copied once. Keyed on
+    the image's own BUILD file: an image pushed again under the same tag is another copy."""
     root = MOUNT / f"root-{build}"
     if (root / ".complete").exists():
         return root
@@ -62,6 +64,7 @@ def ensure_root(build: str) -> Path:
     started = time.monotonic()
     present = [f"/{name}" for name in COPIED if os.path.lexists(f"/{name}")]
     subprocess.run(["cp", "-a", *present, str(tmp)], check=True)
+    shutil.rmtree(tmp / SETTINGS.parent.relative_to("/"), ignore_errors=True)  # the Secret
     for name in EMPTY:
         (tmp / name).mkdir(exist_ok=True)
     (tmp / "tmp").chmod(0o1777)
@@ -91,7 +94,11 @@ def write_run_files(root: Path, node: str, action: str) -> None:
     }
     run = root / SUITE.lstrip("/") / "inventory"
     (run / "chart.json").write_text(json.dumps(inventory, indent=1) + "\n")
-    (run / "chart-vars.json").write_text(json.dumps(variables, indent=1) + "\n")
+    secret = run / "chart-vars.json"  # may hold registry credentials: root only, removed after
+    secret.unlink(missing_ok=True)
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(variables) + "\n")
     say(f"{action} on {node} with {len(settings)} setting(s) from {SETTINGS}")
 
 
@@ -102,14 +109,15 @@ def _unit_state(unit: str) -> str:
 
 
 def run_on_host(build: str, action: str) -> int:
-    """ansible-playbook in a transient unit on the host, rooted in this build's copy."""
-    unit = f"apull-chart-{action}"
+    """ansible-playbook in a transient unit on the host, rooted in this build's copy. One unit
+    name for every action: an uninstall waits for an install an earlier pod left running."""
+    unit = UNIT
     deadline = time.monotonic() + UNIT_WAIT_SECONDS
     while _unit_state(unit) in ("active", "activating", "deactivating"):
         if time.monotonic() > deadline:
             say(f"{unit} is still running after {UNIT_WAIT_SECONDS} s")
             return 1
-        say(f"{unit} (started by an earlier pod) is still running: waiting for it")
+        say(f"{unit} (started by an earlier pod) is still running: waiting for it to end")
         time.sleep(10)
     subprocess.run([*NSENTER, "systemctl", "reset-failed", unit],
                    capture_output=True, check=False)  # fmt: skip
@@ -160,14 +168,18 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
     action = os.environ.get("APULL_CHART_ACTION", "install")
     node = os.environ.get("NODE_NAME", "")
-    build = os.environ.get("APULL_CHART_BUILD", "")
+    build_file = Path("/opt/apull/BUILD")
+    build = build_file.read_text().strip() if build_file.exists() else ""
     if action not in PLAYBOOKS or not node or not build:
-        say(f"APULL_CHART_ACTION={action!r} (install or uninstall), NODE_NAME={node!r} and "
-            f"APULL_CHART_BUILD={build!r} must be set")  # fmt: skip
+        say(f"APULL_CHART_ACTION={action!r} (install or uninstall) and NODE_NAME={node!r} must "
+            f"be set, and the image must name its build in {build_file} ({build!r})")  # fmt: skip
         return 2
     root = ensure_root(build)
     write_run_files(root, node, action)
-    rc = run_on_host(build, action)
+    try:
+        rc = run_on_host(build, action)
+    finally:
+        (root / SUITE.lstrip("/") / "inventory" / "chart-vars.json").unlink(missing_ok=True)
     if rc != 0:
         say(f"{PLAYBOOKS[action]} failed on {node} (exit {rc}); this pod exits and is retried")
         return rc

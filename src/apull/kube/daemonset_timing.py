@@ -35,7 +35,11 @@ _GO_UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_PULLED = re.compile(r'^Successfully pulled image "(?P<image>[^"]+)" in (?P<took>\S+)$')
+#: 1.20: `... in 2.5s`; later kubelets add `(2.6s including waiting). Image size: N bytes.`
+_PULLED = re.compile(
+    r'^Successfully pulled image "(?P<image>[^"]+)" '
+    r"in (?P<took>(?:[0-9.]+(?:ns|us|µs|μs|ms|s|m|h))+)"
+)
 _PRESENT = re.compile(r'^Container image "(?P<image>[^"]+)" already present on machine$')
 
 
