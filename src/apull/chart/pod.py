@@ -32,7 +32,7 @@ from pathlib import Path
 #: The chart mounts the host's directory (APULL_CHART_HOST_DIR) here.
 MOUNT = Path(os.environ.get("APULL_CHART_MOUNT", "/host/apull-chart"))
 HOST_DIR = os.environ.get("APULL_CHART_HOST_DIR", "/var/lib/apull-chart")
-#: The chart's settings: role variables as JSON (a ConfigMap).
+#: The chart's settings: role variables as JSON (its Secret).
 SETTINGS = Path(os.environ.get("APULL_CHART_SETTINGS", "/etc/apull-chart/vars.json"))
 READY = Path("/tmp/apull-chart-ready")
 #: The image's top-level entries the host root needs (bin, lib, sbin are links into usr).
@@ -153,7 +153,8 @@ def run_on_host(build: str, action: str) -> int:
 
 
 def remove_other_roots(keep: str | None) -> None:
-    for path in sorted(MOUNT.glob("root-*")):
+    """Other builds' copies, and copies a stopped pod left half made."""
+    for path in sorted([*MOUNT.glob("root-*"), *MOUNT.glob(".root-*.tmp")]):
         if path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
             say(f"removed {HOST_DIR}/{path.name}")
