@@ -12,6 +12,7 @@ import testinfra
 
 from apull.cli import lab_nodes
 from apull.config import default_config_path, load_config
+from apull.kube.kubectl import Kubectl
 from apull.lab import layout, nodes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,15 +73,24 @@ def run_on(node: layout.LabNode, command: str) -> subprocess.CompletedProcess[st
     return nodes.ssh(node, command, timeout=120)
 
 
-def _log(message: str) -> None:
+def lab_log(message: str) -> None:
     print(f"[lab] {message}")
+
+
+@pytest.fixture(scope="session")
+def kube() -> Kubectl:
+    """kubectl on the lab's Kubernetes cluster (make integration-kube); skips without one."""
+    cfg = load_config(default_config_path())
+    if not cfg.lab_kubernetes or cfg.kubeconfig_path is None:
+        pytest.skip("the lab runs no Kubernetes (LAB_KUBERNETES=yes: make integration-kube)")
+    return Kubectl(cfg.kubeconfig_path)
 
 
 def reset_nodes(wanted: list[layout.LabNode]) -> None:
     """Boot these nodes fresh from their variant's image (all at once)."""
     from apull.lab import lab as lab_control
 
-    lab_control.reset(wanted, _log)
+    lab_control.reset(wanted, lab_log)
 
 
 def restore_configured_state(lab: list[layout.LabNode]) -> None:

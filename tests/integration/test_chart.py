@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, run_on
+from conftest import ROOT, lab_log, run_on
 from lazy_image import BIG, OTHER, LazyImage, push_and_convert
 
-from apull.config import default_config_path, load_config
+from apull.config import default_config_path
 from apull.kube.kubectl import Kubectl
 from apull.lab import lab as lab_control
 from apull.lab import layout
@@ -37,18 +37,6 @@ RELEASE = "apull"
 WORK_NS = "apull-chart-test"
 CONFIG = "/etc/containerd/config.toml"
 NODE_BINARIES = ("/usr/bin/apulld", "/usr/bin/apull-containerd-grpc")
-
-
-def _log(message: str) -> None:
-    print(f"[lab] {message}")
-
-
-@pytest.fixture(scope="module")
-def kube() -> Kubectl:
-    cfg = load_config(default_config_path())
-    if not cfg.lab_kubernetes or cfg.kubeconfig_path is None:
-        pytest.skip("the lab runs no Kubernetes (LAB_KUBERNETES=yes: make integration-kube)")
-    return Kubectl(cfg.kubeconfig_path)
 
 
 def helm(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess[str]:
@@ -92,8 +80,8 @@ def _second_build(tmp: Path) -> str:
 @pytest.fixture(scope="module")
 def bare_lab(lab: list[layout.LabNode], kube: Kubectl) -> Iterator[list[layout.LabNode]]:
     """Every node fresh from its image (no apull) and joined; the stack off them after."""
-    lab_control.reset(lab, _log)
-    lab_control.up(lab, _log, kubernetes=True)
+    lab_control.reset(lab, lab_log)
+    lab_control.up(lab, lab_log, kubernetes=True)
     yield lab
     helm("uninstall", RELEASE, "--namespace", NS, "--timeout", "30m")
     kube.run("delete", "namespace", WORK_NS, NS, "--ignore-not-found", "--wait=true",
@@ -230,7 +218,7 @@ def test_the_chart_installs_upgrades_survives_a_reboot_and_uninstalls(
     # 3. A node reboots while installed: its installer and its lazy pod come back.
     target = lab[-1]
     boot = run_on(target, "cat /proc/sys/kernel/random/boot_id").stdout
-    lab_control.reset([target], _log, power_cycle=True)
+    lab_control.reset([target], lab_log, power_cycle=True)
     assert run_on(target, "cat /proc/sys/kernel/random/boot_id").stdout != boot
     _wait_pods(kube, WORK_NS, "lazy", names)
     back = _pods(kube, WORK_NS, "lazy")[target.name]

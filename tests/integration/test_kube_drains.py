@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import apull, boot_id, package_installed, recap, run_on
+from conftest import apull, boot_id, lab_log, package_installed, recap, run_on
 
-from apull.config import default_config_path, load_config
 from apull.kube.kubectl import Kubectl
 from apull.lab import lab as lab_control
 from apull.lab import layout
@@ -27,30 +26,18 @@ IMAGE = f"{layout.guest_registry()}/lab/busybox:latest"
 SLEEP = ["sleep", "1000000"]
 
 
-@pytest.fixture(scope="module")
-def kube() -> Kubectl:
-    cfg = load_config(default_config_path())
-    if not cfg.lab_kubernetes or cfg.kubeconfig_path is None:
-        pytest.skip("the lab runs no Kubernetes (LAB_KUBERNETES=yes: make integration-kube)")
-    return Kubectl(cfg.kubeconfig_path)
-
-
-def _log(message: str) -> None:
-    print(f"[lab] {message}")
-
-
 @pytest.fixture
 def stock_last(lab: list[layout.LabNode], kube: Kubectl) -> Iterator[layout.LabNode]:
     """The last node re-created as a stock node and joined; the configured lab again after."""
     target = lab[-1]
     as_stock = [layout.LabNode(n.index, "stock") if n is target else n for n in lab]
     try:
-        lab_control.up(as_stock, _log, kubernetes=True)
+        lab_control.up(as_stock, lab_log, kubernetes=True)
         _wait_nodes(kube, {n.name for n in lab})
         yield as_stock[-1]
     finally:
         kube.run("delete", "namespace", NS, "--ignore-not-found", "--wait=true", timeout=300)
-        lab_control.up(lab, _log, kubernetes=True)
+        lab_control.up(lab, lab_log, kubernetes=True)
 
 
 def _wait_nodes(kube: Kubectl, names: set[str], timeout: float = 600) -> None:
