@@ -7,6 +7,10 @@ import signal
 import time
 from pathlib import Path
 
+#: How often, and how far apart, an empty command line is read again (see runs).
+EXEC_RETRIES = 20
+EXEC_RETRY_S = 0.05
+
 
 def read_pid(pidfile: Path) -> int | None:
     try:
@@ -44,7 +48,17 @@ def runs(pidfile: Path, program: str) -> bool:
     """True if pidfile's process is alive and is `program` (its command line names it): a pid
     file that outlived a host reboot may name some other process by now."""
     pid = read_pid(pidfile)
-    return pid is not None and is_alive(pidfile) and program.encode() in cmdline(pid)
+    if pid is None or not is_alive(pidfile):
+        return False
+    # A process caught in exec (just started: its parent saw the exec begin) has an empty
+    # command line for a moment; ask again before saying it is something else.
+    line = cmdline(pid)
+    for _ in range(EXEC_RETRIES):
+        if line:
+            break
+        time.sleep(EXEC_RETRY_S)
+        line = cmdline(pid)
+    return program.encode() in line
 
 
 def stop(pidfile: Path, timeout: float = 10.0, program: str | None = None) -> bool:
