@@ -22,7 +22,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
-	integration-kernel integration-kube deps-kube k8s-test bench-k8s chart-image molecule \
+	integration-kernel integration-kube deps-kube status k8s-test bench-k8s chart-image molecule \
 	bundle sync-bin clean convert bench
 
 help: ## list the targets
@@ -186,6 +186,11 @@ integration-kube: deps-kube venv ## a real Kubernetes cluster over the lab: node
 		tests/integration/test_kube_drains.py tests/integration/test_chart.py
 	cd roles/node_labels && $(KUBE_LAB) molecule test
 	cd roles/cluster_cleanup && $(KUBE_LAB) molecule test
+
+# Every node's stack against this checkout, read at once and changing nothing; exit 1 unless
+# every node is ready. NODES=... limits it, STATUS_ARGS=--json gives the JSON document.
+status: venv ## each node: drift, services, containerd, cache, images fetched; the fleet rollup
+	$(APULL) status $(STATUS_ARGS) $(NODES)
 
 # The documents' test: a DaemonSet of IMAGE on every Ready node of config.txt's cluster
 # (KUBECONFIG_PATH), kubelet's pull time and the time to Running per node, then removed.

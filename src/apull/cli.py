@@ -256,6 +256,14 @@ def cmd_sync_bin(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from apull.status.command import status
+
+    # Read-only: the lab is not brought up (a node that is down is reported as unreachable).
+    return status(_load(args.config), only=args.nodes, as_json=args.json, prebuilt=args.bundle,
+                  console=out)  # fmt: skip
+
+
 def cmd_k8s_test(args: argparse.Namespace) -> int:
     from apull.kube import daemonset_timing
     from apull.kube.kubectl import Kubectl, KubeError
@@ -408,6 +416,17 @@ def parser() -> argparse.ArgumentParser:
     )
     sb.add_argument("--no-lab", action="store_true", help="do not bring the lab up first")
     sb.set_defaults(func=cmd_sync_bin)
+    st = sub.add_parser(
+        "status",
+        help="every node's stack against this checkout: drift, services, cache, images; "
+        "exit 1 unless all are ready",
+    )
+    st.add_argument("nodes", nargs="*", metavar="NODE", help="only these nodes (default: all)")
+    st.add_argument("--json", action="store_true", help="the JSON document (docs/status.md)")
+    st.add_argument(
+        "--bundle", type=Path, default=None, help="compare with this prebuilt bundle's binaries"
+    )
+    st.set_defaults(func=cmd_status)
     kt = sub.add_parser(
         "k8s-test",
         help="the documents' test: a DaemonSet of IMAGE on every Ready node, with kubelet's "

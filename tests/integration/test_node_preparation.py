@@ -323,6 +323,121 @@ def test_registry_down_is_a_clear_error_and_the_node_stays_healthy(lazy_node, la
     assert again.stdout.split()[:1] == [lazy_image.sha256(OTHER)], again.stderr
 
 
+# -- apull status on the deployed fleet ---------------------------------------------------------
+
+CLOSED_PORT = 2299  # nothing listens here: a node that is down
+
+
+def status_json(*args: str) -> tuple[int, dict]:
+    result = apull("status", "--json", *args, timeout=300)
+    assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]
+    return result.returncode, json.loads(result.stdout)
+
+
+def by_name(document: dict) -> dict[str, dict]:
+    return {node["name"]: node for node in document["nodes"]}
+
+
+def test_status_shows_a_ready_fleet_and_how_much_of_the_image_is_fetched(lab, lazy_node):
+    started = time.monotonic()
+    rc, doc = status_json()
+    print(f"apull status --json over {len(lab)} nodes: {time.monotonic() - started:.1f} s")
+    assert rc == 0, doc["summary"]
+    assert doc["schema"] == 1
+    summary = {k: v for k, v in doc["summary"].items() if k != "seconds"}
+    assert summary == {"nodes": 3, "ready": 3, "drifted": 0, "failing": 0, "unreachable": 0}
+    lab_nodes = {n.name: n for n in lab}
+    for name, node in by_name(doc).items():
+        assert node["state"] == "ready", node
+        assert {f["level"] for f in node["findings"]} <= {"warn"}, node["findings"]
+        uname = run_on(lab_nodes[name], "uname -r; uname -m").stdout.split()
+        assert [node["host"]["kernel"], node["host"]["arch"]] == uname
+        assert [b["current"] for b in node["binaries"]] == [True, True], node["binaries"]
+        assert node["backend"] == "fscache", name
+        assert node["fs_ctl"] is None or set(node["fs_ctl"].values()) == {"1"}, node["fs_ctl"]
+        assert {u: s["active"] for u, s in node["services"].items()} == dict.fromkeys(
+            ("apulld.service", "apull-snapshotter.service", "containerd.service"), "active"
+        )
+        assert node["containerd_plugin"] == "ok"
+        assert node["containerd_config"] == {
+            "patched": True,
+            "edited": False,
+            "recorded": True,
+            "drifted_keys": [],
+        }
+    lazy = by_name(doc)[lazy_node.name]
+    images = [i for i in lazy["images"] if "test/lazy" in i["image"]]
+    assert len(images) == 1, lazy["images"]
+    image = images[0]
+    assert image["layers"] >= 1 and 0 < image["fetched"] <= image["bytes"], image
+    assert image["fraction"] == round(image["fetched"] / image["bytes"], 4)
+    # The kernel's cache files hold what was fetched: the cache's use covers the image's part.
+    assert lazy["cache"]["bytes"] >= image["fetched"], lazy["cache"]
+    # The registry-down test left apulld's errors of the last hour, naming the registry.
+    assert any("registry.lab:5000" in line for line in lazy["errors"]), lazy["errors"]
+    table = apull("status", timeout=300)
+    assert table.returncode == 0, table.stdout[-3000:]
+    for node in lab:
+        assert re.search(rf"^│ {node.name}\s+│ ready ", table.stdout, re.M), table.stdout
+    assert "images pulled through apull" in table.stdout
+    assert re.search(r"^3 node\(s\): 3 ready, 0 drifted, 0 failing, 0 unreachable", table.stdout,
+                     re.M), table.stdout  # fmt: skip
+
+
+def test_status_names_another_build_and_a_config_edited_back_by_hand(lab):
+    binary_node, config_node = lab[0], lab[1]
+    # Another build of apulld in place (a new file renamed in: the running apulld keeps its
+    # own); containerd's config.toml edited back to the original by hand (not restarted).
+    swap = ("cp -p /usr/bin/apulld /root/apulld.keep && cp -p /usr/bin/apulld /usr/bin/.apulld.x "
+            "&& echo >> /usr/bin/.apulld.x && mv /usr/bin/.apulld.x /usr/bin/apulld")  # fmt: skip
+    assert run_on(binary_node, swap).returncode == 0
+    edit = f"cp -p {CONFIG} /root/config.keep && cat {CONFIG}.apull-orig > {CONFIG}"
+    assert run_on(config_node, edit).returncode == 0
+    try:
+        rc, doc = status_json()
+        table = apull("status", timeout=300)
+    finally:
+        run_on(binary_node, "mv -f /root/apulld.keep /usr/bin/apulld")
+        run_on(config_node, f"cat /root/config.keep > {CONFIG} && rm -f /root/config.keep")
+    assert rc == 1
+    nodes_ = by_name(doc)
+    assert doc["summary"]["drifted"] == 2 and doc["summary"]["ready"] == 1, doc["summary"]
+    drifted = nodes_[binary_node.name]
+    assert drifted["state"] == "drifted"
+    apulld = next(b for b in drifted["binaries"] if b["name"] == "apulld")
+    assert apulld["current"] is False and apulld["installed"] != apulld["expected"]
+    assert [f["what"] for f in drifted["findings"] if f["level"] == "drift"] == ["binary"]
+    edited = nodes_[config_node.name]
+    assert edited["state"] == "drifted"
+    check = edited["containerd_config"]
+    assert check["patched"] is False and check["edited"] is True
+    assert "proxy_plugins.apull.type" in check["drifted_keys"], check
+    assert table.returncode == 1
+    assert re.search(rf"^{binary_node.name}: drift: binary: apulld is another build", table.stdout,
+                     re.M), table.stdout  # fmt: skip
+    assert re.search(rf"^{config_node.name}: drift: containerd: {CONFIG} is no longer patched",
+                     table.stdout, re.M), table.stdout  # fmt: skip
+    # Put back: ready again.
+    rc, doc = status_json()
+    assert rc == 0 and doc["summary"]["ready"] == 3, doc["summary"]
+
+
+def test_status_names_a_node_that_is_down(lab, tmp_path):
+    config = tmp_path / "config.txt"
+    nodes_ = " ".join([f"127.0.0.1:{n.ssh_port}" for n in lab] + [f"127.0.0.1:{CLOSED_PORT}"])
+    config.write_text(f"TARGET=servers\nSSH_USER=root\nSSH_KEY={layout.ssh_key_path()}\n"
+                      f"KUBECONFIG_PATH=\nNODES={nodes_}\n")  # fmt: skip
+    result = apull("--config", str(config), "status", "--json", timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    doc = json.loads(result.stdout)
+    dead = by_name(doc)[f"127.0.0.1_{CLOSED_PORT}"]
+    assert dead["state"] == "unreachable" and dead["host"] is None
+    assert "refused" in dead["error"].lower() or "unable to connect" in dead["error"].lower(), dead
+    assert doc["summary"]["unreachable"] == 1 and doc["summary"]["ready"] == len(lab)
+    unknown = apull("--config", str(config), "status", "no-such-node", timeout=120)
+    assert unknown.returncode == 2 and "no-such-node" in unknown.stderr
+
+
 def test_clean_restores_containerd_config_byte_for_byte(lab):
     result = apull("run", "uninstall", "--no-lab")
     assert result.returncode == 0, result.stdout[-4000:]

@@ -37,10 +37,12 @@ class FabricTransport:
         self.conn = conn
         self.uploads_as_root = conn.user == "root"
 
-    def run_script(self, script: str) -> str:
+    def run_script(self, script: str, timeout: float | None = None) -> str:
         runner = self.conn.run if self.uploads_as_root else self.conn.sudo
         # As an argument, not on stdin: Invoke feeds stdin a byte at a time (10 ms each).
-        result = runner(f"sh -c {shlex.quote(script)}", hide=True, warn=True, in_stream=False)
+        result = runner(
+            f"sh -c {shlex.quote(script)}", hide=True, warn=True, in_stream=False, timeout=timeout
+        )
         if result.exited != 0:
             raise RuntimeError(
                 f"script failed (exit {result.exited}): {result.stderr.strip()[-300:]}"

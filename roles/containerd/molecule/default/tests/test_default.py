@@ -1,6 +1,7 @@
 """The containerd role patched Debian's config.toml in place, kept the original, and
 containerd runs on the new config."""
 
+import json
 import tomllib
 
 testinfra_hosts = ["ansible://molecule_nodes"]
@@ -73,7 +74,16 @@ def test_no_leftovers(host):
     assert host.run("ls -A /etc/containerd").stdout.split() == [
         "config.toml",
         "config.toml.apull-orig",
+        "config.toml.apull-patch.json",
     ]
+
+
+def test_the_patch_is_recorded_for_apull_status(host):
+    record = json.loads(host.file(CONF + ".apull-patch.json").content_string)
+    assert record["sha256"] == host.file(CONF).sha256sum
+    assert record["proxy_address"] == "/run/containerd-apull-grpc.sock"
+    assert record["set_default_snapshotter"] is True
+    assert record["insecure_registries"] == [LAB_REGISTRY]
 
 
 def test_containerd_runs_on_the_new_config(host):

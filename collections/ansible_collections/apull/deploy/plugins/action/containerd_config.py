@@ -290,6 +290,9 @@ class ActionModule(ActionBase):
             changes=[c.as_dict() for c in patched.changes],
             grpc_address=patch.grpc_address(patched.text),
             grpc_address_before=patch.grpc_address(current),
+            # The text's sha256 once this task is done (apull status compares the node's file
+            # with it: an edit by hand after the patch shows as drift).
+            sha256=hashlib.sha256(patched.text.encode("utf-8")).hexdigest(),
         )
         result["original_absent"] = result["original_absent"] or not exists
         for note in patched.notes:

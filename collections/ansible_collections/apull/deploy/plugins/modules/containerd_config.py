@@ -187,6 +187,12 @@ grpc_address_before:
   description: The same under the config as it was before this run.
   returned: when the file was read and parsed
   type: str
+sha256:
+  description: >-
+    The sha256 of the file's text once the task is done (this run's patch, or the text
+    already patched); C(apull status) compares the node's file with it.
+  returned: when the file was read and parsed
+  type: str
 containerd_version:
   description: The node's containerd version, e.g. C(1.6.20).
   returned: when read
