@@ -197,3 +197,13 @@ def test_the_table_the_images_and_the_findings() -> None:
     assert "25% (100 B)" in text
     assert "node2: fail: containerd: containerd's apull plugin: error" in text
     assert text.rstrip().endswith("2 node(s): 1 ready, 0 drifted, 1 failing, 0 unreachable (0.5 s)")
+
+
+def test_a_config_never_patched_says_so() -> None:
+    report = _healthy()
+    report["containerd_config"].update(text=DEBIAN, record=None)
+    status = _judge(report)
+    assert status.state is State.DRIFTED
+    assert status.findings[0].text.startswith(
+        "/etc/containerd/config.toml is not patched for apull: "
+    )

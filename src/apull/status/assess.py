@@ -206,11 +206,14 @@ def _containerd_config(status: NodeStatus, report: dict[str, Any]) -> None:
         return
     keys = tuple(c.key for c in result.changes)
     status.config = ConfigCheck(not keys, edited, keys, record is not None)
-    if keys:
+    if keys and record is None:
+        text = f"{path} is not patched for apull: {', '.join(keys)}; make all patches it"
+        status.add(Level.DRIFT, "containerd", text)
+    elif keys:
         status.add(
             Level.DRIFT, "containerd",
-            f"{path} is no longer patched (changed by hand?): {', '.join(keys)}; "
-            "make containerd (or make all) patches it again",
+            f"{path} is no longer patched (edited after the patch): {', '.join(keys)}; "
+            "make all patches it again",
         )  # fmt: skip
     elif edited:
         status.add(

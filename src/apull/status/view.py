@@ -89,7 +89,12 @@ def fleet_table(statuses: Sequence[NodeStatus], bundle: Bundle) -> Table:
             str(host.get("kernel", "?")),
             str(answer.get("backend") or "[red]down[/]"),
             binaries,
-            f"{active}/{len(services)} active, apulld up {_ago(apulld.get('since'), now)}",
+            f"{active}/{len(services)} active, apulld "
+            + (
+                f"up {_ago(apulld.get('since'), now)}"
+                if apulld.get("active") == "active"
+                else f"[red]{apulld.get('active') or 'unknown'}[/]"
+            ),
             f"plugin {plugin}, {patched}",
             f"{_size(int(cache.get('bytes') or 0))} / {_size(int(cache.get('limit_bytes') or 0))}",
             str(len(images)),
