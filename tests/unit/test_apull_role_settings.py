@@ -65,6 +65,9 @@ def test_lab_inventory_makes_its_registry_insecure_for_apulld(tmp_path):
     assert apulld.registry_auth_file == "/etc/apull/registry-auth.json"
     assert apulld.fuse_mountpoint == ""
     assert load_settings(tmp_path / "config.toml").snapshotter.layer_read_ahead_kb == 1024
+    # Metrics are off unless asked for.
+    assert apulld.metrics_address == ""
+    assert load_settings(tmp_path / "config.toml").snapshotter.metrics_address == ""
 
 
 def test_every_lazy_serving_setting_is_a_role_variable(tmp_path):
@@ -79,6 +82,8 @@ def test_every_lazy_serving_setting_is_a_role_variable(tmp_path):
         "apull_fuse_mountpoint": "/srv/fuse",
         "apull_backend": "file",
         "apull_layer_read_ahead_kb": 512,
+        "apull_apulld_metrics_address": "127.0.0.1:9810",
+        "apull_snapshotter_metrics_address": "[::1]:9811",
     }
     playbook(tmp_path, "-e", json.dumps(overrides))
     apulld = load_settings(tmp_path / "config.toml").apulld
@@ -89,6 +94,8 @@ def test_every_lazy_serving_setting_is_a_role_variable(tmp_path):
     assert apulld.registry_auth_file == "/srv/auth.json"
     assert (apulld.fuse_mountpoint, apulld.backend) == ("/srv/fuse", "file")
     assert load_settings(tmp_path / "config.toml").snapshotter.layer_read_ahead_kb == 512
+    assert apulld.metrics_address == "127.0.0.1:9810"
+    assert load_settings(tmp_path / "config.toml").snapshotter.metrics_address == "[::1]:9811"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the credentials file is owned by root")

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Union
 
+from apull_node.daemon import apulld_metrics as metrics
 from apull_node.daemon.chunk_state import BlobState, Table, punch_hole
 from apull_node.daemon.counters import Counters
 
@@ -227,6 +228,7 @@ class ChunkCache:
                     self._unpin((state.key, index))
         if len(data) != end - offset:
             return None
+        metrics.CACHE_HITS.inc(len(indexes))
         self.counters.add("chunks_from_cache", len(indexes))
         self.counters.add("bytes_from_cache", len(data))
         return data
@@ -293,6 +295,7 @@ class ChunkCache:
                 else:
                     self._flights[key] = _Flight()
                     mine.append(index)
+            missed = len(waits) + len(mine)  # before the chunks claimed ahead of the read
             if self._prefetcher is not None:
                 ahead = self._advance(state, first, last)
             else:
@@ -300,6 +303,8 @@ class ChunkCache:
             if not self.keep and mine:
                 state.last_read = max(state.last_read, mine[-1])
         self._start_prefetch(state, spec, source, ahead)
+        if missed:
+            metrics.CACHE_MISSES.inc(missed)
         pieces: Pieces = {}
         try:
             for index in cached:
@@ -428,6 +433,7 @@ class ChunkCache:
         if state.trusted[index]:
             low, high = max(offset, start), min(end, stop)
             data = os.pread(state.data_fd, high - low, low)
+            metrics.CACHE_HITS.inc()
             self.counters.add("chunks_from_cache")
             self.counters.add("bytes_from_cache", len(data))
             return low, data
@@ -435,10 +441,13 @@ class ChunkCache:
         assert state.table is not None
         if len(data) == stop - start and _digest(data) == state.table.digests[index]:
             state.trusted[index] = 1
+            metrics.CACHE_HITS.inc()
             self.counters.add("chunks_from_cache")
             self.counters.add("bytes_from_cache", len(data))
             return start, data
         log.warning("cached chunk %d of %s is damaged; fetching it again", index, state.key)
+        metrics.VERIFY_FAILURES_CACHE.inc()
+        metrics.CACHE_MISSES.inc()  # fetched again by the read
         self.counters.add("cache_damaged_chunks")
         with self._lock:
             self._remove(state, index)
@@ -498,6 +507,7 @@ class ChunkCache:
     ) -> bytes | bytearray:
         a, b = state.bounds(index)
         for attempt in range(2, FETCH_TRIES + 1):
+            metrics.VERIFY_FAILURES_REGISTRY.inc()
             self.counters.add("verify_failures")
             log.warning(
                 "chunk %d (bytes %d-%d) of %s from %s does not match its digest; "
@@ -512,6 +522,7 @@ class ChunkCache:
             if _digest(piece) == spec.table.digests[index]:
                 return piece
             source.mark_bad(endpoint)
+        metrics.VERIFY_FAILURES_REGISTRY.inc()
         self.counters.add("verify_failures")
         self.counters.add("verify_giveups")
         raise ChunkUnavailableError(

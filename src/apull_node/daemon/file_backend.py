@@ -29,6 +29,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from apull_node.daemon import apulld_metrics as metrics
 from apull_node.daemon import fdstore
 from apull_node.daemon import fuse_mount as fm
 from apull_node.daemon import fuse_protocol as fp
@@ -321,6 +322,7 @@ class FileBackend:
             data = self.cache.read(spec, source, offset, size)
             if isinstance(table, PendingTable):
                 table.ready()  # fetched alongside the chunks: this config must fit it
+            metrics.SERVED_FILE_BYTES.inc(len(data))
             return data
         except (TableError, ChunkUnavailableError) as err:
             self.counters.add("read_errors")

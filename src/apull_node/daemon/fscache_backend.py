@@ -26,6 +26,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from apull_node.daemon import apulld_metrics as metrics
 from apull_node.daemon import fdstore
 from apull_node.daemon.blob_registry import BlobConfig, BlobRegistry
 from apull_node.daemon.blob_source import RegistrySource, TableError, TableStore, location_of
@@ -193,6 +194,7 @@ class FscacheBackend:
             spec = BlobSpec(config.digest, config.size, table)
             start, data = self.cache.read_span(spec, source, request.offset, request.length)
             self.counters.add("bytes_written", write_blocks(anon_fd, start, data))
+            metrics.SERVED_FSCACHE_BYTES.inc(len(data))
         except (TableError, ChunkUnavailableError, OSError) as err:
             self.counters.add("read_errors")
             log.error("read of blob %s bytes %d-%d failed (EIO): %s", config.blob_id,

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from apull_node import __version__
-from apull_node.daemon import fdstore
+from apull_node.daemon import apulld_metrics, fdstore
 from apull_node.daemon.backend import (
     BackendChoice,
     BackendUnavailableError,
@@ -41,6 +41,7 @@ from apull_node.daemon.registry_fetch import FetchSettings, parse_mirrors
 from apull_node.daemon.serving import BackendStartError, ServingBackend
 from apull_node.service import sdnotify
 from apull_node.service.logs import setup_logging
+from apull_node.service.metrics_endpoint import serve_metrics
 from apull_node.service.settings import (
     BACKENDS,
     DEFAULT_CONFIG_PATH,
@@ -48,6 +49,7 @@ from apull_node.service.settings import (
     ApulldSettings,
     SettingsError,
     load_settings,
+    parse_listen_address,
 )
 from apull_node.service.sockets import SocketInUseError, prepare_socket_path, restrict_socket
 
@@ -221,6 +223,10 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
         warmup = image_warmup(settings, backend)
         if warmup is not None:
             held.callback(warmup.close)
+        address = parse_listen_address(settings.metrics_address)  # checked with the settings
+        metrics = serve_metrics(address, apulld_metrics.REGISTRY, log)
+        if metrics is not None:
+            held.callback(metrics.stop)
         try:
             state = ApiState(backend=choice, blobs=blobs, serving=backend, warmup=warmup)
             server = ApulldHttpServer(settings.address, state)

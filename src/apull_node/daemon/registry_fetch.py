@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Union
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from apull_node.daemon import apulld_metrics as metrics
 from apull_node.daemon.counters import Counters
 from apull_node.daemon.registry_schemes import SchemeMemory
 from apull_node.image.registry_auth import (
@@ -63,11 +64,20 @@ class FetchError(RuntimeError):
     """A range could not be had; the message names registry, repository, digest, range."""
 
 
-class _Retryable(Exception):
+class _TryFailed(Exception):
+    """One try of an endpoint failed; `status` is what the registry error metric counts it
+    as: the HTTP status, or apulld_metrics.STATUS_NO_ANSWER / STATUS_INVALID."""
+
+    def __init__(self, message: str, status: str = metrics.STATUS_INVALID) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Retryable(_TryFailed):
     """Worth trying again (elsewhere or later)."""
 
 
-class _Final(Exception):
+class _Final(_TryFailed):
     """Trying again will not help on this endpoint."""
 
 
@@ -232,14 +242,18 @@ class RangeFetcher:
         attempts = 1 if failing else max(1, self.settings.retries + 1)
         for attempt in range(attempts):
             for endpoint in self._endpoints(blob, avoid):
+                started = time.monotonic()
                 try:
                     reply = self._get(endpoint, blob.repo, path + endpoint.query, headers, limit)
                     data = take(reply)
                 except _Retryable as err:
+                    metrics.REGISTRY_ERRORS.labels(err.status).inc()
                     errors.append(f"{endpoint.name}: {err}")
                     self._rest(endpoint)
                     continue
                 except (_Final, AuthError) as err:
+                    if isinstance(err, _Final):  # an AuthError is the local auth file's
+                        metrics.REGISTRY_ERRORS.labels(err.status).inc()
                     if endpoint.mirror:
                         errors.append(f"{endpoint.name}: {err}")
                         self._rest(endpoint)
@@ -249,6 +263,12 @@ class RangeFetcher:
                 counter = "bytes_fetched" if ranged else "table_bytes_fetched"
                 if kind == "manifests":
                     counter = "manifest_bytes_fetched"
+                    metrics.FETCHED_MANIFEST_BYTES.inc(len(data))
+                elif ranged:
+                    metrics.FETCHED_LAYER_BYTES.inc(len(data))
+                    metrics.REGISTRY_FETCH_SECONDS.observe(time.monotonic() - started)
+                else:
+                    metrics.FETCHED_TABLE_BYTES.inc(len(data))
                 self.counters.add(counter, len(data))
                 self.counters.add("fetch_requests")
                 if endpoint.mirror and ranged:
@@ -294,14 +314,15 @@ class RangeFetcher:
             token = self._authenticate(endpoint, repo, reply.headers.get("www-authenticate", ""))
             with self._lock:
                 self._auth[key] = token
+        status = str(reply.status)
         if reply.status == 401:
-            raise _Final(f"access denied ({error_text(401, bytes(reply.body))})")
+            raise _Final(f"access denied ({error_text(401, bytes(reply.body))})", status)
         if reply.status == 429 or reply.status >= 500:
-            raise _Retryable(error_text(reply.status, bytes(reply.body)))
+            raise _Retryable(error_text(reply.status, bytes(reply.body)), status)
         if reply.status == 404:
-            raise _Final(f"not found ({error_text(404, bytes(reply.body))})")
+            raise _Final(f"not found ({error_text(404, bytes(reply.body))})", status)
         if reply.status >= 400:
-            raise _Final(error_text(reply.status, bytes(reply.body)))
+            raise _Final(error_text(reply.status, bytes(reply.body)), status)
         return reply
 
     def _follow(self, url: str, headers: dict[str, str], endpoint: _Endpoint, limit: int) -> _Reply:
@@ -360,7 +381,8 @@ class RangeFetcher:
                 if not fresh and stale:
                     continue  # a pooled connection the server had closed
                 self._schemes.forget(parts.netloc, parts.scheme)  # if learned: ask again
-                raise _Retryable(f"{parts.scheme}: {err or type(err).__name__}") from err
+                why = f"{parts.scheme}: {err or type(err).__name__}"
+                raise _Retryable(why, metrics.STATUS_NO_ANSWER) from err
             headers_got = {k.lower(): v for k, v in resp.getheaders()}
             reply = _Reply(resp.status, headers_got, body, complete)
             if resp.will_close or not resp.isclosed():
@@ -408,9 +430,9 @@ class RangeFetcher:
             return "Bearer " + self._token(endpoint, repo, challenges["bearer"].params, credentials)
         if "basic" in challenges:
             if credentials is None:
-                raise _Final(f"{endpoint.name} wants a password and the auth file has none")
+                raise _Final(f"{endpoint.name} wants a password and the auth file has none", "401")
             return credentials.basic_header()
-        raise _Final(f"HTTP 401 with an unsupported challenge {header[:120]!r}")
+        raise _Final(f"HTTP 401 with an unsupported challenge {header[:120]!r}", "401")
 
     def _token(
         self, endpoint: _Endpoint, repo: str, params: dict[str, str], cred: Credentials | None
@@ -428,7 +450,7 @@ class RangeFetcher:
         who = f"as {cred.username}" if cred else "anonymously"
         if reply.status != 200:
             why = error_text(reply.status, bytes(reply.body))
-            raise _Final(f"token for {repo} refused {who}: {why}")
+            raise _Final(f"token for {repo} refused {who}: {why}", str(reply.status))
         try:
             document = json.loads(reply.body)
             token = document.get("token") or document.get("access_token")

@@ -7,10 +7,17 @@ The file starts with `version = 1` (the apull role writes it so): lists are TOML
 strings. A file without a version is the format before it, where lists were one
 comma-separated string; it is still read, so that new binaries start on a node whose settings
 the role has not rewritten yet. Any other version is refused, naming what this build reads.
+
+`metrics_address` ([apulld] and [snapshotter]) turns the service's Prometheus metrics on
+(GET /metrics, service/metrics_endpoint.py): "" is off (the default), "host:port" or
+"[IPv6 address]:port" the TCP address they are served on; anything else is refused. A
+service that cannot bind the address logs why and runs without metrics.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +34,8 @@ BACKENDS = ("auto", "fscache", "file", "none")
 MAX_READ_AHEAD_KB = 65536
 #: The settings format this build writes and reads (None: the unversioned one before it).
 SETTINGS_VERSION = 1
+_HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*\Z")
 
 
 class SettingsError(Exception):
@@ -52,6 +61,8 @@ class SnapshotterSettings:
     # Read-ahead of each mounted layer, in KiB (0: the kernel's, 128 for file-backed EROFS).
     # Set where the kernel names the mount's backing-dev info (Linux >= 6.10).
     layer_read_ahead_kb: int = 1024
+    # Prometheus metrics at GET /metrics on this host:port ("": off).
+    metrics_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,8 @@ class ApulldSettings:
     # File backend: where apulld mounts its FUSE directory of blob files ("" means
     # <cache_dir>/../apulld/fuse).
     fuse_mountpoint: str = ""
+    # Prometheus metrics at GET /metrics on this host:port ("": off).
+    metrics_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,42 @@ def _strings(path: Path, where: str, value: Any, legacy: bool) -> tuple[str, ...
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise SettingsError(f"{path}: {where}: expected an array of strings, got {value!r}")
     return tuple(value)
+
+
+def parse_listen_address(text: str) -> tuple[str, int] | None:
+    """A metrics_address: None for "" (off), else (host, port) from "host:port" or
+    "[v6 address]:port"; ValueError says what is wrong."""
+    if text == "":
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected host:port")
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host} is not an IPv6 address") from None
+        return host[1:-1], int(port)
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not a host name or IPv4 address") from None
+        raise ValueError("an IPv6 address goes in brackets: [::1]:9810")
+    numeric = host.replace(".", "").isdigit()
+    if not _HOST_NAME.match(host) or (numeric and not _is_ipv4(host)):
+        raise ValueError(f"{host!r} is not a host name or IPv4 address")
+    return host, int(port)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _section(path: Path, name: str, raw: Any, cls: type[Any], legacy: bool) -> Any:
@@ -173,4 +222,12 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
             f"{path}: [apulld] backend: {settings.apulld.backend!r} is not one of "
             f"{', '.join(BACKENDS)}"
         )
+    for name, table in (("snapshotter", settings.snapshotter), ("apulld", settings.apulld)):
+        try:
+            parse_listen_address(table.metrics_address)
+        except ValueError as err:
+            raise SettingsError(
+                f"{path}: [{name}] metrics_address: {table.metrics_address!r}: {err} "
+                '(e.g. "127.0.0.1:9810"; "" turns metrics off)'
+            ) from None
     return settings

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from apull_node.service import sdnotify
 from apull_node.service.logs import setup_logging
-from apull_node.service.settings import DEFAULT_CONFIG_PATH, SettingsError, load_settings
+from apull_node.service.metrics_endpoint import serve_metrics
+from apull_node.service.settings import (
+    DEFAULT_CONFIG_PATH,
+    SettingsError,
+    load_settings,
+    parse_listen_address,
+)
 from apull_node.service.sockets import SocketInUseError
 
 SERVICE = "apull-containerd-grpc"
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from apull_node.snapshotter.overlay import OverlaySnapshotter
     from apull_node.snapshotter.remote import RemoteSnapshots
     from apull_node.snapshotter.server import SnapshotterServer
+    from apull_node.snapshotter.snapshotter_metrics import REGISTRY
 
     containerd = settings.snapshotter.containerd_address
     content = ContentReader(containerd) if containerd else None
@@ -82,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot serve on %s: %s", address, err)
         snapshotter.close()
         return 1
+    # Checked with the settings; an address that cannot be bound is logged, not fatal.
+    metrics_address = parse_listen_address(settings.snapshotter.metrics_address)
+    metrics = serve_metrics(metrics_address, REGISTRY, log)
     sdnotify.ready(f"serving {address}")
     log.info("ready: root %s, socket %s", root, address)
     received = signal.sigwait(_STOP_SIGNALS)
     log.info("%s: stopping", signal.Signals(received).name)
     sdnotify.stopping()
+    if metrics is not None:
+        metrics.stop()
     server.stop()
     remote.close()
     snapshotter.close()

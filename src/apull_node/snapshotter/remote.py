@@ -46,6 +46,7 @@ from apull_node.service.mount_syscalls import (
     mount_at,
     read_mountinfo,
 )
+from apull_node.snapshotter import snapshotter_metrics as metrics
 from apull_node.snapshotter.apulld_client import ApulldClient, ApulldError, ApulldUnreachableError
 from apull_node.snapshotter.content_reader import ContentReader
 from apull_node.snapshotter.diskusage import Usage
@@ -267,9 +268,12 @@ class RemoteSnapshots:
         )
 
     def _mount(self, source: MountSource, fs: Path, layer: RemoteLayer) -> None:
+        started = time.monotonic()
         try:
             source.mount(fs)
         except MountError as err:
+            elapsed = time.monotonic() - started
+            metrics.MOUNT_SECONDS.labels(source.backend, "error").observe(elapsed)
             hint = (
                 "the kernel needs EROFS with CONFIG_EROFS_FS_BACKED_BY_FILE (Linux >= 6.12)"
                 if source.backend == FILE
@@ -280,6 +284,7 @@ class RemoteSnapshots:
             ) from err
         if self.read_ahead_kb:
             set_read_ahead(fs, self.read_ahead_kb)
+        metrics.MOUNT_SECONDS.labels(source.backend, "ok").observe(time.monotonic() - started)
 
     # -- mounts handed out on top of remote layers
 

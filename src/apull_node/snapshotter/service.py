@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from google.protobuf import empty_pb2, text_format, timestamp_pb2
 
 import apull_node.snapshotter.api.mount_pb2 as mount_pb2
 import apull_node.snapshotter.api.snapshots_pb2 as snapshots_pb2
+from apull_node.snapshotter import snapshotter_metrics as metrics
 from apull_node.snapshotter.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -125,7 +127,15 @@ class SnapshotsService:
     def Prepare(
         self, request: snapshots_pb2.PrepareSnapshotRequest, context: Any
     ) -> snapshots_pb2.PrepareSnapshotResponse:
-        mounts = self.snapshotter.prepare(request.key, request.parent, dict(request.labels))
+        started, result = time.monotonic(), metrics.PREPARE_ERROR
+        try:
+            mounts = self.snapshotter.prepare(request.key, request.parent, dict(request.labels))
+            result = metrics.PREPARE_OK
+        except AlreadyExistsError:
+            result = metrics.PREPARE_EXISTS
+            raise
+        finally:
+            metrics.PREPARE_SECONDS.labels(result).observe(time.monotonic() - started)
         return snapshots_pb2.PrepareSnapshotResponse(mounts=_mounts(mounts))
 
     @_unary
