@@ -323,6 +323,37 @@ def test_registry_down_is_a_clear_error_and_the_node_stays_healthy(lazy_node, la
     assert again.stdout.split()[:1] == [lazy_image.sha256(OTHER)], again.stderr
 
 
+def scrape(node: layout.LabNode, port: int) -> dict[str, float]:
+    """The node's metrics endpoint on loopback, read there: sample (with labels) -> value."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    res = run_on(node, f"python3 -c 'import urllib.request as u; "
+                       f"print(u.urlopen(\"{url}\").read().decode())'")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    samples = {}
+    for line in res.stdout.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_the_services_metrics_count_what_the_lazy_runs_did(lazy_node):
+    """The lab's group_vars switch metrics on: real counts from the runs above."""
+    apulld = scrape(lazy_node, 9810)
+    assert apulld['apull_registry_fetched_bytes_total{kind="layer"}'] > 0
+    assert apulld['apull_served_bytes_total{backend="fscache"}'] > 0
+    assert apulld["apull_registry_fetch_duration_seconds_count"] > 0
+    # The registry-down test: the registry could not be reached, counted as no answer.
+    assert apulld['apull_registry_errors_total{status="error"}'] > 0
+    snapshotter = scrape(lazy_node, 9811)
+    prepared = [v for k, v in snapshotter.items()
+                if k.startswith("apull_snapshotter_prepare_duration_seconds_count")]  # fmt: skip
+    assert sum(prepared) > 0, snapshotter
+    mounted = [v for k, v in snapshotter.items()
+               if k.startswith("apull_snapshotter_mount_duration_seconds_count")]  # fmt: skip
+    assert sum(mounted) > 0, snapshotter
+
+
 # -- apull status on the deployed fleet ---------------------------------------------------------
 
 CLOSED_PORT = 2299  # nothing listens here: a node that is down
