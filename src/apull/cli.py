@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from apull.bundle.artefacts import BundleError
@@ -54,7 +55,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     out.print(f"{cfg.path}: TARGET={cfg.target}, {len(cfg.nodes)} node(s), registry {cfg.registry}")
     for node in cfg.nodes:
         variant = f" ({node.lab_variant})" if node.lab_variant else ""
-        out.print(f"  {node.name}: {node.user}@{node.host}:{node.port}{variant}")
+        out.print(f"  {node.name}: {escape(node.endpoint)}{variant}")
     return 0
 
 

@@ -119,6 +119,16 @@ class Node:
     lab_variant: str | None  #: lab image variant ("ondemand"/"stock"); None for servers
     lan_addr: str | None  #: address on the nodes' private network, when known
 
+    @property
+    def endpoint(self) -> str:
+        """`user@host:port`, an IPv6 address in brackets (`root@[fe80::1]:2222`)."""
+        return ssh_endpoint(self.user, self.host, self.port)
+
+
+def ssh_endpoint(user: str, host: str, port: int) -> str:
+    """How a login is shown: `user@host:port`, with an IPv6 address in brackets."""
+    return f"{user}@{f'[{host}]' if ':' in host else host}:{port}"
+
 
 @dataclass(frozen=True)
 class ClusterConfig:

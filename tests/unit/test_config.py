@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -563,3 +565,15 @@ def test_default_config_path(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_invalid_ssh_user_name(tmp_path: Path) -> None:
     line = only_problem(tmp_path, "TARGET=servers\nNODES=a\nSSH_USER='de ploy'\n")
     assert line == f"{tmp_path / 'config.txt'}:3: SSH_USER: not a valid user name: 'de ploy'"
+
+
+def test_an_ipv6_node_prints_in_brackets(tmp_path: Path) -> None:
+    cfg = load(tmp_path, f"{SERVERS}NODES=[fe80::1]:2222 ops@10.0.0.1\n")
+    assert [n.endpoint for n in cfg.nodes] == ["deploy@[fe80::1]:2222", "ops@10.0.0.1:22"]
+    config = str(tmp_path / "config.txt")
+    done = subprocess.run(
+        [sys.executable, "-m", "apull.cli", "--config", config, "config", "check"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert ": deploy@[fe80::1]:2222" in done.stdout

@@ -207,3 +207,16 @@ def test_a_config_never_patched_says_so() -> None:
     assert status.findings[0].text.startswith(
         "/etc/containerd/config.toml is not patched for apull: "
     )
+
+
+def test_bracketed_text_is_shown_as_it_is() -> None:
+    """Error texts ("[Errno 111]") and IPv6 addresses are not taken for rich markup."""
+    gone = NodeStatus("node9", "root@[fe80::1]:22", error="OSError: [Errno 111] refused")
+    report = _healthy()
+    report["errors"] = ["apulld[9]: [registry.lab:5000] 503"]
+    console = Console(width=200, record=True, color_system=None)
+    for line in view.findings_lines([gone, _judge(report, "node1")]):
+        console.print(line)
+    text = console.export_text()
+    assert "node9: unreachable: OSError: [Errno 111] refused" in text
+    assert "node1:   apulld[9]: [registry.lab:5000] 503" in text

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from apull.bundle.artefacts import Bundle, load_bundle
 from apull.bundle.builder import ensure_bundle
-from apull.config import ClusterConfig
+from apull.config import ClusterConfig, ssh_endpoint
 from apull.inventory import FabricHost, fabric_hosts
 from apull.tasks.fabric_transport import FabricTransport, connect
 from apull.tasks.sync_bin import MAX_PARALLEL, log_console
@@ -34,7 +34,7 @@ def _short(err: BaseException) -> str:
 
 def read_node(host: FabricHost, script: str, check_known_hosts: bool) -> NodeStatus:
     """One node's report, or why there is none (then the node counts as unreachable)."""
-    status = NodeStatus(host.name, f"{host.user}@{host.host}:{host.port}")
+    status = NodeStatus(host.name, ssh_endpoint(host.user, host.host, host.port))
     started = time.monotonic()
     try:
         with connect(host, check_known_hosts) as conn:

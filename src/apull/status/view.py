@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from apull.bundle.artefacts import Bundle
@@ -121,12 +122,12 @@ def findings_lines(statuses: Sequence[NodeStatus]) -> list[str]:
     lines = []
     for s in statuses:
         if s.report is None:
-            lines.append(f"[red]{s.name}: unreachable: {s.error}[/]")
+            lines.append(f"[red]{s.name}: unreachable: {escape(s.error)}[/]")
         for f in s.findings:
             colour = {"fail": "red", "drift": "yellow", "warn": "dim"}[f.level.value]
-            lines.append(f"[{colour}]{s.name}: {f.level.value}: {f.what}: {f.text}[/]")
+            lines.append(f"[{colour}]{s.name}: {f.level.value}: {f.what}: {escape(f.text)}[/]")
         for error in (s.report or {}).get("errors") or []:
-            lines.append(f"[dim]{s.name}:   {error}[/]")
+            lines.append(f"[dim]{s.name}:   {escape(error)}[/]")
     return lines
 
 
