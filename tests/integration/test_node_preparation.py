@@ -28,10 +28,17 @@ from lazy_image import (
     push_and_convert,
     run_lazily,
 )
+from lazy_image import (
+    REPO as LAZY_REPO,
+)
 
 from apull.lab import layout, nodes
+from apull.lab.registry import access_log
 from apull.lab.test_image import REPO, TAG
 
+#: A registry access-log line: repository, bytes sent, user agent.
+ACCESS_LINE = re.compile(r'"GET /v2/(?P<repo>[^ ]+?)/(?:blobs|manifests)/[^ ]* [^"]*" \d+ '
+                         r'(?P<bytes>\d+) "[^"]*" "(?P<agent>[^"]*)"')  # fmt: skip
 boot_ids: dict[str, str] = {}
 IMAGE = f"{layout.guest_registry()}/{REPO}:{TAG}"
 CONFIG = "/etc/containerd/config.toml"
@@ -352,6 +359,40 @@ def test_the_services_metrics_count_what_the_lazy_runs_did(lazy_node):
     mounted = [v for k, v in snapshotter.items()
                if k.startswith("apull_snapshotter_mount_duration_seconds_count")]  # fmt: skip
     assert sum(mounted) > 0, snapshotter
+
+
+def _apulld_bytes(samples: dict[str, float]) -> int:
+    return int(sum(v for k, v in samples.items()
+                   if k.startswith("apull_registry_fetched_bytes_total{")))  # fmt: skip
+
+
+def _served_to_apulld(offset: int) -> int:
+    """Bytes the registry sent for test/lazy since `offset` of its access log, except to
+    containerd (its own manifest and config reads) and to this host (pushes, conversion)."""
+    with access_log().open("rb") as log:
+        log.seek(offset)
+        text = log.read().decode(errors="replace")
+    total = 0
+    for m in ACCESS_LINE.finditer(text):
+        if m["repo"] == LAZY_REPO and not m["agent"].startswith(("containerd/", "Python-")):
+            total += int(m["bytes"])
+    return total
+
+
+def test_the_bytes_fetched_metric_matches_the_registrys_access_log(lazy_node, lazy_image):
+    """A cold lazy run (apulld restarted by it: its counters start at zero): what apulld counts
+    as fetched is what the registry's access log says it sent apulld, byte for byte."""
+    offset = access_log().stat().st_size
+    run_lazily(lazy_node, lazy_image, "lazy-metrics")
+    deadline = time.monotonic() + 120
+    while True:  # the warm-up may still be fetching in the background: until both settle
+        counted, served = _apulld_bytes(scrape(lazy_node, 9810)), _served_to_apulld(offset)
+        if counted == served or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    print(f"{lazy_node.name}: apulld counted {counted} bytes fetched; the registry's log "
+          f"says {served}")  # fmt: skip
+    assert counted > 0 and counted == served
 
 
 # -- apull status on the deployed fleet ---------------------------------------------------------
