@@ -19,16 +19,7 @@ from apull.status import view
 from apull.status.assess import Level, NodeStatus, State, assess
 from apull.status.command import read_node
 
-DEBIAN = """version = 2
-
-[plugins]
-  [plugins."io.containerd.grpc.v1.cri"]
-    [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "/usr/lib/cni"
-      conf_dir = "/etc/cni/net.d"
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "/var/lib/containerd/opt"
-"""
+DEBIAN = (Path(__file__).parent / "fixtures/containerd/v2_debian_bookworm.toml").read_text()
 SNAP_SHA, APULLD_SHA = "5" * 64, "a" * 64
 
 
