@@ -247,3 +247,178 @@ def test_an_installed_apulld_is_asked_with_check_backend(tmp_path):
     name, [reason] = nf.apulld_check_backend(str(wrapper))
     assert name == "none" and "bogus" in reason
     assert nf.apulld_check_backend(str(tmp_path / "absent")) is None
+
+
+# -- the backend's reason is never cut --------------------------------------------------------
+
+TAKEN_BACK = "fscache: /dev/cachefiles fd (bound on-demand) taken back from the previous apulld"
+
+
+def test_apullds_reason_is_kept_whole():
+    f = facts(fs_ctl={"erofs_enabled": "Y", "cachefiles_ondemand_enabled": "Y"})
+    f.update(backend_source="apulld", backend_reasons=[TAKEN_BACK])
+    why = nf.backend_why(f)
+    # (it was cut at 70 characters: "... taken back from the previous apul")
+    assert why == "apulld: /dev/cachefiles fd (bound on-demand) taken back from the previous apulld"
+    f["backend_reasons"] = ["fscache: /dev/cachefiles bound on-demand to /var/lib/apull (tag a)"]
+    assert nf.backend_why(f) == "apulld: /dev/cachefiles bound on-demand"
+
+
+def test_a_failed_check_backend_keeps_its_whole_error(tmp_path):
+    error = "apulld: backend fscache requested but unavailable: " + " ".join(
+        f"word{n}" for n in range(80)
+    )
+    wrapper = tmp_path / "apulld"
+    wrapper.write_text(f"#!/bin/sh\necho '{error}' >&2\nexit 1\n")
+    wrapper.chmod(0o755)
+    assert len(error) > 300
+    assert nf.apulld_check_backend(str(wrapper)) == ("none", [error])
+
+
+# -- which evidence decided the on-demand state -------------------------------------------------
+
+RELEASE = "6.1.0-50-amd64"
+UPDATES = f"/lib/modules/{RELEASE}/updates"
+REBUILT = {
+    "cachefiles": {"file": f"{UPDATES}/cachefiles.ko", "rebuilt": True, "ondemand": True,
+                   "seen_in": "/proc/kallsyms"},
+    "erofs": {"file": f"{UPDATES}/erofs.ko", "rebuilt": True, "ondemand": True,
+              "seen_in": "/proc/kallsyms"},
+}  # fmt: skip
+CONFIG_N = {**dict.fromkeys(nf.KCONFIG, "n")}
+CONFIG_Y = {**CONFIG_N, "CONFIG_CACHEFILES_ONDEMAND": "y", "CONFIG_EROFS_FS_ONDEMAND": "y"}
+OPEN_GATE = {"erofs_enabled": "Y", "cachefiles_ondemand_enabled": "Y"}
+
+
+def verdict(**over):
+    f = facts(**over)
+    f["ondemand_source"] = nf.ondemand_verdict(f)[1]
+    f["ondemand_note"] = nf.ondemand_note(f)
+    return f
+
+
+@pytest.mark.parametrize(
+    ("over", "ondemand", "source"),
+    [
+        ({"fs_ctl": OPEN_GATE}, "enabled", "fs_ctl gate"),
+        ({"probe": "accepted"}, "supported", "bind probe"),
+        ({"probe": "rejected: EINVAL"}, "unsupported", "bind probe"),
+        ({"probe": "skipped: held by apulld[42]", "holder": {"pid": 42, "comm": "apulld"}},
+         "in use by apulld", "apulld"),
+        ({"probe": "skipped: disabled", "kconfig": CONFIG_Y}, "supported (kernel config)",
+         "kernel config"),
+        ({"probe": "skipped: disabled", "kconfig": CONFIG_N}, "unsupported", "kernel config"),
+        ({"probe": "skipped: disabled", "kconfig": CONFIG_N, "modules": REBUILT},
+         "supported (modules)", f"modules (rebuilt outside the kernel: {UPDATES}/cachefiles.ko, "
+         f"{UPDATES}/erofs.ko)"),
+        ({"probe": "skipped: disabled"}, "unsupported",
+         "no evidence (no kernel config readable, skipped: disabled)"),
+    ],
+)  # fmt: skip
+def test_the_source_that_decided_is_named(over, ondemand, source):
+    f = verdict(**over)
+    assert (f["ondemand"], f["ondemand_source"]) == (ondemand, source)
+
+
+def test_a_config_without_ondemand_next_to_rebuilt_modules_is_explained():
+    """The issue's node: CONFIG_CACHEFILES_ONDEMAND=n in the kernel config, on-demand enabled
+    by the modules rebuilt in updates/ (with the fs_ctl gate)."""
+    f = verdict(fs_ctl=OPEN_GATE, kconfig=CONFIG_N, modules=REBUILT)
+    assert (f["backend"], f["ondemand"], f["ondemand_source"]) == (
+        "fscache", "enabled", "fs_ctl gate")  # fmt: skip
+    assert f["ondemand_note"] == (
+        "the kernel config says CONFIG_CACHEFILES_ONDEMAND=n, CONFIG_EROFS_FS_ONDEMAND=n, but "
+        "on-demand support comes from modules rebuilt outside the kernel "
+        f"({UPDATES}/cachefiles.ko, {UPDATES}/erofs.ko): the config describes only the "
+        "kernel's own modules; on-demand enabled, decided by: fs_ctl gate"
+    )
+    # The same contradiction without rebuilt modules is still said, with what decided.
+    stock = {name: dict(info, rebuilt=False) for name, info in REBUILT.items()}
+    f = verdict(probe="accepted", kconfig=CONFIG_N, modules=stock)
+    assert f["ondemand_note"] == (
+        "the kernel config says CONFIG_CACHEFILES_ONDEMAND=n, CONFIG_EROFS_FS_ONDEMAND=n, but "
+        "on-demand is supported, decided by: bind probe (the config on disk does not describe "
+        "the modules in use)"
+    )
+    # And the other way round: the config says y, the probe refuses.
+    f = verdict(probe="rejected: EOPNOTSUPP", kconfig=CONFIG_Y)
+    assert f["ondemand_note"] == (
+        "the kernel config says CONFIG_CACHEFILES_ONDEMAND=y, CONFIG_EROFS_FS_ONDEMAND=y, but "
+        "on-demand is unsupported, decided by: bind probe (rejected: EOPNOTSUPP)"
+    )
+
+
+def test_no_note_where_the_config_agrees_or_is_unreadable():
+    assert verdict(fs_ctl=OPEN_GATE, kconfig=CONFIG_Y)["ondemand_note"] == ""
+    assert verdict(probe="rejected: EINVAL", kconfig=CONFIG_N)["ondemand_note"] == ""
+    assert verdict(fs_ctl=OPEN_GATE)["ondemand_note"] == ""  # no config readable
+
+
+def test_modules_without_the_ondemand_code_outweigh_the_config():
+    plain = {name: dict(info, ondemand=False, rebuilt=False) for name, info in REBUILT.items()}
+    f = verdict(probe="skipped: disabled", kconfig=CONFIG_Y, modules=plain)
+    assert (f["backend"], f["ondemand"]) == ("none", "unsupported")
+    assert f["ondemand_source"] == f"modules ({UPDATES}/cachefiles.ko, {UPDATES}/erofs.ko)"
+    assert f["ondemand_note"].startswith(
+        "the kernel config says CONFIG_CACHEFILES_ONDEMAND=y, CONFIG_EROFS_FS_ONDEMAND=y, but "
+        "on-demand is unsupported, decided by: modules ("
+    )
+
+
+def _module_tree(tmp_path):
+    """/lib/modules/RELEASE as depmod leaves it after a rebuilt cachefiles.ko went to updates/
+    (ahead of the stock one), erofs.ko.xz in kernel/ without the on-demand code."""
+    import lzma
+
+    base = tmp_path / RELEASE
+    (base / "updates").mkdir(parents=True)
+    (base / "kernel/fs/erofs").mkdir(parents=True)
+    (base / "modules.dep").write_text(
+        "kernel/fs/netfs/netfs.ko:\n"
+        "updates/cachefiles.ko: kernel/fs/fscache/fscache.ko kernel/fs/netfs/netfs.ko\n"
+        "kernel/fs/erofs/erofs.ko.xz: kernel/fs/fscache/fscache.ko\n"
+    )
+    elf = b"\x7fELF" + b"\0" * 40
+    (base / "updates/cachefiles.ko").write_bytes(
+        elf + b"\0cachefiles_daemon_bind\0cachefiles_ondemand_init_object\0"
+    )
+    with lzma.open(base / "kernel/fs/erofs/erofs.ko.xz", "wb") as handle:
+        handle.write(elf + b"\0erofs_fill_super\0erofs_fscache_register_fs_stub\0")
+    return base
+
+
+def test_module_files_are_read_for_the_ondemand_code(tmp_path):
+    base = _module_tree(tmp_path)
+    states = {"cachefiles": "available", "erofs": "available"}
+    found = nf.module_support(states, RELEASE, str(tmp_path))
+    cachefiles = f"{base}/updates/cachefiles.ko"
+    assert found["cachefiles"] == {
+        "file": cachefiles, "rebuilt": True, "ondemand": True, "seen_in": cachefiles,
+    }  # fmt: skip
+    # (a longer name that only starts like the function does not count)
+    erofs = f"{base}/kernel/fs/erofs/erofs.ko.xz"
+    assert found["erofs"] == {"file": erofs, "rebuilt": False, "ondemand": False, "seen_in": erofs}
+    f = verdict(probe="skipped: disabled", kconfig=CONFIG_N, modules=found)
+    assert f["ondemand"] == "unsupported"
+    assert f["ondemand_source"] == f"modules (rebuilt outside the kernel: {cachefiles})"
+
+
+def test_loaded_modules_are_read_from_kallsyms(tmp_path):
+    _module_tree(tmp_path)
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text(
+        "0000000000000000 T cachefiles_ondemand_init_object\t[cachefiles]\n"
+        "0000000000000000 t erofs_fscache_register_fs\t[erofs]\n"
+    )
+    found = nf.module_support({"cachefiles": "loaded", "erofs": "loaded"}, RELEASE,
+                              str(tmp_path), str(kallsyms))  # fmt: skip
+    assert [(i["ondemand"], i["seen_in"]) for i in found.values()] == [
+        (True, str(kallsyms)), (True, str(kallsyms))]  # fmt: skip
+    f = verdict(probe="skipped: no /dev/cachefiles", kconfig=CONFIG_N, modules=found)
+    assert f["ondemand"] == "supported (modules)"
+    assert f["ondemand_note"].startswith("the kernel config says CONFIG_CACHEFILES_ONDEMAND=n")
+    kallsyms.write_text("0000000000000000 T cachefiles_daemon_bind\t[cachefiles]\n")
+    found = nf.module_support({"cachefiles": "loaded", "erofs": "builtin"}, RELEASE,
+                              str(tmp_path), str(kallsyms))  # fmt: skip
+    assert [i["ondemand"] for i in found.values()] == [False, False]
+    assert found["erofs"]["file"] is None  # built in: no file

@@ -13,7 +13,14 @@ description:
     that changed something on each host, prints a table after the recap and writes the same
     data as JSON.
   - The node table's BACKEND column is the cache backend apulld uses or would choose on the
-    node (C(fscache), C(file) or C(none)) with the short reason.
+    node (C(fscache), C(file) or C(none)) with the reason, shortened at a word boundary
+    (ending in an ellipsis) when long; the JSON report keeps every text whole.
+  - The ONDEMAND column names the evidence that decided the on-demand state (its
+    C(ondemand_source)); where the kernel config contradicts it, a note under the table says
+    why (its C(ondemand_note)).
+  - A host that cannot be reached is named by its inventory name; its outcome is
+    C(UNREACHABLE at) the task it was lost at, then ssh's own error text, or when ssh gave
+    none, what a TCP connection to its address and port finds there. Passwords never appear.
   - Image conversions (M(apull.deploy.image_convert)) get a table of their own - source,
     target, status, layers, sizes, seconds - and a C(conversions) list in the JSON.
 requirements:
@@ -31,6 +38,8 @@ options:
 
 import json
 import os
+import re
+import socket
 import time
 
 from ansible.plugins.callback import CallbackBase
@@ -51,11 +60,157 @@ CONVERSION_KEYS = (
 )
 
 
-def backend_text(node):
-    """fscache, file or none, with the short reason: 'file (EROFS file-backed, /dev/fuse)'."""
+ELLIPSIS = "\u2026"
+# The table's widest reason in the BACKEND column; the JSON report keeps it whole.
+BACKEND_WHY_WIDTH = 60
+# Ansible's own words around ssh's error text in an unreachable host's message.
+SSH_ERROR_PREFIX = re.compile(
+    r"^.*?(?:Make sure this host can be reached over ssh|Failed to connect to the host via ssh)"
+    r"\s*:[ \t]*",
+    re.S,
+)
+# ssh's lines that are not the error.
+SSH_NOISE = re.compile(
+    r"^(Warning: Permanently added |\*\* |Connection to \S+ closed\.$)|post-quantum|"
+    r"store now, decrypt later|openssh\.com/pq\.html"
+)
+PASSWORD_VARS = (
+    "ansible_password",
+    "ansible_ssh_pass",
+    "ansible_ssh_password",
+    "ansible_become_password",
+    "ansible_become_pass",
+)
+SSH_CONNECTIONS = (None, "", "ssh", "smart", "paramiko", "paramiko_ssh", "ansible.builtin.ssh")
+
+
+def shorten(text, width):
+    """One line of at most `width` characters, cut at a word boundary and ending in an
+    ellipsis when the text is longer. A first word longer than `width` is kept whole."""
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]  # room for the ellipsis
+    if text[width - 1] != " ":  # the cut is inside a word: drop that word
+        space = cut.rfind(" ")
+        if space <= 0:
+            return text.split(" ", 1)[0] + ELLIPSIS
+        cut = cut[:space]
+    return cut.rstrip(" ,;:(-") + ELLIPSIS
+
+
+def backend_text(node, width=None):
+    """fscache, file or none, with the reason: 'file (EROFS file-backed + /dev/fuse)'; the
+    reason shortened to `width` at a word boundary when given."""
     backend = node.get("backend", "-")
     why = node.get("backend_why")
+    if why and width:
+        why = shorten(why, width)
     return "%s (%s)" % (backend, why) if why else backend
+
+
+def ondemand_text(node):
+    """The on-demand state with the evidence that decided it: 'enabled (fs_ctl gate)'."""
+    state = node.get("ondemand", "-")
+    source = (node.get("ondemand_source") or "").split(" (", 1)[0]
+    if not source or source in state:
+        return state
+    return "%s (%s)" % (state, source)
+
+
+def redact(text, secrets):
+    """The text with every secret (and any password=VALUE) replaced by ********."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "********")
+    return re.sub(r"(?i)\b(pass(?:word|wd)?)=[^\s;,]+", r"\1=********", text)
+
+
+def tcp_answer(address, port, timeout=3.0):
+    """What answers on address:port, worded as the reason a connection failed."""
+    try:
+        sock = socket.create_connection((address, int(port)), timeout=timeout)
+    except socket.timeout:
+        return "timed out (no answer from %s:%s in %g s)" % (address, port, timeout)
+    except (OSError, ValueError) as exc:
+        return "%s (%s:%s)" % (getattr(exc, "strerror", None) or exc, address, port)
+    try:
+        banner = sock.recv(256)
+    except socket.timeout:
+        return "%s:%s accepts connections but sends no SSH banner in %g s" % (
+            address,
+            port,
+            timeout,
+        )
+    except OSError as exc:
+        return "%s:%s accepts connections, then: %s" % (address, port, exc.strerror or exc)
+    finally:
+        sock.close()
+    if not banner:
+        return (
+            "%s:%s accepts connections but closes them without an SSH banner "
+            "(sshd not running yet?)" % (address, port)
+        )
+    if banner.startswith(b"SSH-"):
+        text = banner.split(b"\n", 1)[0].decode("ascii", "replace").strip()
+        return "sshd answers on %s:%s (%s), yet ssh failed without an error text" % (
+            address,
+            port,
+            text,
+        )
+    return "%s:%s answers, but not as an SSH server" % (address, port)
+
+
+def unreachable_reason(message, name, address=None, port=None, secrets=(), probe=tcp_answer):
+    """The reason a host could not be reached: ssh's own error text out of Ansible's message
+    (which names the host by its address), else what answers on its address and port."""
+    text = message or ""
+    match = SSH_ERROR_PREFIX.match(text)
+    if match:
+        text = text[match.end() :]
+    elif address:
+        # Ansible's other wordings name the remote host by its address.
+        where = "%s (%s)" % (name, "%s:%s" % (address, port) if port else address)
+        text = text.replace('remote host "%s"' % address, where)
+        text = text.replace('host "%s"' % address, where)
+    lines = [line.strip() for line in text.splitlines()]
+    text = "; ".join(line for line in lines if line and not SSH_NOISE.search(line))
+    if not text and address and port and probe is not None:
+        text = "ssh gave no error text; " + probe(address, port)
+    return redact(text or "ssh gave no error text", secrets)
+
+
+def plain(value):
+    """A host var as written in the inventory: a string without a template, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value and "{{" not in value and "{%" not in value:
+        return value
+    return None
+
+
+def config_secrets(template):
+    """The values behind apull.deploy.config_secret lookups in a template, or []."""
+    terms = re.findall(r"config_secret['\"]\s*,\s*['\"](\w+)", template)
+    if not terms:
+        return []
+    try:
+        from ansible.plugins.loader import lookup_loader
+
+        return list(lookup_loader.get("apull.deploy.config_secret").run(terms))
+    except Exception:  # no secret to be found: nothing to hide
+        return []
+
+
+def host_secrets(host_vars):
+    """Passwords the connection may use, so that no reason shows them."""
+    found = []
+    for key in PASSWORD_VARS:
+        value = host_vars.get(key)
+        if plain(value) is not None:
+            found.append(plain(value))
+        elif isinstance(value, str):
+            found.extend(config_secrets(value))
+    return found
 
 
 def table(display, title, columns, rows):
@@ -78,6 +233,7 @@ class CallbackModule(CallbackBase):
         self.platforms = {}
         self.changed = {}
         self.failed = {}
+        self.unreachable = {}
         self.conversions = []
         self.playbook = "run"
         self.check_mode = False
@@ -116,10 +272,33 @@ class CallbackModule(CallbackBase):
         if not ignore_errors:
             # The first failure is the cause: a rescue that re-raises it (site.yml's verify
             # takes the node's labels off first) must not hide which task it was.
-            self.failed.setdefault(self._host(result), result._task.get_name())
+            self.failed.setdefault(self._host(result), "FAILED at: " + result._task.get_name())
 
     def v2_runner_on_unreachable(self, result):
-        self.failed[self._host(result)] = "unreachable"
+        host = self._host(result)
+        task = result._task.get_name()
+        host_vars = getattr(result._host, "vars", None) or {}
+        address = plain(host_vars.get("ansible_host")) or getattr(result._host, "address", None)
+        port = plain(host_vars.get("ansible_port") or host_vars.get("ansible_ssh_port")) or "22"
+        if plain(host_vars.get("ansible_connection")) not in SSH_CONNECTIONS:
+            port = None  # not an ssh connection: no port to ask
+        reason = unreachable_reason(
+            str(result._result.get("msg") or ""),
+            host,
+            address,
+            port,
+            host_secrets(host_vars),
+        )
+        # As with a failure, the first is the cause.
+        self.unreachable.setdefault(
+            host,
+            {
+                "task": task,
+                "reason": reason,
+                "address": "%s:%s" % (address, port) if port else address,
+            },
+        )
+        self.failed.setdefault(host, "UNREACHABLE at: %s: %s" % (task, reason))
 
     def _rows(self):
         hosts = sorted(set(self.nodes) | set(self.platforms) | set(self.changed) | set(self.failed))
@@ -133,7 +312,7 @@ class CallbackModule(CallbackBase):
             fs_ctl = node.get("fs_ctl")
             changed = self.changed.get(host, [])
             if host in self.failed:
-                outcome = "FAILED at: " + self.failed[host]
+                outcome = self.failed[host]
             elif changed:
                 verb = "would change" if self.check_mode else "changed"
                 outcome = "%s %d: %s" % (verb, len(changed), ", ".join(changed))
@@ -143,15 +322,22 @@ class CallbackModule(CallbackBase):
             refused = self.platforms.get(host, {}).get("why")
             if refused:
                 problems.insert(0, {"what": refused})
+            if problems:
+                problems_text = "; ".join(p["what"] for p in problems)
+            else:
+                # No facts from a host lost before preflight read it: nothing is known.
+                lost = host in self.unreachable and not node
+                problems_text = "unknown (unreachable)" if lost else "none"
             yield {
                 "host": host,
                 "platform": self.platforms.get(host, {}).get("text", "-"),
                 "kernel": node.get("kernel", "-"),
                 "containerd": node.get("containerd") or "-",
                 "backend": backend_text(node) if node else "-",
-                "ondemand": node.get("ondemand", "-"),
+                "ondemand": ondemand_text(node) if node else "-",
+                "ondemand_note": node.get("ondemand_note") or "",
                 "fs_ctl": "/".join(fs_ctl.get(k) or "?" for k in sorted(fs_ctl)) if fs_ctl else "-",
-                "problems": "; ".join(p["what"] for p in problems) if problems else "none",
+                "problems": problems_text,
                 "outcome": outcome,
             }
 
@@ -191,7 +377,17 @@ class CallbackModule(CallbackBase):
             )
         else:
             columns = ("host", "outcome")
-        table(self._display, "APULL NODE STATUS", columns, rows)
+        # The table shortens the backend's reason at a word boundary; the report keeps it.
+        shown = [
+            dict(row, backend=backend_text(self.nodes[row["host"]], BACKEND_WHY_WIDTH))
+            if row["host"] in self.nodes
+            else row
+            for row in rows
+        ]
+        table(self._display, "APULL NODE STATUS", columns, shown)
+        for row in rows:
+            if row["ondemand_note"] and "ondemand" in columns:
+                self._display.display("note: %s: %s" % (row["host"], row["ondemand_note"]))
         self._write_report(rows)
 
     def _write_report(self, rows):
@@ -207,6 +403,7 @@ class CallbackModule(CallbackBase):
             "seconds": round(time.time() - self.started, 1),
             "nodes": dict((h, self.nodes.get(h)) for h in sorted(self.nodes)),
             "platforms": dict((h, self.platforms[h]) for h in sorted(self.platforms)),
+            "unreachable": dict((h, self.unreachable[h]) for h in sorted(self.unreachable)),
             "rows": rows,
             "conversions": self.conversions,
         }

@@ -13,9 +13,15 @@ module: node_facts
 short_description: Facts about a node's EROFS / fscache on-demand support, containerd and disk
 description:
   - Detects on-demand loading support in this order - the EulerOS C(fs_ctl) gate parameters,
-    the kernel configuration, the C(cachefiles) and C(erofs) modules, C(/dev/cachefiles) and
-    whoever holds it, the page size, a functional C(bind ondemand) probe (only when nothing
-    holds the device), and finally EROFS file-backed mounts with FUSE as the fallback backend.
+    a functional C(bind ondemand) probe (only when nothing holds the device), whoever holds
+    C(/dev/cachefiles) (apulld), the C(cachefiles) and C(erofs) modules themselves (the
+    on-demand functions in the running kernel's C(/proc/kallsyms), else in the module files
+    modprobe would load), and last the kernel configuration; then the page size, and EROFS
+    file-backed mounts with FUSE as the fallback backend.
+  - C(ondemand_source) names the evidence that decided, and C(ondemand_note) says so when
+    the kernel configuration contradicts the verdict - for example a config without
+    C(CONFIG_CACHEFILES_ONDEMAND) next to modules rebuilt with it outside the kernel
+    (C(/lib/modules/<release>/updates/)).
   - The backend (C(fscache), C(file) or C(none)) is decided as apulld decides it (auto) - when
     apulld runs, its own answer (C(PUT /v1.0/apulld/ping)); when it is installed and stopped,
     C(apulld --check-backend); before it is installed, from the facts above. C(fscache) counts
@@ -94,10 +100,14 @@ ansible_facts:
   contains:
     apull_node:
       description: >-
-        kernel, arch, page_size, os, containerd, erofs, cachefiles, fs_ctl, kconfig,
-        dev_cachefiles, holder, probe, backend (fscache, file or none), backend_why (short
-        reason), backend_reasons (apulld's reasons, one per backend tried), backend_source
-        (apulld, apulld --check-backend or kernel facts), ondemand, disk, registry, problems.
+        kernel, arch, page_size, os, containerd, erofs, cachefiles, modules (per module -
+        file, rebuilt outside the kernel, has the on-demand code, where that was seen),
+        fs_ctl, kconfig, dev_cachefiles, holder, probe, backend (fscache, file or none),
+        backend_why (the reason, never cut), backend_reasons (apulld's reasons, one per
+        backend tried), backend_source (apulld, apulld --check-backend or kernel facts),
+        ondemand, ondemand_source (fs_ctl gate, bind probe, apulld, /dev/cachefiles holder,
+        modules (...), kernel config or no evidence), ondemand_note (why the kernel config
+        does not decide, or empty), disk, registry, problems.
       type: dict
 """
 
@@ -127,6 +137,22 @@ KCONFIG = (
     "CONFIG_CACHEFILES_ONDEMAND",
     "CONFIG_EROFS_FS_ONDEMAND",
     "CONFIG_EROFS_FS_BACKED_BY_FILE",
+)
+ONDEMAND_OPTIONS = ("CONFIG_CACHEFILES_ONDEMAND", "CONFIG_EROFS_FS_ONDEMAND")
+# A function only a module built with on-demand support has (the lab's
+# build-ondemand-modules.sh checks its rebuilt modules for the same two).
+ONDEMAND_SYMBOLS = (
+    ("cachefiles", "cachefiles_ondemand_init_object"),
+    ("erofs", "erofs_fscache_register_fs"),
+)
+# On-demand states with which the fscache backend is available.
+FSCACHE_STATES = (
+    "enabled",
+    "gated",
+    "supported",
+    "in use by apulld",
+    "supported (modules)",
+    "supported (kernel config)",
 )
 FIX_KERNEL = "ansible-playbook playbooks/kernel.yml (part of make all)"
 FIX_FSCACHE = "ansible-playbook playbooks/fscache.yml (part of make all)"
@@ -163,6 +189,93 @@ def module_state(name):
     if re.search(r"(^|/)%s\.ko(\.[a-z]+)?:" % re.escape(name), dep, re.M):
         return "available"
     return "missing"
+
+
+def module_file(name, release=None, root="/lib/modules"):
+    """The file modprobe loads for the module (depmod lists updates/ ahead of kernel/), or
+    None when modules.dep does not list it."""
+    base = "%s/%s" % (root, release or platform.release())
+    dep = read(base + "/modules.dep") or ""
+    match = re.search(r"^((?:\S*/)?%s\.ko(?:\.[a-z]+)?):" % re.escape(name), dep, re.M)
+    if not match:
+        return None
+    path = match.group(1)
+    return path if path.startswith("/") else "%s/%s" % (base, path)
+
+
+def rebuilt_outside_the_kernel(path, release=None, root="/lib/modules"):
+    """True for a module file outside the kernel package's own kernel/ tree (updates/,
+    extra/, weak-updates/: rebuilt or added later)."""
+    base = "%s/%s/" % (root, release or platform.release())
+    if not path.startswith(base):
+        return False
+    return path[len(base) :].split("/", 1)[0] != "kernel"
+
+
+def file_has_symbol(path, symbol):
+    """Whether the module file's symbol table names `symbol`; None when it cannot be read
+    (unreadable, or compressed in a way the standard library cannot open)."""
+    try:
+        if path.endswith(".xz"):
+            import lzma
+
+            with lzma.open(path) as handle:
+                data = handle.read()
+        elif path.endswith(".gz"):
+            import gzip
+
+            with gzip.open(path) as handle:
+                data = handle.read()
+        elif path.endswith(".ko"):
+            with open(path, "rb") as handle:
+                data = handle.read()
+        else:
+            return None
+    except (ImportError, IOError, OSError, EOFError, ValueError):
+        return None
+    return (b"\0" + symbol.encode() + b"\0") in data
+
+
+def kallsyms_has(symbols, path="/proc/kallsyms"):
+    """{symbol: whether the running kernel (or a loaded module) has it}, or None when the
+    kernel's symbol list cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError):
+        return None
+    if not data:
+        return None
+    return dict(
+        (s, re.search(rb"\s" + re.escape(s.encode()) + rb"(\s|$)", data, re.M) is not None)
+        for s in symbols
+    )
+
+
+def module_support(states, release=None, root="/lib/modules", kallsyms="/proc/kallsyms"):
+    """Per module (cachefiles, erofs): the file modprobe loads, whether it was rebuilt outside
+    the kernel, and whether it has the on-demand code (None: not known) as seen in the running
+    kernel's /proc/kallsyms (loaded or built in), else in that file."""
+    symbols = None
+    if any(states[name] in ("loaded", "builtin") for name, _ in ONDEMAND_SYMBOLS):
+        symbols = kallsyms_has([symbol for _, symbol in ONDEMAND_SYMBOLS], kallsyms)
+    found = {}
+    for name, symbol in ONDEMAND_SYMBOLS:
+        path = None if states[name] == "builtin" else module_file(name, release, root)
+        info = {
+            "file": path,
+            "rebuilt": bool(path) and rebuilt_outside_the_kernel(path, release, root),
+            "ondemand": None,
+            "seen_in": None,
+        }
+        if states[name] in ("loaded", "builtin") and symbols is not None:
+            info["ondemand"], info["seen_in"] = symbols[symbol], kallsyms
+        elif path and states[name] != "missing":
+            has = file_has_symbol(path, symbol)
+            if has is not None:
+                info["ondemand"], info["seen_in"] = has, path
+        found[name] = info
+    return found
 
 
 def kernel_config():
@@ -311,7 +424,7 @@ def apulld_check_backend(binary):
         return None
     if proc.returncode != 0:
         # An explicit backend in the settings the node cannot provide: apulld will not start.
-        return "none", [(proc.stderr.strip() or "apulld --check-backend failed")[-300:]]
+        return "none", [proc.stderr.strip() or "apulld --check-backend failed"]
     lines = proc.stdout.strip().splitlines()
     if not lines or lines[0].strip() not in ("fscache", "file", "none"):
         return None
@@ -357,6 +470,7 @@ def detect(params):
     facts["fs_ctl"] = fs_ctl
     facts["erofs"] = module_state("erofs")
     facts["cachefiles"] = module_state("cachefiles")
+    facts["modules"] = module_support(facts)
 
     asked = None
     loaded_for_probe = []
@@ -394,6 +508,8 @@ def detect(params):
             modprobe(name, remove=True)
 
     facts["backend"], facts["ondemand"] = backend(facts, params["block_size"])
+    facts["ondemand_source"] = ondemand_verdict(facts)[1]
+    facts["ondemand_note"] = ondemand_note(facts)
     facts["backend_reasons"] = backend_reasons(facts, params["block_size"])
     facts["backend_source"] = "kernel facts"
     # A running apulld's answer is the truth. An installed one's check sees a closed fs_ctl
@@ -412,37 +528,88 @@ def detect(params):
     return facts
 
 
-def backend(facts, block_size):
-    """(backend, on-demand state) from what was detected."""
+def modules_source(modules):
+    """'modules (rebuilt outside the kernel: FILES)', or 'modules (FILES)'."""
+    files = [modules[n]["file"] for n, _ in ONDEMAND_SYMBOLS if modules.get(n, {}).get("file")]
+    rebuilt = [modules[n]["file"] for n, _ in ONDEMAND_SYMBOLS if modules.get(n, {}).get("rebuilt")]
+    if rebuilt:
+        return "modules (rebuilt outside the kernel: %s)" % ", ".join(rebuilt)
+    return "modules (%s)" % ", ".join(files) if files else "modules (built in)"
+
+
+def ondemand_verdict(facts):
+    """(on-demand state, the evidence that decided it): the first of these that tells wins -
+    the fs_ctl gate, the bind probe's acceptance, the holder of /dev/cachefiles, the probe's
+    rejection, the modules' own code, the kernel config."""
     fs_ctl = facts["fs_ctl"]
     kconfig = facts["kconfig"]
     holder = facts["holder"]
-    page_ok = facts["page_size"] == block_size
     if fs_ctl:
         # EulerOS / openEuler: the gate exists only on kernels carrying on-demand support.
-        ondemand = "enabled" if all(fs_ctl.get(p) == "Y" for p in FS_CTL_PARAMS) else "gated"
-    elif facts["probe"] == "accepted":
-        ondemand = "supported"
-    elif holder and holder.get("comm") == "apulld":
-        ondemand = "in use by apulld"
-    elif holder:
-        ondemand = "held by " + str(holder.get("comm"))
-    elif facts["probe"].startswith("rejected"):
-        ondemand = "unsupported"
-    elif (
-        kconfig.get("CONFIG_CACHEFILES_ONDEMAND") == "y"
-        and kconfig.get("CONFIG_EROFS_FS_ONDEMAND") == "y"
-    ):
-        ondemand = "supported (kernel config)"
-    else:
-        ondemand = "unsupported"
-    fscache_ok = ondemand in (
-        "enabled",
-        "gated",
-        "supported",
-        "in use by apulld",
-        "supported (kernel config)",
-    )
+        enabled = all(fs_ctl.get(p) == "Y" for p in FS_CTL_PARAMS)
+        return ("enabled" if enabled else "gated"), "fs_ctl gate"
+    if facts["probe"] == "accepted":
+        return "supported", "bind probe"
+    if holder and holder.get("comm") == "apulld":
+        return "in use by apulld", "apulld"
+    if holder:
+        return "held by " + str(holder.get("comm")), "/dev/cachefiles holder"
+    if facts["probe"].startswith("rejected"):
+        return "unsupported", "bind probe"
+    modules = facts.get("modules") or {}
+    seen = [modules.get(name, {}).get("ondemand") for name, _ in ONDEMAND_SYMBOLS]
+    if None not in seen:
+        # The modules themselves: they may have been rebuilt apart from the kernel config.
+        return ("supported (modules)" if all(seen) else "unsupported"), modules_source(modules)
+    if all(kconfig.get(o) == "y" for o in ONDEMAND_OPTIONS):
+        return "supported (kernel config)", "kernel config"
+    if any(v is not None for v in kconfig.values()):
+        return "unsupported", "kernel config"
+    return "unsupported", "no evidence (no kernel config readable, %s)" % facts["probe"]
+
+
+def ondemand_note(facts):
+    """Why the kernel config's on-demand options contradict the verdict, or ''."""
+    kconfig = facts["kconfig"]
+    said = [(o, kconfig.get(o)) for o in ONDEMAND_OPTIONS]
+    if any(value is None for _, value in said):
+        return ""  # no kernel config readable: nothing to contradict
+    config_says = ", ".join("%s=%s" % pair for pair in said)
+    config_yes = all(value == "y" for _, value in said)
+    ondemand = facts["ondemand"]
+    source = facts["ondemand_source"]
+    if ondemand in FSCACHE_STATES and not config_yes:
+        modules = facts.get("modules") or {}
+        rebuilt = [
+            modules[name]["file"]
+            for name, _ in ONDEMAND_SYMBOLS
+            if modules.get(name, {}).get("rebuilt") and modules[name].get("ondemand") is not False
+        ]
+        if rebuilt:
+            return (
+                "the kernel config says %s, but on-demand support comes from modules rebuilt "
+                "outside the kernel (%s): the config describes only the kernel's own modules; "
+                "on-demand %s, decided by: %s" % (config_says, ", ".join(rebuilt), ondemand, source)
+            )
+        return (
+            "the kernel config says %s, but on-demand is %s, decided by: %s (the config on disk "
+            "does not describe the modules in use)" % (config_says, ondemand, source)
+        )
+    if ondemand == "unsupported" and config_yes and source != "kernel config":
+        detail = " (%s)" % facts["probe"] if source == "bind probe" else ""
+        return "the kernel config says %s, but on-demand is unsupported, decided by: %s%s" % (
+            config_says,
+            source,
+            detail,
+        )
+    return ""
+
+
+def backend(facts, block_size):
+    """(backend, on-demand state) from what was detected."""
+    page_ok = facts["page_size"] == block_size
+    ondemand = ondemand_verdict(facts)[0]
+    fscache_ok = ondemand in FSCACHE_STATES
     if fscache_ok and page_ok and facts["erofs"] != "missing" and facts["cachefiles"] != "missing":
         return "fscache", ondemand
     if file_backed(facts)[0]:
@@ -484,6 +651,7 @@ def backend_reasons(facts, block_size):
             "gated": "fs_ctl gate closed (playbooks/fscache.yml opens it)",
             "supported": "bind ondemand accepted by the probe",
             "in use by apulld": "/dev/cachefiles held by apulld",
+            "supported (modules)": "the cachefiles and erofs modules have the on-demand code",
         }.get(ondemand, "kernel config has CONFIG_CACHEFILES_ONDEMAND and CONFIG_EROFS_FS_ONDEMAND")
         return ["fscache: on-demand %s: %s" % (ondemand, detail)]
     if facts["page_size"] != block_size and ondemand != "unsupported":
@@ -499,7 +667,8 @@ def backend_reasons(facts, block_size):
 
 
 def backend_why(facts):
-    """The short reason for the status table."""
+    """The reason for the status table, whole (the table shortens it at a word boundary; the
+    JSON report keeps it as it is)."""
     name = facts["backend"]
     if facts["backend_source"] != "kernel facts":
         # apulld's reason for the backend it chose: its first for fscache, else its last.
@@ -509,7 +678,7 @@ def backend_why(facts):
             if text.startswith(prefix):
                 text = text[len(prefix) :]
         text = text.split(" to /", 1)[0]
-        return "%s: %s" % (facts["backend_source"].split()[0], text[:70])
+        return "%s: %s" % (facts["backend_source"].split()[0], text)
     if name == "fscache":
         return "on-demand " + facts["ondemand"]
     if name == "file":
