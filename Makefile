@@ -115,7 +115,7 @@ unit-py39-arm64: deps venv ## tests/node under python3.9 in a Debian 11 arm64 ro
 	$(BIN)/python -m apull.lab.py39_root --arch arm64
 
 integration: deps venv lab-up ## tests against the lab's real nodes
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q --durations=25 tests/integration
 
 # Scenarios by the lab nodes they use: preflight (node1, node3) and fscache (node1, node2)
 # first, in this order (preflight reads the stock node before kernel upgrades it; kernel's
