@@ -25,6 +25,7 @@ from lazy_image import (
     LazyImage,
     apulld_ping,
     fetched,
+    forget_image,
     push_and_convert,
     run_lazily,
 )
@@ -382,6 +383,8 @@ def _served_to_apulld(offset: int) -> int:
 def test_the_bytes_fetched_metric_matches_the_registrys_access_log(lazy_node, lazy_image):
     """A cold lazy run (apulld restarted by it: its counters start at zero): what apulld counts
     as fetched is what the registry's access log says it sent apulld, byte for byte."""
+    # apulld stopped first: the read-ahead of an earlier read cannot land after the offset.
+    forget_image(lazy_node, lazy_image.ref)
     offset = access_log().stat().st_size
     run_lazily(lazy_node, lazy_image, "lazy-metrics")
     deadline = time.monotonic() + 120
@@ -426,7 +429,8 @@ def test_status_shows_a_ready_fleet_and_how_much_of_the_image_is_fetched(lab, la
         assert [node["host"]["kernel"], node["host"]["arch"]] == uname
         assert [b["current"] for b in node["binaries"]] == [True, True], node["binaries"]
         assert node["backend"] == "fscache", name
-        assert node["fs_ctl"] is None or set(node["fs_ctl"].values()) == {"1"}, node["fs_ctl"]
+        # The gate's parameters are booleans: the kernel shows them as Y (or 1).
+        assert node["fs_ctl"] is None or set(node["fs_ctl"].values()) <= {"Y", "1"}, node["fs_ctl"]
         assert {u: s["active"] for u, s in node["services"].items()} == dict.fromkeys(
             ("apulld.service", "apull-snapshotter.service", "containerd.service"), "active"
         )
