@@ -126,3 +126,22 @@ def test_the_controllers_script_runs_the_probe_with_python3(tmp_path: Path) -> N
     assert set(report["services"]) == {
         "apulld.service", "apull-snapshotter.service", "containerd.service"}  # fmt: skip
     assert json.loads(json.dumps(report)) == report
+
+
+def test_fscache_open_objects_count_what_apulld_says_it_wrote(tmp_path: Path) -> None:
+    """An open object's cache file is not linked in the cache directory yet: the running
+    apulld's written_bytes counts, capped at the blob's size; a linked file counts too."""
+    cache_dir = tmp_path / "containerd-apull" / "cachefiles"
+    cache_dir.mkdir(parents=True)
+    (tmp_path / "containerd-apull" / "apulld").mkdir()
+    registry = BlobRegistry(tmp_path / "containerd-apull" / "apulld" / "blobs.json")
+    a, b = "e" * 64, "f" * 64
+    _blob(registry, a, "sha256:" + a, 4 * CHUNK, "test/open")
+    _blob(registry, b, "sha256:" + b, CHUNK, "test/open")
+    settings = {"cache_dir": str(cache_dir), "cache_size_limit_mb": 1,
+                "snapshotter_root": str(tmp_path / "containerd-apull")}  # fmt: skip
+    _, images = node_status.cache_and_images(settings, {a: CHUNK + 4096, b: 5 * CHUNK})
+    assert images == [{"image": "registry.lab:5000/test/open", "layers": 2,
+                       "bytes": 5 * CHUNK, "fetched": 2 * CHUNK + 4096}]  # fmt: skip
+    _, none = node_status.cache_and_images(settings)
+    assert none[0]["fetched"] == 0

@@ -545,8 +545,11 @@ def test_read_writes_verified_block_aligned_bytes(
     assert len(cached) % BLOCK == 0 and len(cached) >= offset + 3 * BLOCK
     assert cached[first:] == raw[first : len(cached)]  # whole chunks, exactly the blob's
     assert cached[:first] == bytes(first)  # nothing else written
-    stats = backend.describe()["stats"]
+    serving = backend.describe()
+    stats = serving["stats"]
     assert stats["read_requests"] == 1 and stats["bytes_written"] == len(cached) - first
+    # Per blob, what apull status reads for the open objects (not linked in the cache dir).
+    assert serving["written_bytes"] == {layer.blob_id: len(cached) - first}
     assert proxy.bytes_of(layer.digest) == stats["bytes_fetched"] < layer.size // 4
     assert not (tmp_path / "apulld" / "chunks").exists()  # one copy: the cache file
 

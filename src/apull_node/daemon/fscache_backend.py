@@ -92,6 +92,7 @@ class FscacheBackend:
         self.tables = TableStore(config.state_dir / "tables", self.fetcher)
         self._lock = threading.Lock()
         self._objects: dict[int, BlobConfig] = {}
+        self._written: dict[str, int] = {}  # blob id -> bytes written to its cache file
         self.server: OnDemandServer | None = None
         self.resumed = False
         self.stored = False
@@ -195,6 +196,9 @@ class FscacheBackend:
             start, data = self.cache.read_span(spec, source, request.offset, request.length)
             self.counters.add("bytes_written", write_blocks(anon_fd, start, data))
             metrics.SERVED_FSCACHE_BYTES.inc(len(data))
+            with self._lock:
+                held = self._written.get(config.blob_id, 0) + len(data)
+                self._written[config.blob_id] = min(config.size, held)
         except (TableError, ChunkUnavailableError, OSError) as err:
             self.counters.add("read_errors")
             log.error("read of blob %s bytes %d-%d failed (EIO): %s", config.blob_id,
@@ -250,6 +254,7 @@ class FscacheBackend:
         server = self.server
         with self._lock:
             objects = {oid: c.blob_id for oid, c in self._objects.items()}
+            written = dict(self._written)
         return {
             "backend": "fscache",
             "cache_dir": str(self.config.cache_dir),
@@ -260,6 +265,9 @@ class FscacheBackend:
             "objects": [{"object_id": k, "blob_id": v} for k, v in sorted(objects.items())],
             "reads_in_flight": server.reads_in_flight if server is not None else 0,
             "stats": self.counters.snapshot(),
+            # Bytes of each blob this apulld wrote into the kernel's cache files (the files
+            # of open objects are not linked in the cache directory: apull status reads this).
+            "written_bytes": written,
         }
 
 

@@ -308,7 +308,9 @@ def _image_refs(snapshotter_root: str) -> dict[str, set[str]]:
     return refs
 
 
-def cache_and_images(settings: Json) -> tuple[Json, list[Json]]:
+def cache_and_images(
+    settings: Json, written: dict[str, int] | None = None
+) -> tuple[Json, list[Json]]:
     """The cache's use against its limit, and each image apulld serves with the part of it
     fetched so far (layers grouped by the image CRI pulled them for, else by repository)."""
     cache_dir = settings["cache_dir"]
@@ -334,7 +336,10 @@ def cache_and_images(settings: Json) -> tuple[Json, list[Json]]:
             continue
         size = int(blob.get("size") or 0)
         digest = str(blob.get("digest", ""))
-        held = min(size, kernel_files.get(blob["blob_id"], 0))
+        # fscache: the kernel links a cache file in only once its object is closed; what the
+        # running apulld wrote into the open ones it reports itself (ping: written_bytes).
+        held = min(size, max(kernel_files.get(blob["blob_id"], 0),
+                             int((written or {}).get(blob["blob_id"], 0))))  # fmt: skip
         chunk = int(blob.get("chunk_size") or 0)
         if chunk:
             algorithm, _, hexdigest = digest.partition(":")
@@ -368,8 +373,10 @@ def recent_errors(units: list[str], since: str) -> list[str]:
 
 def report(args: Json) -> Json:
     settings = read_settings()
-    cache, images = cache_and_images(settings)
     ping = apulld_ping(settings["apulld_address"])
+    serving = (ping.get("answer") or {}).get("serving") or {}
+    written = serving.get("written_bytes") if isinstance(serving, dict) else None
+    cache, images = cache_and_images(settings, written if isinstance(written, dict) else None)
     return {
         "probe": PROBE_VERSION,
         "host": host_facts(),
