@@ -140,7 +140,8 @@ def test_fscache_open_objects_count_what_apulld_says_it_wrote(tmp_path: Path) ->
     _blob(registry, b, "sha256:" + b, CHUNK, "test/open")
     settings = {"cache_dir": str(cache_dir), "cache_size_limit_mb": 1,
                 "snapshotter_root": str(tmp_path / "containerd-apull")}  # fmt: skip
-    _, images = node_status.cache_and_images(settings, {a: CHUNK + 4096, b: 5 * CHUNK})
+    cache, images = node_status.cache_and_images(settings, {a: CHUNK + 4096, b: 5 * CHUNK})
+    assert cache["bytes"] == CHUNK + 4096 + 5 * CHUNK  # what apulld wrote, nothing linked yet
     assert images == [{"image": "registry.lab:5000/test/open", "layers": 2,
                        "bytes": 5 * CHUNK, "fetched": 2 * CHUNK + 4096}]  # fmt: skip
     _, none = node_status.cache_and_images(settings)

@@ -338,8 +338,10 @@ def cache_and_images(
         digest = str(blob.get("digest", ""))
         # fscache: the kernel links a cache file in only once its object is closed; what the
         # running apulld wrote into the open ones it reports itself (ping: written_bytes).
-        held = min(size, max(kernel_files.get(blob["blob_id"], 0),
-                             int((written or {}).get(blob["blob_id"], 0))))  # fmt: skip
+        on_disk = kernel_files.get(blob["blob_id"], 0)
+        wrote = int((written or {}).get(blob["blob_id"], 0))
+        held = min(size, max(on_disk, wrote))
+        cache["bytes"] += max(0, wrote - on_disk)  # open objects' files: not in the tree
         chunk = int(blob.get("chunk_size") or 0)
         if chunk:
             algorithm, _, hexdigest = digest.partition(":")
