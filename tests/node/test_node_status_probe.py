@@ -146,3 +146,14 @@ def test_fscache_open_objects_count_what_apulld_says_it_wrote(tmp_path: Path) ->
                        "bytes": 5 * CHUNK, "fetched": 2 * CHUNK + 4096}]  # fmt: skip
     _, none = node_status.cache_and_images(settings)
     assert none[0]["fetched"] == 0
+
+
+def test_warnings_are_read_from_the_text_journald_stores_at_info() -> None:
+    lines = [
+        "2026-12-07T13:40:00+0000 node1 apulld[9]: INFO apulld.api: blob x added",
+        "2026-12-07T13:40:01+0000 node1 apulld[9]: WARNING apulld.fetch: registry.lab:5000: "
+        "timed out; trying again",
+        "2026-12-07T13:40:02+0000 node1 apull-containerd-grpc[8]: ERROR apull-snapshotter.x: y",
+        "2026-12-07T13:40:03+0000 node1 apulld[9]: a message mentioning WARNING in passing",
+    ]
+    assert node_status.warning_lines(lines) == lines[1:3]

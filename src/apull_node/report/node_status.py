@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import sqlite3
 import subprocess
@@ -361,16 +362,26 @@ def cache_and_images(
     return cache, sorted(images.values(), key=lambda i: i["image"])
 
 
+#: A service's warning or error line: the services log `LEVEL logger: message` to stderr,
+#: which journald stores at priority info, so the level is read from the text.
+_LEVEL = re.compile(r"\]: (WARNING|ERROR|CRITICAL) ")
+
+
+def warning_lines(lines: list[str]) -> list[str]:
+    """The warning and error lines of journal output, newest last, at most MAX_ERRORS."""
+    return [line for line in lines if _LEVEL.search(line)][-MAX_ERRORS:]
+
+
 def recent_errors(units: list[str], since: str) -> list[str]:
     """apulld's and the snapshotter's warnings and errors since `since`, newest last."""
-    argv = ["journalctl", "--no-pager", "-q", "-o", "short-iso", "-p", "warning",
-            "--since", since, "-n", str(MAX_ERRORS)]  # fmt: skip
+    argv = ["journalctl", "--no-pager", "-q", "-o", "short-iso", "--since", since,
+            "-n", "5000"]  # fmt: skip
     for unit in units:
         argv += ["-u", unit]
     status, out = _run(*argv)
     if status:
         return []
-    return [line for line in out.splitlines() if line.strip()][-MAX_ERRORS:]
+    return warning_lines(out.splitlines())
 
 
 def report(args: Json) -> Json:
