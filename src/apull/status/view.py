@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from apull.bundle.artefacts import Bundle
+from apull.image.convert import human_size
 
 from .assess import NodeStatus, State
 
@@ -23,13 +24,6 @@ _STATE_STYLE = {
     State.FAILING: "red",
     State.UNREACHABLE: "red",
 }
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
 
 
 def _ago(since: float | None, now: float) -> str:
@@ -97,7 +91,7 @@ def fleet_table(statuses: Sequence[NodeStatus], bundle: Bundle) -> Table:
                 else f"[red]{apulld.get('active') or 'unknown'}[/]"
             ),
             f"plugin {plugin}, {patched}",
-            f"{_size(int(cache.get('bytes') or 0))} / {_size(int(cache.get('limit_bytes') or 0))}",
+            " / ".join(human_size(int(cache.get(k) or 0)) for k in ("bytes", "limit_bytes")),
             str(len(images)),
         )
     return table
@@ -112,8 +106,8 @@ def images_table(statuses: Sequence[NodeStatus]) -> Table | None:
         table.add_column(column)
     for name, image in rows:
         table.add_row(
-            name, str(image["image"]), str(image["layers"]), _size(int(image["bytes"])),
-            f"{fraction(image):.0%} ({_size(int(image['fetched']))})",
+            name, str(image["image"]), str(image["layers"]), human_size(int(image["bytes"])),
+            f"{fraction(image):.0%} ({human_size(int(image['fetched']))})",
         )  # fmt: skip
     return table
 

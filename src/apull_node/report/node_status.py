@@ -14,7 +14,6 @@ Output: MARKER on a line, then one JSON object (see docs/status.md for its field
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -245,14 +244,23 @@ def containerd_config(path: str = CONTAINERD_CONFIG, record: str = PATCH_RECORD)
     }
 
 
-def _tree_bytes(root: str) -> int:
-    """Bytes allocated under `root` (sparse files count what they hold, not their size)."""
-    total = 0
-    for directory, _, files in os.walk(root):
+def _walk_cache(cache_dir: str) -> tuple[int, dict[str, int]]:
+    """One walk of the cache dir: bytes allocated under it (sparse files count what they
+    hold, not their size), and the kernel's cache files (under cache/, named D<cookie key>,
+    the blob id) with the bytes allocated in each."""
+    total, kernel_files = 0, {}
+    kernel_root = os.path.join(cache_dir, "cache")
+    for directory, _, files in os.walk(cache_dir):
+        in_kernel_cache = directory.startswith(kernel_root)
         for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
-    return total
+            try:
+                held = os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                continue
+            total += held
+            if in_kernel_cache and name.startswith("D"):
+                kernel_files[name[1:]] = held
+    return total, kernel_files
 
 
 def _bitmap_bytes(present: str) -> tuple[int, int] | None:
@@ -273,17 +281,6 @@ def _bitmap_bytes(present: str) -> tuple[int, int] | None:
         if index >> 3 < len(bits) and bits[index >> 3] & (1 << (index & 7)):
             held += min(chunk, size - index * chunk)
     return size, held
-
-
-def _fscache_files(cache_dir: str) -> dict[str, int]:
-    """Kernel cache files by cookie key (the blob id): bytes allocated in each."""
-    found: dict[str, int] = {}
-    for directory, _, files in os.walk(os.path.join(cache_dir, "cache")):
-        for name in files:
-            if name.startswith("D"):
-                with contextlib.suppress(OSError):
-                    found[name[1:]] = os.lstat(os.path.join(directory, name)).st_blocks * 512
-    return found
 
 
 def _image_refs(snapshotter_root: str) -> dict[str, set[str]]:
@@ -316,9 +313,10 @@ def cache_and_images(
     fetched so far (layers grouped by the image CRI pulled them for, else by repository)."""
     cache_dir = settings["cache_dir"]
     state_dir = os.path.join(os.path.dirname(cache_dir.rstrip("/")), "apulld")
+    used, kernel_files = _walk_cache(cache_dir)
     cache = {
         "dir": cache_dir,
-        "bytes": _tree_bytes(cache_dir),
+        "bytes": used,
         "limit_bytes": int(settings["cache_size_limit_mb"]) << 20,
     }
     text = _read(os.path.join(state_dir, "blobs.json"), 16 << 20)
@@ -329,7 +327,6 @@ def cache_and_images(
     blobs = document.get("blobs", []) if isinstance(document, dict) else []
     if isinstance(blobs, dict):
         blobs = list(blobs.values())
-    kernel_files = _fscache_files(cache_dir)
     refs = _image_refs(settings["snapshotter_root"])
     images: dict[str, Json] = {}
     for blob in blobs:
