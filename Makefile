@@ -24,7 +24,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 	debian-archive-keyring gnupg arch-test ipxe-qemu
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
-	test test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
+	test test-no-nodes test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
 	integration-kernel integration-kube deps-kube status k8s-test bench-k8s chart-image molecule \
 	bundle sync-bin clean convert bench
 
@@ -138,7 +138,19 @@ bench: deps venv lab-up ## lazy vs full pull of a 1 GiB image: BENCH_NODE (fscac
 	$(APULL) run site --limit $(BENCH_NODE)
 	$(BIN)/python -m apull.bench --node $(BENCH_NODE) $(BENCH_ARGS)
 
-test: lint unit unit-py39 integration molecule ## everything CI runs
+# Everything CI runs. The tiers without nodes (lint, unit, unit-py39) run while the lab is
+# built and booted: two jobs, each mostly on a core of its own (the lab's build waits on
+# the network and dpkg, the tests on Python); their outputs come out whole, one after the
+# other. Then the tiers on the lab's nodes, one at a time.
+test: deps venv ## everything CI runs: the tiers without nodes beside lab-up, then integration, molecule
+	@$(MAKE) --no-print-directory -j2 --output-sync=target lab-up test-no-nodes
+	@$(MAKE) --no-print-directory integration
+	@$(MAKE) --no-print-directory molecule
+
+test-no-nodes: venv ## the tiers that need no lab node (lint, unit, unit-py39), one after another
+	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory unit
+	@$(MAKE) --no-print-directory unit-py39
 
 # A lab of every node platform (Debian 12 x86-64, Debian 11 x86-64 with python3 3.9 and glibc
 # 2.31, Debian 12 arm64 under qemu-system-aarch64) beside the shipped one, with its own state,

@@ -181,27 +181,30 @@ def _ready_cell(ready: str | None) -> str:
     return "Ready" if ready == "True" else f"[red]NotReady ({ready})"
 
 
-def _use_mitogen(env: dict[str, str], cfg: ClusterConfig) -> None:
-    """Opt-in Mitogen strategy (measured faster on slow nodes; see README)."""
-    import ansible_mitogen  # type: ignore[import-untyped]
-
-    plugins = Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"
-    env["ANSIBLE_STRATEGY_PLUGINS"] = str(plugins)
-    env["ANSIBLE_STRATEGY"] = "mitogen_linear"
-    if cfg.target == "lab":
-        # Lab nodes get new host keys with every fresh lab; Mitogen ignores ssh_common_args.
-        env["ANSIBLE_HOST_KEY_CHECKING"] = "False"
+def _without_mitogen(env: dict[str, str]) -> None:
+    """APULL_MITOGEN=0: Ansible's own linear strategy instead of ansible.cfg's Mitogen one."""
+    env["ANSIBLE_STRATEGY"] = "linear"
 
 
-def run_playbook(cfg: ClusterConfig, playbook: str, extra: Sequence[str]) -> int:
+def _use_timing(env: dict[str, str]) -> None:
+    """Add the timing callback to the ones ansible.cfg enables."""
+    enabled = env.get("ANSIBLE_CALLBACKS_ENABLED", "apull.deploy.summary")
+    env["ANSIBLE_CALLBACKS_ENABLED"] = f"{enabled},apull.deploy.timing"
+
+
+def run_playbook(
+    cfg: ClusterConfig, playbook: str, extra: Sequence[str], *, profile: bool = False
+) -> int:
     root = suite_root()
     env = dict(os.environ)
     env["APULL_CONFIG"] = str(cfg.path)
     env["APULL_WARNINGS_SHOWN"] = "1"
     env.setdefault("ANSIBLE_CONFIG", str(root / "ansible.cfg"))
     venv_bin = Path(sys.executable).parent
-    if os.environ.get("APULL_MITOGEN") == "1":
-        _use_mitogen(env, cfg)
+    if os.environ.get("APULL_MITOGEN") == "0":
+        _without_mitogen(env)
+    if profile or os.environ.get("APULL_PROFILE") == "1":
+        _use_timing(env)
     env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
     name = playbook if playbook.endswith(".yml") else f"{playbook}.yml"
     cmd = [str(venv_bin / "ansible-playbook"), str(root / "playbooks" / name), *extra]
@@ -218,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from apull.lab import lab
 
         lab.up(lab_nodes(cfg), _log, kubernetes=cfg.lab_kubernetes)
-    return run_playbook(cfg, args.playbook, args.ansible_args)
+    return run_playbook(cfg, args.playbook, args.ansible_args, profile=args.profile)
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -391,6 +394,11 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("playbook", help="playbook name under playbooks/ (e.g. site)")
     r.add_argument("--no-lab", action="store_true", help="do not bring the lab up first")
+    r.add_argument(
+        "--profile",
+        action="store_true",
+        help="time every task, role and play (also APULL_PROFILE=1); slowest first at the end",
+    )
     r.set_defaults(func=cmd_run)
     b = sub.add_parser("bundle", help="build the node binaries (reused when up to date)")
     b.add_argument("--out", type=Path, default=None, help="directory (default build/bundle)")

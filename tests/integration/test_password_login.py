@@ -58,14 +58,14 @@ def test_password_login_and_sudo_work_and_the_password_is_never_printed(password
     result = subprocess.run(
         [str(Path(sys.executable).parent / "ansible"), "apull_nodes", "-vvvv",
          "-e", f"ansible_ssh_extra_args='{known_hosts}'",
-         "-m", "ansible.builtin.command", "-a", "id -un"],
+         "-m", "ansible.builtin.shell", "-a", 'id -un; echo "by $SUDO_USER"'],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    # Logged in as USER with the password, then sudo with the same password: root.
-    assert "127.0.0.1 | CHANGED | rc=0 >>\nroot" in result.stdout
-    assert f"ESTABLISH SSH CONNECTION FOR USER: {USER}" in output
+    # Logged in as USER with the password, then sudo with the same password: root, and
+    # sudo names USER as the one who asked.
+    assert f"127.0.0.1 | CHANGED | rc=0 >>\nroot\nby {USER}\n" in result.stdout + "\n"
     assert password not in output
 
 

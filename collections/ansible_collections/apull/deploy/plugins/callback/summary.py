@@ -63,10 +63,11 @@ CONVERSION_KEYS = (
 ELLIPSIS = "\u2026"
 # The table's widest reason in the BACKEND column; the JSON report keeps it whole.
 BACKEND_WHY_WIDTH = 60
-# Ansible's own words around ssh's error text in an unreachable host's message.
+# Ansible's own words around ssh's error text in an unreachable host's message, and
+# Mitogen's (the suite's strategy: "EOF on stream; last 100 lines received:").
 SSH_ERROR_PREFIX = re.compile(
-    r"^.*?(?:Make sure this host can be reached over ssh|Failed to connect to the host via ssh)"
-    r"\s*:[ \t]*",
+    r"^.*?(?:Make sure this host can be reached over ssh|Failed to connect to the host via ssh"
+    r"|EOF on stream; last \d+ lines received)\s*:[ \t]*",
     re.S,
 )
 # ssh's lines that are not the error.
