@@ -78,7 +78,7 @@ def _second_build(tmp: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def bare_lab(lab: list[layout.LabNode], kube: Kubectl) -> Iterator[list[layout.LabNode]]:
+def bare_lab(kube: Kubectl, lab: list[layout.LabNode]) -> Iterator[list[layout.LabNode]]:
     """Every node fresh from its image (no apull) and joined; the stack off them after."""
     lab_control.reset(lab, lab_log)
     lab_control.up(lab, lab_log, kubernetes=True)

@@ -27,7 +27,7 @@ SLEEP = ["sleep", "1000000"]
 
 
 @pytest.fixture
-def stock_last(lab: list[layout.LabNode], kube: Kubectl) -> Iterator[layout.LabNode]:
+def stock_last(kube: Kubectl, lab: list[layout.LabNode]) -> Iterator[layout.LabNode]:
     """The last node re-created as a stock node and joined; the configured lab again after."""
     target = lab[-1]
     as_stock = [layout.LabNode(n.index, "stock") if n is target else n for n in lab]
@@ -163,7 +163,7 @@ def _uid(pod: dict[str, Any]) -> str:
 
 
 def test_a_pdb_stops_the_drain_then_the_upgrade_evicts_and_reschedules(
-    lab: list[layout.LabNode], kube: Kubectl, stock_last: layout.LabNode
+    kube: Kubectl, lab: list[layout.LabNode], stock_last: layout.LabNode
 ) -> None:
     node = stock_last
     kube.run("create", "namespace", NS)
