@@ -26,7 +26,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test test-no-nodes test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
 	integration-kernel integration-kube deps-kube status k8s-test bench-k8s chart-image molecule \
-	bundle sync-bin clean convert bench
+	bundle sync-bin clean convert bench bench-load
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -98,7 +98,8 @@ lint: venv ## ruff, mypy and ansible-lint
 	$(BIN)/mypy
 	$(BIN)/mypy --strict fabfile.py
 	$(BIN)/vermin -q --no-tips --violations --eval-annotations -t=3.9- src/apull_node tests/node \
-		collections/ansible_collections/apull/deploy/plugins/modules
+		collections/ansible_collections/apull/deploy/plugins/modules \
+		collections/ansible_collections/apull/deploy/plugins/module_utils/apulld_socket.py
 	$(BIN)/ansible-lint -q playbooks roles
 
 unit: venv ## fast tests, no nodes (the controller's, and the node package's in tests/node)
@@ -142,6 +143,13 @@ bench: deps venv lab-up ## lazy vs full pull of a 1 GiB image: BENCH_NODE (fscac
 # built and booted: two jobs, each mostly on a core of its own (the lab's build waits on
 # the network and dpkg, the tests on Python); their outputs come out whole, one after the
 # other. Then the tiers on the lab's nodes, one at a time.
+# 20 containers of 5 converted images started at once, cold, on BENCH_NODE (fscache) and
+# this host (file): p50/p99 to first output against one start alone, wrong bytes, apulld's
+# peak RSS and threads, registry requests per image, fetches per chunk.
+bench-load: deps venv lab-up ## 20 concurrent cold starts of 5 images: BENCH_NODE and this host
+	$(APULL) run site --limit $(BENCH_NODE)
+	$(BIN)/python -m apull.bench.load --node $(BENCH_NODE) $(LOAD_ARGS)
+
 test: deps venv ## everything CI runs: the tiers without nodes beside lab-up, then integration, molecule
 	@$(MAKE) --no-print-directory -j2 --output-sync=target lab-up test-no-nodes
 	@$(MAKE) --no-print-directory integration

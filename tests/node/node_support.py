@@ -22,7 +22,11 @@ MODULES = (
 
 
 def ansible_module(path: Path) -> ModuleType:
-    """One of the collection's module files, imported as a Python module of its own."""
+    """One of the collection's module files, imported as a Python module of its own (with
+    the collection's module_utils importable, as Ansible ships them along)."""
+    collections = str(MODULES.parents[4])
+    if collections not in sys.path:
+        sys.path.append(collections)
     spec = importlib.util.spec_from_file_location(f"apull_module_{path.stem}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

@@ -13,7 +13,15 @@ ON_NODE = sorted(p for p in MODULES.glob("*.py") if "AnsibleModule(" in p.read_t
 
 
 def test_the_node_side_modules_are_the_ones_expected() -> None:
-    assert [p.stem for p in ON_NODE] == ["boot_loader", "fs_ctl", "kernel_modules", "node_facts"]
+    assert [p.stem for p in ON_NODE] == [
+        "boot_loader",
+        "fs_ctl",
+        "kernel_modules",
+        "node_facts",
+        "node_files",
+        "stack_health",
+        "systemd_units",
+    ]
 
 
 @pytest.mark.parametrize("path", ON_NODE, ids=lambda p: p.stem)

@@ -6,7 +6,10 @@ socket and plugin name) agree everywhere they are written down."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +92,23 @@ def test_the_snapshotters_socket_and_name_agree_everywhere() -> None:
     assert socket == config_patch.DEFAULT_PROXY_ADDRESS
     name = defaults("containerd")["containerd_snapshotter_name"]
     assert config_patch.DEFAULT_SNAPSHOTTER == name == probe.SNAPSHOTTER
+    assert defaults("apull")["apull_snapshotter_name"] == name
+
+
+def test_one_inventory_value_sets_both_roles_socket_and_name(tmp_path: Path) -> None:
+    """One place per shared value: the inventory's apull_snapshotter_address and _name reach
+    the containerd role's variables too (asked of real Ansible, with the shipped config)."""
+    group_vars = yaml.safe_load((ROOT / "inventory/group_vars/all.yml").read_text())
+    assert group_vars["apull_snapshotter_address"] == defaults("apull")["apull_snapshotter_address"]
+    assert group_vars["apull_snapshotter_name"] == defaults("apull")["apull_snapshotter_name"]
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+           "APULL_CONFIG": str(ROOT / "config.txt")}  # fmt: skip
+    ansible = str(Path(sys.executable).parent / "ansible")
+    shown = subprocess.run(
+        [ansible, "node1", "-c", "local", "-m", "ansible.builtin.debug",
+         "-a", "msg='{{ containerd_proxy_address }} {{ containerd_snapshotter_name }}'",
+         "-e", "apull_snapshotter_address=/run/other.sock", "-e", "apull_snapshotter_name=lazy"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert '"msg": "/run/other.sock lazy"' in shown.stdout

@@ -112,12 +112,10 @@ ansible_facts:
 """
 
 import errno
-import json
 import os
 import platform
 import re
 import shutil
-import socket
 import ssl
 import stat
 import subprocess
@@ -130,6 +128,7 @@ except ImportError:  # pragma: no cover - Python 2 nodes
     from urllib2 import HTTPError, URLError, urlopen  # novermin
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.apull.deploy.plugins.module_utils.apulld_socket import ping
 
 FS_CTL = "/sys/module/fs_ctl/parameters"
 FS_CTL_PARAMS = ("erofs_enabled", "cachefiles_ondemand_enabled")
@@ -380,31 +379,7 @@ def bind_probe():
 
 def apulld_ping(address):
     """apulld's own answer ({"backend", "reasons", ...}) over its socket, or None."""
-    if not os.path.exists(address):
-        return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    try:
-        sock.connect(address)
-        sock.sendall(b"PUT /v1.0/apulld/ping HTTP/1.0\r\nHost: apulld\r\nContent-Length: 0\r\n\r\n")
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except (IOError, OSError):
-        return None
-    finally:
-        sock.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0] + b" ":
-        return None
-    try:
-        answer = json.loads(body.decode("utf-8"))
-    except ValueError:
-        return None
-    return answer if isinstance(answer, dict) and "backend" in answer else None
+    return ping(address)[0]
 
 
 def apulld_check_backend(binary):
