@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from apull.bench import big_image
+from apull.bench import big_image, image_parts
 from apull.bench.measure import RegistryCpu, RegistryLog, _cpu_use, _dd_rate
 from apull.bench.targets import TargetError, _quote
 
@@ -82,16 +82,16 @@ def test_quote_survives_single_quotes() -> None:
 
 
 def test_content_is_deterministic_and_half_compressible() -> None:
-    a = big_image._content("opt/x.so", 1 << 20)
-    assert a == big_image._content("opt/x.so", 1 << 20)
-    assert a != big_image._content("opt/y.so", 1 << 20)
+    a = image_parts.generated_content("opt/x.so", 1 << 20)
+    assert a == image_parts.generated_content("opt/x.so", 1 << 20)
+    assert a != image_parts.generated_content("opt/y.so", 1 << 20)
     ratio = len(gzip.compress(a, 1)) / len(a)
     assert 0.4 < ratio < 0.65
 
 
 def test_app_layer_is_reproducible_and_has_the_entrypoint() -> None:
-    raw1, blob1 = big_image._layer(big_image._app)
-    raw2, blob2 = big_image._layer(big_image._app)
+    raw1, blob1 = big_image.tar_layer(big_image._app)
+    raw2, blob2 = big_image.tar_layer(big_image._app)
     assert blob1.digest == blob2.digest and raw1 == raw2
     assert big_image.READY_LINE.encode() in raw1
     assert b"bench/start.sh" in raw1

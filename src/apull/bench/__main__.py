@@ -13,17 +13,17 @@ from rich.console import Console
 
 from apull.bench import big_image
 from apull.bench.host_stack import StackError
+from apull.bench.image_parts import ensure_converted
 from apull.bench.measure import RegistryCpu, RegistryLog
 from apull.bench.report import render
 from apull.bench.run import ImageFacts, TargetResult, run_target, scratch_dir, write_json
 from apull.bench.targets import HostTarget, NodeTarget, Target, TargetError, host_target
-from apull.image.convert import ConvertError, ConvertOptions, convert, target_state
+from apull.image.convert import ConvertError
 from apull.lab import layout
 from apull.lab.registry import access_log, ensure_registry, registry_dir
 from apull.lab.run import LabError
 from apull.registry.client import RegistryClient, RegistryError
 from apull_node.image.format import DEFAULT_CHUNK_SIZE
-from apull_node.image.reference import parse_reference
 
 console = Console(highlight=False)
 
@@ -58,21 +58,8 @@ def _image_bytes(client: RegistryClient, tag: str) -> tuple[int, list[str]]:
 
 def prepare_image(client: RegistryClient, chunk_size: int) -> ImageFacts:
     big_image.ensure_pushed(client, say)
-    plain = f"{client.address}/{big_image.REPO}:{big_image.PLAIN_TAG}"
-    converted = f"{client.address}/{big_image.REPO}:{big_image.APULL_TAG}"
-    options = ConvertOptions(
-        source=parse_reference(plain),
-        target=parse_reference(converted),
-        source_insecure=True,
-        target_insecure=True,
-        chunk_size=chunk_size,
-    )
-    state = target_state(options)
-    if state.current:
-        say(f"{converted} is current: {state.reason}")
-    else:
-        say(f"converting {plain} -> {converted}: {state.reason}")
-        convert(options, say)
+    tags = (big_image.PLAIN_TAG, big_image.APULL_TAG)
+    ensure_converted(client, big_image.REPO, *tags, say, chunk_size=chunk_size)
     plain_bytes, _ = _image_bytes(client, big_image.PLAIN_TAG)
     apull_bytes, apull_layers = _image_bytes(client, big_image.APULL_TAG)
     # The layer with READ_FILE: the last library layer (after the busybox base).

@@ -12,16 +12,21 @@ it twice uploads nothing.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
 import json
-import random
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from apull.bench.image_parts import (
+    add_dir,
+    add_file,
+    diff_id,
+    generated_content,
+    oci_config,
+    tar_layer,
+)
 from apull.lab import test_image
-from apull.registry.client import OCI_CONFIG, OCI_LAYER_GZIP, Blob, RegistryClient
+from apull.registry.client import Blob, RegistryClient
 
 #: Bump when the content changes: the tag names it, so an old image is never mistaken.
 GENERATION = 1
@@ -31,7 +36,6 @@ APULL_TAG = f"apull-v{GENERATION}"
 READY_LINE = "apull-bench-ready"
 
 MIB = 1 << 20
-BLOCK = 64 * 1024
 
 #: (layer name, [(path, size)]) for the library layers: 4 x 288 MiB = 1152 MiB of files.
 LIBRARY_LAYERS: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = (
@@ -68,77 +72,39 @@ class BigImage:
     layers: list[Blob]
 
 
-def _content(seed: str, size: int) -> bytes:
-    rng = random.Random(hashlib.sha256(seed.encode()).digest())
-    text = (f"{seed} " * (BLOCK // 2 // (len(seed) + 1) + 1)).encode()[: BLOCK // 2]
-    out = bytearray()
-    while len(out) < size:
-        out += rng.randbytes(BLOCK // 2)
-        out += text
-    return bytes(out[:size])
-
-
-def _dir(tar: tarfile.TarFile, name: str) -> None:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    info.mode = 0o755
-    tar.addfile(info)
-
-
-def _file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = mode
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _layer(build: Callable[[tarfile.TarFile], None]) -> tuple[bytes, Blob]:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        build(tar)
-    raw = buf.getvalue()
-    return raw, Blob(OCI_LAYER_GZIP, gzip.compress(raw, compresslevel=1, mtime=0))
-
-
 def _library(files: tuple[tuple[str, int], ...]) -> Callable[[tarfile.TarFile], None]:
     def build(tar: tarfile.TarFile) -> None:
         for directory in ("opt", "opt/cuda", "opt/cuda/lib64"):
-            _dir(tar, directory)
+            add_dir(tar, directory)
         for path, size in files:
-            _file(tar, path, _content(path, size), 0o755)
+            add_file(tar, path, generated_content(path, size), 0o755)
 
     return build
 
 
 def _app(tar: tarfile.TarFile) -> None:
     for directory in ("opt", "opt/cuda", "bench"):
-        _dir(tar, directory)
+        add_dir(tar, directory)
     version = json.dumps({"cuda": {"name": "apull bench", "version": "12.0.0"}}).encode()
-    _file(tar, "opt/cuda/version.json", version)
-    _file(tar, START_PATH.lstrip("/"), START_SCRIPT.encode(), 0o755)
+    add_file(tar, "opt/cuda/version.json", version)
+    add_file(tar, START_PATH.lstrip("/"), START_SCRIPT.encode(), 0o755)
 
 
 def build(progress: Callable[[str], None] = lambda _: None) -> BigImage:
     """Generate the image's blobs (about 1.2 GiB of tar, gzip level 1: ~30 s)."""
     _, base = test_image.build()
     base_tar = gzip.decompress(base.data)
-    diff_ids = ["sha256:" + hashlib.sha256(base_tar).hexdigest()]
+    diff_ids = [diff_id(base_tar)]
     layers = [base]
     for name, files in LIBRARY_LAYERS:
-        raw, blob = _layer(_library(files))
-        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+        raw, blob = tar_layer(_library(files))
+        diff_ids.append(diff_id(raw))
         layers.append(blob)
         progress(f"layer {name}: {len(raw) / MIB:.0f} MiB tar, {len(blob.data) / MIB:.0f} MiB gzip")
-    raw, blob = _layer(_app)
-    diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+    raw, blob = tar_layer(_app)
+    diff_ids.append(diff_id(raw))
     layers.append(blob)
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": [START_PATH]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }
-    return BigImage(Blob(OCI_CONFIG, json.dumps(config, sort_keys=True).encode()), layers)
+    return BigImage(oci_config(diff_ids, START_PATH), layers)
 
 
 def ensure_pushed(client: RegistryClient, progress: Callable[[str], None]) -> str:
