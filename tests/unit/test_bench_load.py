@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from apull.bench import load, load_images
+from apull.bench.targets import Target
 
 
 def test_an_images_data_layer_holds_the_files_its_digests_name() -> None:
@@ -74,3 +75,48 @@ def test_the_access_log_is_split_per_image(tmp_path: Path) -> None:
     assert (seen["img0"].requests, seen["img0"].bytes_served) == (3, 1000)
     assert seen["img0"].fetches_per_chunk == 1.0
     assert (seen["img1"].requests, seen["img1"].fetches_per_chunk) == (1, 1.0)
+
+
+class LocalShell(Target):
+    """Runs the harness's scripts with sh here; its `ctr` is a STAND-IN script (this test is
+    about the harness: one script starts every container and their outputs come back apart),
+    so it runs nothing: `ctr run ... REF NAME` prints what image 0's entrypoint prints, or
+    fails for a REF ending in `bad`."""
+
+    name = "local"
+    backend = "none"
+    registry = "registry.invalid"
+    snapshotter_root = "/nonexistent"
+
+    def __init__(self, tmp_path: Path) -> None:
+        lines = [load_images.FIRST_LINE] + [
+            f"{d}  {n}" for n, d in sorted(load_images.expected_digests(0).items())
+        ]
+        stand_in = tmp_path / "ctr"
+        stand_in.write_text(
+            "#!/bin/sh\n"
+            "for a; do ref=$name; name=$a; done\n"
+            'case "$ref" in *bad) echo "ctr: image not found: $ref" >&2; exit 3;; esac\n'
+            + "".join(f"echo '{line}'\n" for line in lines)
+        )
+        stand_in.chmod(0o755)
+        self.ctr = str(stand_in)
+
+    def command(self, script: str) -> list[str]:
+        return ["sh", "-c", script]
+
+    def cri(self) -> str:
+        return "true"
+
+    def wipe_daemon_caches(self) -> None:
+        pass
+
+
+def test_one_script_starts_every_container_and_their_outputs_come_back_apart(
+    tmp_path: Path,
+) -> None:
+    refs = [(0, "r/img0"), (0, "r/img0"), (0, "r/bad"), (0, "r/img0")]
+    starts = load.run_containers(LocalShell(tmp_path), refs, pull=True, tag="t")
+    assert [bool(s.error) for s in starts] == [False, False, True, False]
+    assert all(s.wrong() == [] and 0 <= s.first_s <= s.done_s for s in starts if not s.error)
+    assert "ctr: image not found: r/bad" in starts[2].error

@@ -191,9 +191,17 @@ def test_layers_stack_and_a_second_image_shares_the_blob(node: Node, images: dic
     assert node.snap.unpack(again).code() == grpc.StatusCode.ALREADY_EXISTS
     assert len(node.snap.erofs_mounts()) == 3
 
+    # One superblock for the blob: the second snapshot's mount is a bind of the first
+    # (EROFS over fscache refuses a second mount of one fsid with EBUSY).
+    devices = [os.stat(p).st_dev for p in node.snap.erofs_mounts()]
+    assert len(devices) == 3 and len(set(devices)) == 2
+
     node.snap.remove(upper.chain_id)
     assert len(node.snap.erofs_mounts()) == 2
     assert multi_id in node.blob_ids()  # `alone` still uses it
+    # the bind outlives the mount it was made from
+    [kept] = [Path(p) for p in node.snap.erofs_mounts() if (Path(p) / "etc/hostname").exists()]
+    assert (kept / "etc" / "hostname").read_bytes() == b"apull\n"
     node.snap.remove(alone.chain_id)
     node.snap.remove(bottom.chain_id)
     assert node.snap.erofs_mounts() == {}

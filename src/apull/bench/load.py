@@ -129,7 +129,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def _container_script(target: Target, ref: str, name: str, pull: bool) -> str:
-    steps = ["set -e", "t0=$(date +%s%N)"]
+    steps = ["set -e", "t0=$(date +%s%N)"]  # run in a subshell: one line each
     if pull:
         steps.append(f"{target.cri()} pull {ref} >/dev/null")
     steps.append(
@@ -160,21 +160,41 @@ def _parse(start: Start, output: str) -> None:
             start.digests[parts[1]] = parts[0]
 
 
+#: Marks each container's files in the combined output of one run.
+_PART = re.compile(r"^=== (?P<i>\d+) (?P<what>out|err|rc)$", re.MULTILINE)
+
+
 def run_containers(
     target: Target, refs: list[tuple[int, str]], pull: bool, tag: str
 ) -> list[Start]:
-    """Start one container per (image, ref) at once; wait for all."""
-    starts = [Start(image) for image, _ in refs]
-    processes = [
-        target.stream(_container_script(target, ref, f"load-{tag}-{i}", pull))
-        for i, (_, ref) in enumerate(refs)
-    ]
-    for start, process in zip(starts, processes, strict=True):
-        out, err = process.communicate(timeout=1800)
-        if process.returncode != 0:
-            start.error = f"exit {process.returncode}: {err.strip()[-500:]}"
-            continue
-        _parse(start, out)
+    """Start one container per (image, ref) at once, from one script on the target (one
+    SSH session, not one per container: sshd refuses more than MaxSessions per
+    connection); wait for all. Each container's output, errors and exit status come back
+    marked."""
+    jobs = []
+    for i, (_, ref) in enumerate(refs):
+        body = _container_script(target, ref, f"load-{tag}-{i}", pull)
+        jobs.append(f'{{ ( {body} ) >"$d/{i}.out" 2>"$d/{i}.err"; echo $? >"$d/{i}.rc"; }} &')
+    report = [f'for f in out err rc; do echo "=== {i} $f"; cat "$d/{i}.$f"; done'
+              for i in range(len(refs))]  # fmt: skip
+    script = "\n".join(["d=$(mktemp -d)", *jobs, "wait", *report, 'rm -rf "$d"']) + "\n"
+    output = target.run(script, timeout=1800)
+    parts: dict[tuple[int, str], str] = {}
+    marks = list(_PART.finditer(output))
+    for mark, after in zip(marks, [*marks[1:], None], strict=True):
+        body = output[mark.end() + 1 : after.start() if after else len(output)]
+        parts[(int(mark["i"]), mark["what"])] = body
+    starts = []
+    for i, (image, _) in enumerate(refs):
+        start = Start(image)
+        rc, err = parts.get((i, "rc"), "").strip(), parts.get((i, "err"), "").strip()
+        if rc != "0":
+            start.error = f"exit {rc or '?'}: {err[-500:]}"
+        else:
+            _parse(start, parts.get((i, "out"), ""))
+            if start.error and err:
+                start.error += f"; stderr: {err[-500:]}"
+        starts.append(start)
     return starts
 
 
@@ -273,9 +293,11 @@ def run_load(
     sampler = ApulldSampler(target, pid_command)
     try:
         started = time.monotonic()
-        target.run(
-            "\n".join(f"{target.cri()} pull {r} >/dev/null &" for r in everything) + "\nwait\n"
-        )
+        # every pull at once; the script fails if one did
+        pulls = [f"{target.cri()} pull {r} >/dev/null & p{i}=$!" for i, r in enumerate(everything)]
+        waits = [f"wait $p{i} || {{ echo 'pull of {r} failed' >&2; exit 1; }}"
+                 for i, r in enumerate(everything)]  # fmt: skip
+        target.run("\n".join(pulls + waits) + "\n")
         pull_s = time.monotonic() - started
         wanted = [(i, refs[i]) for i in data for _ in range(per_image)]
         starts = run_containers(target, wanted, pull=False, tag="load")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 
 MS_RDONLY = 1
+MS_BIND = 4096
 MNT_DETACH = 2
 MOUNTINFO = "/proc/self/mountinfo"
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -40,7 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apull_node.service.mount_syscalls import (
+    MS_BIND,
     MS_RDONLY,
+    MountEntry,
     MountError,
     mount,
     mount_at,
@@ -81,14 +84,35 @@ PREFETCH_AGAIN_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class MountSource:
-    """How to mount one registered blob."""
+    """How to mount one registered blob.
+
+    One blob can be a layer of several snapshots: images that share a layer above different
+    parents (a common top layer) have one snapshot each for it. EROFS over fscache mounts a
+    blob's fsid once (a second mount of the same fsid fails with EBUSY), so a blob mounted
+    already is bind-mounted from there (for both backends: one superblock, one page cache).
+    The kernel keeps the superblock while any of its mounts is left, so the snapshots can be
+    removed in any order."""
 
     backend: str
     blob_id: str
     path: str = ""  # the file backend's blob file
 
+    def mounted(self, entries: list[MountEntry]) -> MountEntry | None:
+        """An EROFS mount of this blob already in the mount table, if any."""
+        for entry in entries:
+            if entry.fstype != "erofs":
+                continue
+            if self.backend == FSCACHE and f"fsid={self.blob_id}" in entry.options.split(","):
+                return entry
+            if self.backend == FILE and entry.source == self.path:
+                return entry
+        return None
+
     def mount(self, target: Path) -> None:
-        if self.backend == FSCACHE:
+        shared = self.mounted(read_mountinfo())
+        if shared is not None and shared.mountpoint != os.path.realpath(target):
+            mount(shared.mountpoint, str(target), "", MS_BIND)
+        elif self.backend == FSCACHE:
             mount("none", str(target), "erofs", MS_RDONLY, f"fsid={self.blob_id}")
         else:
             mount(self.path, str(target), "erofs", MS_RDONLY)
