@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from apull.lab import layout
+from apull_node.image.registry_mirrors import parse_mirrors
 
 TARGETS = ("lab", "servers")
 KNOWN_KEYS = (
@@ -46,6 +47,7 @@ KNOWN_KEYS = (
     "LAB_KUBERNETES",
     "REGISTRY",
     "REGISTRY_INSECURE",
+    "REGISTRY_MIRRORS",
 )
 #: Keys whose values are secrets: never printed, only handed out by the lookup plugin.
 SECRET_KEYS = ("SSH_PASSWORD",)
@@ -145,6 +147,8 @@ class ClusterConfig:
     warnings: tuple[str, ...]
     #: The lab runs a Kubernetes cluster over its nodes (LAB_KUBERNETES=yes).
     lab_kubernetes: bool = False
+    #: REGISTRY_MIRRORS: ``URL`` or ``REGISTRY=URL`` entries, for containerd and apulld.
+    registry_mirrors: tuple[str, ...] = ()
 
     def secret(self, key: str) -> Secret | None:
         """The value of the secret config key ``key`` (one of :data:`SECRET_KEYS`)."""
@@ -385,6 +389,7 @@ class _Parser:
             kubeconfig = layout.admin_kubeconfig()
         registry = self.registry(layout.guest_registry() if lab else "")
         insecure = self.bool("REGISTRY_INSECURE", lab)
+        mirrors = self.registry_mirrors()
         if self.problems:
             # the config file's problems in line order, then those of the servers file
             raise ConfigError(sorted(self.problems, key=lambda p: (p.path != self.path, p.line)))
@@ -398,6 +403,7 @@ class _Parser:
             kubeconfig_path=kubeconfig,
             registry=registry,
             registry_insecure=insecure,
+            registry_mirrors=mirrors,
             nodes=tuple(nodes),
             warnings=tuple(self.warnings),
             lab_kubernetes=kubernetes,
@@ -516,6 +522,15 @@ class _Parser:
             if spec is None or spec.user:
                 self.keyed_problem("REGISTRY", f"malformed registry {value!r} (expected HOST:PORT)")
         return value
+
+    def registry_mirrors(self) -> tuple[str, ...]:
+        entries = tuple(_split_list(self.get("REGISTRY_MIRRORS")))
+        try:
+            parse_mirrors(entries)
+        except ValueError as exc:
+            self.keyed_problem("REGISTRY_MIRRORS", str(exc))
+            return ()
+        return entries
 
     def lab_nodes(self) -> list[Node]:
         count = self.int_in_range("LAB_NODES", DEFAULT_LAB_NODES, 1, layout.MAX_NODES)

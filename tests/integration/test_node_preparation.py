@@ -10,10 +10,13 @@ The tests run in file order and build on each other's effect on the lab."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, apull, boot_id, package_installed, recap, run_on
@@ -36,6 +39,7 @@ from lazy_image import (
 from apull.lab import layout, nodes
 from apull.lab.registry import access_log
 from apull.lab.test_image import REPO, TAG
+from apull.testing.pull_through import PullThroughCache
 
 #: A registry access-log line: repository, bytes sent, user agent.
 ACCESS_LINE = re.compile(r'"GET /v2/(?P<repo>[^ ]+?)/(?:blobs|manifests)/[^ ]* [^"]*" \d+ '
@@ -396,6 +400,121 @@ def test_the_bytes_fetched_metric_matches_the_registrys_access_log(lazy_node, la
     print(f"{lazy_node.name}: apulld counted {counted} bytes fetched; the registry's log "
           f"says {served}")  # fmt: skip
     assert counted > 0 and counted == served
+
+
+# -- a registry mirror named once in config.txt: containerd's hosts.toml and apulld -----------
+
+MIRROR = f"http://{layout.GUEST_MIRROR_ADDR}:{layout.REGISTRY_PORT}"
+HOSTS_TOML = f"/etc/containerd/certs.d/{layout.guest_registry()}/hosts.toml"
+
+
+def deploy_with(node: layout.LabNode, tmp_path, extra: str) -> subprocess.CompletedProcess[str]:
+    """playbooks/deploy.yml on one node, with config.txt as shipped plus `extra` lines."""
+    config = tmp_path / "config.txt"
+    config.write_text((ROOT / "config.txt").read_text() + extra)
+    env = {**os.environ, "APULL_CONFIG": str(config), "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-playbook")), "-i",
+         "inventory/apull_inventory.py", "playbooks/deploy.yml", "--limit", node.name],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pull_through(lab) -> Iterator[PullThroughCache]:
+    """A pull-through cache of the lab registry, which the nodes reach as MIRROR."""
+    cache = PullThroughCache(layout.state_dir() / "pull-through", layout.host_registry(),
+                             port=layout.HOST_MIRROR_PORT)  # fmt: skip
+    cache.start()
+    yield cache
+    cache.stop()
+
+
+def read_big_file(node: layout.LabNode, image: LazyImage, name: str) -> float:
+    """Seconds a cold container takes to read and hash the big file (checked)."""
+    started = time.monotonic()
+    run = nodes.ssh(node, f"{K8S_CTR} run --rm --snapshotter apull {image.ref} {name} "
+                          f"sha256sum /{BIG}", timeout=900)  # fmt: skip
+    assert run.stdout.split()[:1] == [image.sha256(BIG)], run.stdout + run.stderr
+    return time.monotonic() - started
+
+
+def test_a_mirror_in_config_txt_reaches_containerd_and_apulld(
+    lazy_node, lazy_image, pull_through, tmp_path
+):
+    node = lazy_node
+    line = f"\nREGISTRY_MIRRORS={layout.guest_registry()}={MIRROR}\n"
+    result = deploy_with(node, tmp_path, line)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    hosts = run_on(node, f"cat {HOSTS_TOML}").stdout
+    assert f'[host."{MIRROR}"]' in hosts and f'server = "http://{layout.guest_registry()}"' in hosts
+    settings = run_on(node, "cat /etc/apull/config.toml").stdout
+    assert f'registry_mirrors = ["{layout.guest_registry()}={MIRROR}"]' in settings, settings
+    # containerd resolves through the mirror, apulld reads the layers through it.
+    forget_image(node, lazy_image.ref)
+    pull = nodes.ssh(node, f"{CRI} pull --json {lazy_image.ref}", timeout=300)
+    assert pull.returncode == 0, pull.stderr
+    asked = pull_through.requests()
+    assert any(u.startswith(f"/v2/{LAZY_REPO}/manifests/") for u in asked), asked
+    seconds = read_big_file(node, lazy_image, "mirror1")
+    stats = apulld_ping(node)["serving"]["stats"]
+    blobs = [u for u in pull_through.requests() if u.startswith(f"/v2/{LAZY_REPO}/blobs/")]
+    print(f"{node.name}: cold read of {BIG} through the pull-through cache {seconds:.1f} s; "
+          f"{stats.get('bytes_from_mirrors', 0)} of {stats.get('bytes_fetched', 0)} bytes "
+          f"from the mirror; {len(blobs)} blob requests in its log")  # fmt: skip
+    assert blobs and stats.get("bytes_from_mirrors", 0) > 0, (blobs, stats)
+
+
+def test_the_mirror_stopped_mid_read_the_read_completes_from_the_origin(
+    lazy_node, lazy_image, pull_through
+):
+    node = lazy_node
+    # The mirror holds the whole blob now: a cold read from it is the baseline.
+    forget_image(node, lazy_image.ref)
+    assert nodes.ssh(node, f"{CRI} pull {lazy_image.ref}", timeout=300).returncode == 0
+    baseline = read_big_file(node, lazy_image, "mirror2")
+    forget_image(node, lazy_image.ref)
+    assert nodes.ssh(node, f"{CRI} pull {lazy_image.ref}", timeout=300).returncode == 0
+    run_on(node, "rm -f /run/mirror3.out /run/mirror3.rc")
+    started = time.monotonic()
+    launched = run_on(
+        node,
+        f"nohup sh -c '{K8S_CTR} run --rm --snapshotter apull {lazy_image.ref} mirror3 "
+        f"sha256sum /{BIG} > /run/mirror3.out 2>&1; echo $? > /run/mirror3.rc' >/dev/null 2>&1 &",
+    )
+    assert launched.returncode == 0, launched.stderr
+    base = fetched(node)
+    deadline = time.monotonic() + 300
+    while fetched(node) - base < (4 << 20):
+        assert time.monotonic() < deadline, "the container never started reading"
+        time.sleep(0.2)
+    assert run_on(node, "test ! -e /run/mirror3.rc").returncode == 0, "read done before the stop"
+    asked_before = len(pull_through.requests())
+    pull_through.stop()
+    from_mirror_at_stop = apulld_ping(node)["serving"]["stats"].get("bytes_from_mirrors", 0)
+    deadline = time.monotonic() + 600
+    while run_on(node, "test -e /run/mirror3.rc").returncode != 0:
+        assert time.monotonic() < deadline, "the reading container did not finish"
+        time.sleep(0.5)
+    seconds = time.monotonic() - started
+    out = run_on(node, "cat /run/mirror3.out /run/mirror3.rc").stdout.split()
+    assert out[0] == lazy_image.sha256(BIG) and out[-1] == "0", out
+    stats = apulld_ping(node)["serving"]["stats"]
+    assert len(pull_through.requests()) == asked_before
+    print(f"{node.name}: cold read of {BIG}: {baseline:.1f} s through the mirror, "
+          f"{seconds:.1f} s with the mirror stopped once 4 MiB were fetched: "
+          f"{seconds - baseline:+.1f} s; {from_mirror_at_stop} bytes from the mirror before "
+          f"the stop, {stats.get('bytes_fetched', 0)} fetched in all")  # fmt: skip
+
+
+def test_a_mirror_taken_out_of_config_txt_leaves_the_node(lazy_node, tmp_path):
+    result = deploy_with(lazy_node, tmp_path, "")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    hosts = run_on(lazy_node, f"cat {HOSTS_TOML}").stdout
+    assert "[host." in hosts and MIRROR not in hosts, hosts
+    assert "registry_mirrors = []" in run_on(lazy_node, "cat /etc/apull/config.toml").stdout
+    assert run_on(lazy_node, "ls /etc/containerd/certs.d").stdout.split() == [
+        layout.guest_registry()]  # fmt: skip
 
 
 # -- apull status on the deployed fleet ---------------------------------------------------------

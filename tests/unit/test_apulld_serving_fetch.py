@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 from serving_support import Proxy
 
 from apull.registry.client import Blob
+from apull.testing.pull_through import PullThroughCache
+from apull_node.daemon import apulld_metrics as metrics
 from apull_node.daemon.counters import Counters
 from apull_node.daemon.registry_fetch import (
     BlobLocation,
     FetchError,
     FetchSettings,
-    Mirror,
     RangeFetcher,
     is_loopback,
-    parse_mirrors,
 )
+from apull_node.image.registry_mirrors import Mirror, parse_mirrors
 
 REPO = "test/fetch"
 DATA = random.Random(9).randbytes(200_000)
@@ -146,6 +149,64 @@ def test_mirrors_go_first_and_a_failing_one_rests(pushed, registry, proxy) -> No
         assert len(mirror.state.requests) == asked  # resting
     finally:
         mirror.down()
+
+
+def test_a_mirror_that_does_not_accept_costs_one_connect_bound(pushed, proxy) -> None:
+    """A mirror whose host takes no connection (its listen queue is full: the SYN goes
+    unanswered, as from a host that is down) is given up after connect_timeout, well before
+    the read timeout, rests, and every read of the blob comes from the origin."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # fill the accept queue (nobody accepts)
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            fillers.append(filler)
+        port = silent.getsockname()[1]
+        fetch, counters = fetcher(mirrors=(Mirror(f"http://127.0.0.1:{port}"),),
+                                  connect_timeout=0.5, timeout=60.0)  # fmt: skip
+        no_answer = metrics.REGISTRY_ERRORS.labels(metrics.STATUS_NO_ANSWER)
+        before = no_answer.value
+        where = BlobLocation(proxy.address, REPO, pushed)
+        for n in range(20):
+            assert fetch.fetch(where, n * 100, n * 100 + 100) == (
+                DATA[n * 100 : n * 100 + 100], proxy.address)  # fmt: skip
+        assert proxy.bytes_of(pushed) == 2000 and counters.get("bytes_from_mirrors") == 0
+        # One wait on the mirror (then it rests): one request without an answer, not 20.
+        assert no_answer.value - before == 1
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()
+
+
+def test_a_pull_through_cache_filling_is_passed_over_not_rested(
+    pushed, registry, proxy, tmp_path
+) -> None:
+    """Debian's docker-registry in proxy mode sends a blob it does not hold yet whole (Range
+    ignored) while it stores it: that read goes to the origin at once (the whole blob is not
+    read) and the mirror is not rested; once stored, the mirror serves the ranges."""
+    with PullThroughCache(tmp_path, registry.address) as cache:
+        fetch, counters = fetcher(mirrors=(Mirror(f"http://{cache.address}"),))
+        where = BlobLocation(proxy.address, REPO, pushed)
+        assert fetch.fetch(where, 5000, 6000) == (DATA[5000:6000], proxy.address)
+        assert proxy.bytes_of(pushed) == 1000
+        deadline = time.monotonic() + 30
+        while True:  # the cache stores the blob in the background
+            data, source = fetch.fetch(where, 7000, 8000)
+            assert data == DATA[7000:8000]
+            if source == cache.address or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert source == cache.address, cache.tail()
+        assert counters.get("bytes_from_mirrors") == 1000
+        assert fetch.fetch(where, 100_000, 150_000) == (DATA[100_000:150_000], cache.address)
+        blob_uris = [u for u in cache.requests() if "/blobs/" in u]
+        assert blob_uris and all(u.endswith(f"?ns={proxy.address.replace(':', '%3A')}")
+                                 for u in blob_uris)  # fmt: skip
 
 
 def test_a_mirror_for_another_registry_is_not_asked(pushed, registry, proxy) -> None:

@@ -275,6 +275,17 @@ def test_registry_insecure_bad_bool(tmp_path: Path) -> None:
     assert line.startswith(f"{tmp_path / 'config.txt'}:2: REGISTRY_INSECURE: expected true/false")
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("ftp://m:1", "expected [REGISTRY=]http(s)://host[:port]"),
+     ("http://reg:5000=http://m:1", "is not a registry (HOST[:PORT])")],
+)  # fmt: skip
+def test_registry_mirrors_named_in_the_problem(tmp_path: Path, value: str, problem: str) -> None:
+    line = only_problem(tmp_path, f"SSH_USER=root\nREGISTRY_MIRRORS={value}\n")
+    assert line.startswith(f"{tmp_path / 'config.txt'}:2: REGISTRY_MIRRORS: mirror ")
+    assert problem in line
+
+
 def test_servers_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, f"{SERVERS}NODES=a\n")
     assert (cfg.registry, cfg.registry_insecure, cfg.ssh_key) == ("", False, None)

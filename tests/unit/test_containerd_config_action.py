@@ -32,26 +32,33 @@ PLAY = """
         state: "{state}"
         path: "{path}"
         set_default_snapshotter: true
+        {extra}
       register: result
     - name: Keep the result
       ansible.builtin.copy:
         content: "{{ result | to_json }}"
         dest: "{out}/result.json"
         mode: "0600"
+      check_mode: false
 """
 
 
-def run_action(tmp_path: Path, conf: Path, state: str) -> tuple[int, dict, str]:
+def run_action(
+    tmp_path: Path, conf: Path, state: str, *options: str, **extra: object
+) -> tuple[int, dict, str]:
     play = tmp_path / "play.yml"
+    args = "\n        ".join(f"{key}: {json.dumps(value)}" for key, value in extra.items())
     play.write_text(
-        PLAY.replace("{state}", state).replace("{path}", str(conf)).replace("{out}", str(tmp_path))
-    )
+        PLAY.replace("{state}", state).replace("{path}", str(conf))
+        .replace("{out}", str(tmp_path)).replace("{extra}", args)
+    )  # fmt: skip
     (tmp_path / "result.json").unlink(missing_ok=True)
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
            "APULL_CONFIG": str(ROOT / "config.txt"),
            "APULL_REPORT_DIR": str(tmp_path / "reports")}  # fmt: skip
     inventory = str(ROOT / "inventory/apull_inventory.py")
-    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", inventory, str(play)]
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", inventory, *options,
+           str(play)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     result_file = tmp_path / "result.json"
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
@@ -111,3 +118,87 @@ def test_a_file_k3s_or_rke2_regenerates_is_refused_naming_its_template(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("config.toml")) == [
         "config.toml"
     ]
+
+
+# --- hosts.toml files: plain-HTTP registries and mirrors ----------------------------------
+
+LAB = "registry.lab:5000"
+HEADER = "# Written by apull-deploy (roles/containerd) from its registry settings."
+
+
+def containerd_reads(conf: Path) -> dict:
+    dump = subprocess.run(["containerd", "--config", str(conf), "config", "dump"],
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    return tomllib.loads(dump.stdout)
+
+
+def test_registry_hosts_files_written_changed_refused_and_removed(tmp_path: Path) -> None:
+    conf = tmp_path / "etc" / "config.toml"
+    conf.parent.mkdir()
+    certs = tmp_path / "certs.d"
+    mirrors = [f"{LAB}=http://10.10.0.1:5001", "http://mirror.all:5002"]
+    settings = {"insecure_registries": [LAB], "registry_hosts_dir": str(certs),
+                "registry_mirrors": mirrors}  # fmt: skip
+
+    # --check --diff: what it would write, and nothing written.
+    rc, result, out = run_action(tmp_path, conf, "patched", "--check", "--diff", **settings)
+    assert rc == 0, out[-3000:]
+    assert result["changed"] is True and not conf.exists() and not certs.exists()
+    assert f"{certs}/{LAB}/hosts.toml (absent)" in out and 'server = "http://' in out
+
+    rc, result, out = run_action(tmp_path, conf, "patched", **settings)
+    assert rc == 0, out[-3000:]
+    assert result["registry_hosts_files"] == [
+        f"{certs}/_default/hosts.toml", f"{certs}/{LAB}/hosts.toml"]  # fmt: skip
+    lab = tomllib.loads((certs / LAB / "hosts.toml").read_text())
+    pull = {"capabilities": ["pull", "resolve"]}
+    hosts = {"http://10.10.0.1:5001": pull, "http://mirror.all:5002": pull}
+    assert lab == {"server": f"http://{LAB}", "host": hosts}
+    every = (certs / "_default" / "hosts.toml").read_text()
+    assert every.startswith(HEADER + "\n") and "server" not in every
+    registry = containerd_reads(conf)["plugins"]["io.containerd.grpc.v1.cri"]["registry"]
+    assert registry["config_path"] == str(certs) and not registry.get("mirrors")
+    # No change the second time.
+    rc, result, out = run_action(tmp_path, conf, "patched", **settings)
+    assert rc == 0 and result["changed"] is False, out[-3000:]
+
+    # Mirrors gone from the settings: _default goes, the registry's file loses its mirror,
+    # config.toml is not touched (containerd needs no restart for hosts.toml).
+    before = conf.read_bytes()
+    rc, result, out = run_action(tmp_path, conf, "patched", **{**settings, "registry_mirrors": []})
+    assert rc == 0, out[-3000:]
+    assert result["changed"] is True and result["config_changed"] is False
+    assert conf.read_bytes() == before and not (certs / "_default").exists()
+    assert tomllib.loads((certs / LAB / "hosts.toml").read_text())["host"] == {
+        f"http://{LAB}": {"capabilities": ["pull", "resolve", "push"]}}  # fmt: skip
+
+    # An operator's file where one would go is refused, and nothing changes.
+    (certs / "docker.io").mkdir()
+    theirs = 'server = "https://registry-1.docker.io"\n'
+    (certs / "docker.io" / "hosts.toml").write_text(theirs)
+    hub = {**settings, "registry_mirrors": ["docker.io=http://m:1"]}
+    rc, result, out = run_action(tmp_path, conf, "patched", **hub)
+    assert rc != 0
+    assert f"{certs}/docker.io/hosts.toml exists and was not written by apull" in out
+    assert (certs / "docker.io" / "hosts.toml").read_text() == theirs
+    assert conf.read_bytes() == before
+
+    # Uninstall: apull's files go, the operator's stays, config.toml is the original again.
+    rc, result, out = run_action(tmp_path, conf, "original", registry_hosts_dir=str(certs))
+    assert rc == 0, out[-3000:]
+    assert result["registry_hosts_removed"] == [f"{certs}/{LAB}/hosts.toml"]
+    assert not conf.exists() and not (certs / LAB).exists()
+    assert (certs / "docker.io" / "hosts.toml").read_text() == theirs
+    assert sorted(p.name for p in conf.parent.iterdir()) == []
+
+
+def test_a_mirror_an_operator_wrote_in_config_toml_is_refused(tmp_path: Path) -> None:
+    conf = tmp_path / "config.toml"
+    text = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]\n'
+            '  endpoint = ["https://mirror.example"]\n')  # fmt: skip
+    conf.write_text(text)
+    rc, _, out = run_action(tmp_path, conf, "patched", insecure_registries=[LAB],
+                            registry_hosts_dir=str(tmp_path / "certs.d"))  # fmt: skip
+    assert rc != 0
+    assert "refuses beside" in out and "REGISTRY_MIRRORS" in out
+    assert conf.read_text() == text and not (tmp_path / "certs.d").exists()

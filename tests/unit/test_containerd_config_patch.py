@@ -598,103 +598,107 @@ def test_str_subclasses_from_ansible_are_plain_values():
     assert not twice.changed
 
 
-# --- insecure (plain-HTTP) registries for CRI pulls -----------------------------------------
+# --- registries named in hosts.toml files (plain HTTP, mirrors): config_path ------------------
 
 REGISTRY2 = 'plugins."io.containerd.grpc.v1.cri".registry'
+LAB = "registry.lab:5000"
 
 
-def test_insecure_registry_in_debians_file():
+def test_registry_hosts_set_config_path_in_debians_file():
     before = fixture("v2_debian_bookworm.toml")
     patched = patch_config(before, set_default_snapshotter=True)
-    result = patch_config(
-        before, set_default_snapshotter=True, insecure_registries=["registry.lab:5000"]
-    )
+    result = patch_config(before, set_default_snapshotter=True, registry_hosts=[LAB])
     assert diff(patched.text, result.text) == (
         "--- a\n"
         "+++ b\n"
-        "@@ -11,2 +11,6 @@\n"
+        "@@ -11,2 +11,4 @@\n"
         '       snapshotter = "apull"\n'
         f"+    [{REGISTRY2}]\n"
-        f"+      [{REGISTRY2}.mirrors]\n"
-        f'+        [{REGISTRY2}.mirrors."registry.lab:5000"]\n'
-        '+          endpoint = ["http://registry.lab:5000"]\n'
+        '+      config_path = "/etc/containerd/certs.d"\n'
         '   [plugins."io.containerd.internal.v1.opt"]\n'
     )
+    assert result.hosts_dir == "/etc/containerd/certs.d"
     assert [c.describe() for c in result.changes][-1] == (
-        f'{REGISTRY2}.mirrors."registry.lab:5000".endpoint: (absent) -> '
-        '["http://registry.lab:5000"]'
+        f'{REGISTRY2}.config_path: (absent) -> "/etc/containerd/certs.d"'
     )
-    again = patch_config(
-        result.text, set_default_snapshotter=True, insecure_registries=["registry.lab:5000"]
-    )
+    again = patch_config(result.text, set_default_snapshotter=True, registry_hosts=[LAB])
     assert not again.changed and again.text == result.text
+    # Without registries nothing is said about config_path, and no directory is used.
+    assert patched.hosts_dir == "" and "config_path" not in patched.text
 
 
-def test_insecure_registries_in_containerds_default_config():
-    before = fixture("v2_default_containerd_1.6.20.toml")
-    patched = patch_config(before)
-    result = patch_config(before, insecure_registries=["registry.lab:5000", "10.0.0.5:5000"])
-    assert diff(patched.text, result.text) == (
-        "--- a\n"
-        "+++ b\n"
-        "@@ -154,2 +154,8 @@\n"
-        " \n"
-        f'+        [{REGISTRY2}.mirrors."registry.lab:5000"]\n'
-        '+          endpoint = ["http://registry.lab:5000"]\n'
-        "+\n"
-        f'+        [{REGISTRY2}.mirrors."10.0.0.5:5000"]\n'
-        '+          endpoint = ["http://10.0.0.5:5000"]\n'
-        "+\n"
-        f"     [{REGISTRY2.removesuffix('.registry')}.x509_key_pair_streaming]\n"
+def test_an_existing_config_path_is_kept_and_its_first_directory_used():
+    before = fixture("v2_default_containerd_1.6.20.toml").replace(
+        'config_path = ""', 'config_path = "/etc/site/certs.d:/etc/docker/certs.d"'
     )
+    assert before != fixture("v2_default_containerd_1.6.20.toml")
+    result = patch_config(before, registry_hosts=[LAB], hosts_dir="/elsewhere")
+    assert result.hosts_dir == "/etc/site/certs.d"
+    assert not any("config_path" in c.key for c in result.changes)
 
 
-def test_an_existing_mirror_keeps_its_endpoints_after_ours():
+def test_containerds_default_config_gets_config_path_in_its_empty_key():
+    before = fixture("v2_default_containerd_1.6.20.toml")
+    result = patch_config(before, registry_hosts=[LAB, "_default"])
+    removed, added = changed_lines(patch_config(before).text, result.text)
+    assert removed == ['      config_path = ""']
+    assert added == ['      config_path = "/etc/containerd/certs.d"']
+
+
+def test_the_mirror_an_earlier_apull_wrote_is_removed():
+    earlier = (
+        "version = 2\n"
+        f'[{REGISTRY2}.mirrors."{LAB}"]\n'
+        f'  endpoint = ["http://{LAB}"]\n'
+        '[proxy_plugins.other]\n  type = "snapshot"\n'
+    )
+    result = patch_config(earlier, registry_hosts=[LAB])
+    data = tomllib.loads(result.text)
+    assert "mirrors" not in dig(data, REGISTRY2)
+    assert dig(data, f"{REGISTRY2}.config_path") == "/etc/containerd/certs.d"
+    assert dig(data, "proxy_plugins.other") == {"type": "snapshot"}
+    assert f'{REGISTRY2}.mirrors."{LAB}": ' in "\n".join(c.describe() for c in result.changes)
+    assert "-> (removed)" in "\n".join(c.describe() for c in result.changes)
+
+
+def test_an_operators_mirror_is_refused_naming_it():
     before = (
         "version = 2\n"
-        f'[{REGISTRY2}.mirrors."registry.lab:5000"]\n'
+        f'[{REGISTRY2}.mirrors."{LAB}"]\n'
         '  endpoint = ["https://mirror.example:443"]  # the site mirror\n'
     )
-    result = patch_config(before, insecure_registries=["registry.lab:5000"])
-    removed, added = changed_lines(before, result.text)
-    assert removed == ['  endpoint = ["https://mirror.example:443"]  # the site mirror']
-    assert added[0] == (
-        '  endpoint = ["http://registry.lab:5000", "https://mirror.example:443"]  # the site mirror'
-    )
-
-
-def test_config_path_refuses_mirrors_naming_the_key():
-    before = fixture("v2_debian_bookworm.toml") + (
-        f'[{REGISTRY2}]\n  config_path = "/etc/containerd/certs.d"\n'
-    )
-    with pytest.raises(ConfigPatchError, match=r"hosts\.toml") as err:
-        patch_config(before, insecure_registries=["registry.lab:5000"])
-    assert err.value.key == f"{REGISTRY2}.config_path"
-    # Without insecure registries the file patches as before.
+    with pytest.raises(ConfigPatchError, match=r"REGISTRY_MIRRORS") as err:
+        patch_config(before, registry_hosts=[LAB])
+    assert err.value.key == f'{REGISTRY2}.mirrors."{LAB}"'
+    assert f"/etc/containerd/certs.d/{LAB}/hosts.toml" in str(err.value)
+    # Without registries to name, the file patches as before (mirrors and all).
     assert patch_config(before).changed
 
 
-def test_version_3_puts_the_mirror_under_the_images_plugin():
+def test_tls_settings_beside_config_path_are_refused():
+    before = f'version = 2\n[{REGISTRY2}.configs."{LAB}".tls]\n  insecure_skip_verify = true\n'
+    with pytest.raises(ConfigPatchError, match="skip_verify") as err:
+        patch_config(before, registry_hosts=[LAB])
+    assert err.value.key == f'{REGISTRY2}.configs."{LAB}".tls'
+
+
+def test_version_3_sets_config_path_under_the_images_plugin():
     before = 'version = 3\n[plugins."io.containerd.cri.v1.images"]\n  snapshotter = "overlayfs"\n'
-    result = patch_config(before, insecure_registries=["registry.lab:5000"])
-    mirror = dig(tomllib.loads(result.text), f'{CRI3}.registry.mirrors."registry.lab:5000"')
-    assert mirror == {"endpoint": ["http://registry.lab:5000"]}
+    result = patch_config(before, registry_hosts=[LAB])
+    assert dig(tomllib.loads(result.text), f"{CRI3}.registry.config_path") == (
+        "/etc/containerd/certs.d"
+    )
 
 
-@pytest.mark.parametrize("host", ["http://registry.lab:5000", "registry.lab:5000/x", "", "a b"])
-def test_insecure_registries_must_be_host_and_port(host):
-    with pytest.raises(ConfigPatchError, match="is not HOST or HOST:PORT"):
-        patch_config(fixture("v2_debian_bookworm.toml"), insecure_registries=[host])
+def test_a_relative_hosts_dir_is_refused():
+    with pytest.raises(ConfigPatchError, match="not an absolute path"):
+        patch_config(fixture("v2_debian_bookworm.toml"), registry_hosts=[LAB], hosts_dir="certs")
 
 
 @pytest.mark.skipif(CONTAINERD is None, reason="no containerd binary on this machine")
-def test_containerd_reads_the_mirror(tmp_path):
+def test_containerd_reads_config_path(tmp_path):
     path = tmp_path / "config.toml"
-    path.write_text(
-        patch_config(
-            fixture("v2_debian_bookworm.toml"), insecure_registries=["registry.lab:5000"]
-        ).text
-    )
+    path.write_text(patch_config(fixture("v2_debian_bookworm.toml"), registry_hosts=[LAB]).text)
     run = subprocess.run(
         [str(CONTAINERD), "--config", str(path), "config", "dump"],
         capture_output=True,
@@ -703,5 +707,4 @@ def test_containerd_reads_the_mirror(tmp_path):
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    mirrors = dig(tomllib.loads(run.stdout), f"{REGISTRY2}.mirrors")
-    assert mirrors == {"registry.lab:5000": {"endpoint": ["http://registry.lab:5000"]}}
+    assert dig(tomllib.loads(run.stdout), f"{REGISTRY2}.config_path") == "/etc/containerd/certs.d"

@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from apull.lab import test_image
-from apull.registry.client import RegistryClient
+from apull.registry.client import Blob, RegistryClient
 from apull.testing.cri_containerd import CRI_NAMESPACE, CriContainerd
 from apull.testing.host_containerd import containerd_binary, unmount_all
+from apull.testing.pull_through import PullThroughCache
 from apull_node.cri.client import CriError, ImageClient, image_status, pull_image, remove_image
 
 pytestmark = pytest.mark.skipif(
@@ -190,10 +191,12 @@ def pulled(stack: Stack, insecure_registry: str) -> tuple[str, str, float]:
 
 def test_the_config_is_the_roles(stack: Stack, insecure_registry: str) -> None:
     text = stack.containerd.config.read_text()
+    hosts_dir = stack.containerd.hosts_dir
     assert (
-        f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{insecure_registry}"]\n'
-        f'  endpoint = ["http://{insecure_registry}"]\n'
+        f'[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "{hosts_dir}"\n'
     ) in text
+    hosts = (hosts_dir / insecure_registry / "hosts.toml").read_text()
+    assert f'server = "http://{insecure_registry}"' in hosts.splitlines()
     assert 'snapshotter = "apull"' in text
     assert "disable_snapshot_annotations = false" in text
 
@@ -269,3 +272,48 @@ def test_remove(stack: Stack, pulled: tuple[str, str, float]) -> None:
     with ImageClient(stack.address) as client:
         client.remove(image)  # absent: not an error
         assert all(ref != i.id for i in client.list())
+
+
+# --- a pull-through cache as the registry's mirror (containerd's hosts.toml) --------------
+
+
+def _busybox() -> tuple[Blob, list[Blob]]:
+    config, layer = test_image.build()
+    return config, [layer]
+
+
+def test_cri_pulls_through_the_mirror_then_from_the_origin_when_it_is_down(
+    lan_registries: Callable[[], str], tmp_path: Path
+) -> None:
+    origin = lan_registries()
+    cache = PullThroughCache(tmp_path / "mirror", origin, host=origin.rsplit(":", 1)[0])
+    cache.start()
+    mirrors = [f"{origin}=http://{cache.address}"]
+    ctd = CriContainerd(tmp_path / "ctd", str(tmp_path / "no-snapshotter.sock"), [origin],
+                        cri_snapshotter=False, registry_mirrors=mirrors)  # fmt: skip
+    try:
+        ctd.start()
+        image = f"{origin}/{test_image.REPO}:{test_image.TAG}"
+        started = time.monotonic()
+        ref = pull_image(ctd.address, image, timeout=120)
+        through_mirror = time.monotonic() - started
+        asked = cache.requests()
+        ns = origin.replace(":", "%3A")
+        assert f"/v2/{test_image.REPO}/manifests/{test_image.TAG}?ns={ns}" in asked, asked
+        assert any(f"/v2/{test_image.REPO}/blobs/sha256:" in uri for uri in asked), asked
+
+        # The mirror goes down; the next pull (a manifest containerd does not have) is
+        # served by the origin.
+        cache.stop()
+        RegistryClient(origin).push_image("lab/other", "v1", *_busybox())
+        other = f"{origin}/lab/other:v1"
+        started = time.monotonic()
+        assert pull_image(ctd.address, other, timeout=120) == ref
+        from_origin = time.monotonic() - started
+        assert len(cache.requests()) == len(asked)
+        print(f"CRI pull through the mirror {through_mirror:.2f} s; "
+              f"with the mirror down, from the origin {from_origin:.2f} s")  # fmt: skip
+    finally:
+        ctd.stop()
+        cache.stop()
+        unmount_all(tmp_path)

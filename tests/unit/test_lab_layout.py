@@ -16,7 +16,7 @@ def test_node_addresses_are_fixed_by_index():
     assert (node.name, node.ssh_port, node.lan_addr) == ("node2", port, "10.10.0.12")
 
 
-def test_qemu_command_isolates_the_node_and_forwards_only_ssh_and_registry(tmp_path, monkeypatch):
+def test_qemu_command_forwards_only_ssh_registry_and_mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("APULL_LAB_STATE", str(tmp_path))
     images = LabImages(tmp_path / "img", tmp_path / "img/vmlinuz", tmp_path / "img/initrd", "6.1")
     cmd = nodes.qemu_command(nodes.NodeDir(layout.LabNode(3, "ondemand")), images)
@@ -24,6 +24,9 @@ def test_qemu_command_isolates_the_node_and_forwards_only_ssh_and_registry(tmp_p
     assert "restrict=on" in wan
     assert f"hostfwd=tcp:127.0.0.1:{layout.SSH_PORT_BASE + 3}-:22" in wan
     assert f"guestfwd=tcp:{layout.GUEST_REGISTRY_ADDR}:{layout.REGISTRY_PORT}-cmd:" in wan
+    mirror = f"127.0.0.1:{layout.HOST_MIRROR_PORT}"
+    assert f"guestfwd=tcp:{layout.GUEST_MIRROR_ADDR}:5000-cmd:socat - TCP:{mirror}" in wan
+    assert layout.HOST_MIRROR_PORT == layout.HOST_REGISTRY_PORT + 1
     append = cmd[cmd.index("-append") + 1]
     assert "apull_lab.hostname=node3" in append
     assert "apull_lab.addr=10.10.0.13/24" in append

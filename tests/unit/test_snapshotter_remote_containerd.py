@@ -42,19 +42,14 @@ SCRIPT = Path(__file__).resolve().parents[2] / "roles/apull/files/remove-apull-s
 
 class Containerd(CriContainerd):
     """Images are named after the counting proxy (what apulld fetches through, from CRI's
-    image-ref label); containerd itself reaches the registry directly through a CRI mirror
-    (the proxy answers blob GETs, not the HEADs containerd resolves manifests with)."""
+    image-ref label); containerd itself reaches the registry directly, as the proxy's mirror
+    in its hosts.toml (the proxy answers blob GETs, not the HEADs containerd resolves
+    manifests with)."""
 
     def __init__(self, workdir: Path, snapshotter: str, name: str, upstream: str) -> None:
-        super().__init__(workdir, snapshotter, [name])
-        self.registry = name
-        self.upstream = upstream
-
-    def config_text(self) -> str:
-        text = super().config_text()
-        endpoint = f'"http://{self.registry}"'
-        assert endpoint in text
-        return text.replace(endpoint, f'"http://{self.upstream}"')
+        super().__init__(
+            workdir, snapshotter, [name], registry_mirrors=[f"{name}=http://{upstream}"]
+        )
 
 
 class Stack:

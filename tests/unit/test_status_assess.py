@@ -34,7 +34,7 @@ def _bundle() -> Bundle:
 
 def _patched() -> str:
     return patch_config(DEBIAN, set_default_snapshotter=True,
-                        insecure_registries=["registry.lab:5000"]).text  # fmt: skip
+                        registry_hosts=["registry.lab:5000"]).text  # fmt: skip
 
 
 def _healthy() -> dict[str, Any]:

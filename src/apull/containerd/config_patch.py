@@ -7,13 +7,14 @@
 - in the CRI image settings, `disable_snapshot_annotations = false` and
   `discard_unpacked_layers = false` (the snapshotter needs the layer annotations, and the
   layers kept, for lazy pulls), and `snapshotter = "<name>"` only when asked;
-- for each of `insecure_registries` (HOST:PORT), a CRI registry mirror whose first endpoint
-  is `http://HOST:PORT`: `[plugins."io.containerd.grpc.v1.cri".registry.mirrors."HOST:PORT"]
-  endpoint = ["http://HOST:PORT"]` (version 3: under `plugins."io.containerd.cri.v1.images"`),
-  so that CRI pulls (kubelet's, `apull cri pull`) reach a plain-HTTP registry. Endpoints the
-  file already lists for that host stay, after ours. containerd 1.6 refuses `mirrors` next to
-  `registry.config_path` (the hosts.toml way), so a file that sets `config_path` is refused
-  for this, naming the key;
+- when `registry_hosts` names registries (the directories the containerd role writes
+  hosts.toml files into: plain-HTTP registries, mirrored ones, `_default`), CRI's
+  `registry.config_path` (`[plugins."io.containerd.grpc.v1.cri".registry]`, version 3: under
+  `plugins."io.containerd.cri.v1.images"`) is set to `hosts_dir`, unless the file sets one
+  already: then its first directory is where the files go (containerd 2.x's default
+  `config_path` included). containerd refuses `registry.mirrors` and `configs.<host>.tls`
+  beside `config_path`: a mirror entry an earlier apull wrote (`endpoint = ["http://HOST"]`
+  for a registry named here) is removed, and any other such entry is refused, naming it;
 - any extra `overrides` (dotted key path -> value), after the above.
 
 Where the CRI settings live depends on the config's `version`: 2 (containerd 1.x) keeps them
@@ -31,6 +32,7 @@ value is left alone, so a second run returns the text unchanged.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import tomllib
@@ -44,6 +46,8 @@ import tomlkit
 import tomlkit.exceptions
 from tomlkit.container import OutOfOrderTableProxy
 from tomlkit.items import AoT, InlineTable, Item, String, StringType, Table, Whitespace
+
+from apull.containerd.registry_hosts import DEFAULT_HOSTS_DIR
 
 DEFAULT_PROXY_ADDRESS = "/run/containerd-apull-grpc.sock"
 DEFAULT_SNAPSHOTTER = "apull"
@@ -67,8 +71,6 @@ CRI_PLUGIN_IDS: dict[int, tuple[str, ...]] = {
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _PLUGIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-# A registry as image references name it: host or IPv4 address, optional port.
-_REGISTRY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
 _HEADER = re.compile(r"^([ \t]*)\[(?!\[)\s*(.+?)\s*\][ \t]*(#.*)?$")
 _SENTINEL = "__apull_key_path__"
 
@@ -97,7 +99,8 @@ class Change:
 
     def describe(self) -> str:
         old = "(absent)" if self.old is None else _show(self.old)
-        return f"{self.key}: {old} -> {_show(self.new)}"
+        new = "(removed)" if self.new is None else _show(self.new)
+        return f"{self.key}: {old} -> {new}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "old": self.old, "new": self.new}
@@ -110,6 +113,8 @@ class PatchResult:
     changes: tuple[Change, ...] = ()
     # Things the operator should know that are not errors (CRI disabled, imports, ...).
     notes: tuple[str, ...] = ()
+    # Where the hosts.toml files go (config_path's first directory); "" without registry_hosts.
+    hosts_dir: str = ""
 
     @property
     def changed(self) -> bool:
@@ -160,7 +165,8 @@ def patch_config(
     proxy_address: str = DEFAULT_PROXY_ADDRESS,
     snapshotter_name: str = DEFAULT_SNAPSHOTTER,
     set_default_snapshotter: bool = False,
-    insecure_registries: Sequence[str] = (),
+    registry_hosts: Sequence[str] = (),
+    hosts_dir: str = DEFAULT_HOSTS_DIR,
     overrides: Mapping[str, Any] | None = None,
     source: str = "config.toml",
 ) -> PatchResult:
@@ -189,9 +195,10 @@ def patch_config(
         cri_items["snapshotter"] = snapshotter_name
     editor.set(cri, cri_items)
     editor.set(("proxy_plugins", snapshotter_name), {"type": "snapshot", "address": proxy_address})
-    registries = [str(_plain(r, "insecure_registries")) for r in insecure_registries]
+    registries = [str(_plain(r, "registry_hosts")) for r in registry_hosts]
+    used_dir = ""
     if registries:
-        _set_insecure_registries(editor, data, version, registries, source)
+        used_dir = _set_config_path(editor, data, version, registries, str(hosts_dir), source)
     for dotted, value in (overrides or {}).items():
         path = parse_key_path(str(dotted))
         editor.set(path[:-1], {path[-1]: _plain(value, dotted)})
@@ -201,33 +208,56 @@ def patch_config(
         version=version,
         changes=tuple(editor.changes),
         notes=tuple(_notes(data, version, snapshotter_name)),
+        hosts_dir=used_dir,
     )
 
 
-def _set_insecure_registries(
-    editor: _Editor, data: Mapping[str, Any], version: int, registries: list[str], source: str
-) -> None:
+def _set_config_path(
+    editor: _Editor,
+    data: Mapping[str, Any],
+    version: int,
+    registries: list[str],
+    hosts_dir: str,
+    source: str,
+) -> str:
+    """Make containerd read hosts.toml files; the directory they go to."""
     registry = CRI_REGISTRY_TABLES[version]
+    key = format_key_path((*registry, "config_path"))
     config_path = _lookup(data, (*registry, "config_path"), source)
-    if config_path:
-        key = format_key_path((*registry, "config_path"))
+    if config_path is not None and not isinstance(config_path, str):
+        raise ConfigPatchError(f"{source}: {key} is {_kind(config_path)}, not a string", key)
+    if not config_path and not hosts_dir.startswith("/"):
+        raise ConfigPatchError(f"hosts dir {hosts_dir!r} is not an absolute path", "hosts_dir")
+    mirrors = _lookup(data, (*registry, "mirrors"), source) or {}
+    for name in registries:
+        entry = mirrors.get(name) if isinstance(mirrors, dict) else None
+        if isinstance(entry, dict) and entry == {"endpoint": [f"http://{name}"]}:
+            editor.remove((*registry, "mirrors", name))  # what an earlier apull wrote
+    after = _lookup(_load(editor.text, source), (*registry, "mirrors"), source) or {}
+    where = config_path.split(":")[0] if config_path else hosts_dir
+    if after:
+        first = next(iter(after)) if isinstance(after, dict) else ""
+        mirror_key = format_key_path((*registry, "mirrors", first) if first else registry)
         raise ConfigPatchError(
-            f"{source}: {key} = {_show(config_path)} makes containerd read registry settings "
-            f"from hosts.toml files there, and it refuses `mirrors` beside it; instead of "
-            f"containerd_insecure_registries, write <dir>/<host:port>/hosts.toml with "
-            f'server = "http://<host:port>" for {", ".join(registries)}',
-            key,
+            f"{source}: {mirror_key} is a registry mirror in config.toml, which containerd "
+            f"refuses beside {key}; apull needs {key} for its hosts.toml files "
+            f"({', '.join(registries)}). Move the mirror to {where}/{first or '<host>'}"
+            f"/hosts.toml, or name it in REGISTRY_MIRRORS (config.txt), and run again",
+            mirror_key,
         )
-    for host in dict.fromkeys(registries):
-        if not _REGISTRY.fullmatch(host):
+    configs = _lookup(data, (*registry, "configs"), source) or {}
+    for host, settings in configs.items() if isinstance(configs, dict) else ():
+        if isinstance(settings, dict) and "tls" in settings:
+            tls_key = format_key_path((*registry, "configs", host, "tls"))
             raise ConfigPatchError(
-                f"insecure registry {host!r} is not HOST or HOST:PORT", "insecure_registries"
+                f"{source}: {tls_key} is refused by containerd beside {key}, which apull needs "
+                f"for its hosts.toml files; move it to {where}/{host}/hosts.toml (ca, "
+                f"client, skip_verify) and run again",
+                tls_key,
             )
-        mirror = (*registry, "mirrors", host)
-        ours = f"http://{host}"
-        old = _lookup(data, (*mirror, "endpoint"), source)
-        kept = [e for e in old if e != ours] if isinstance(old, list) else []
-        editor.set(mirror, {"endpoint": [ours, *kept]})
+    if not config_path:
+        editor.set(registry, {"config_path": hosts_dir})
+    return where
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -512,6 +542,39 @@ class _Editor:
             key_name,
         )
 
+    def remove(self, path: tuple[str, ...]) -> None:
+        """Remove the key (or table) at path; refused unless nothing else changes."""
+        data = _load(self.text, self.source)
+        old = _lookup(data, path, self.source)
+        if old is None:
+            return
+        expected = copy.deepcopy(data)
+        parent = expected
+        for part in path[:-1]:
+            parent = parent[part]
+        del parent[path[-1]]
+        key_name = format_key_path(path)
+        try:
+            doc = tomlkit.parse(self.text)
+            node: Any = doc
+            for part in path[:-1]:
+                node = node[part]
+            del node[path[-1]]
+            candidate = doc.as_string()
+            # An emptied table may go with its last key: the same config to containerd.
+            off = _first_difference(_pruned(expected), _pruned(tomllib.loads(candidate)))
+        except (tomlkit.exceptions.TOMLKitError, tomllib.TOMLDecodeError, KeyError) as exc:
+            off, problem = (), str(exc)
+        else:
+            problem = f"the edit would also change {format_key_path(off or ())}"
+        if off is not None:
+            raise ConfigPatchError(
+                f"{self.source}: cannot remove {key_name} safely ({problem}); remove it by hand",
+                key_name,
+            )
+        self.text = candidate
+        self.changes.append(Change(path, old, None))
+
     # Attempt 1: tomlkit, in the table where it is (or under its nearest existing parent).
     def _edit_in_place(self, table: tuple[str, ...], items: Mapping[str, Value]) -> str:
         doc = tomlkit.parse(self.text)
@@ -686,6 +749,14 @@ def _add_inline(table: InlineTable, key: str, item: Item) -> None:
     table[key] = item
     if padding is not None:
         body.append(padding)
+
+
+def _pruned(value: Any) -> Any:
+    """The value without empty tables (recursively)."""
+    if not isinstance(value, dict):
+        return value
+    kept = {k: _pruned(v) for k, v in value.items()}
+    return {k: v for k, v in kept.items() if v != {}}
 
 
 def _with(data: Mapping[str, Any], table: Sequence[str], items: Mapping[str, Any]) -> Any:

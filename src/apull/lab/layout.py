@@ -28,6 +28,11 @@ HOST_REGISTRY_ADDR = "127.0.0.1"
 HOST_REGISTRY_PORT = int(os.environ.get("APULL_LAB_REGISTRY_PORT", str(REGISTRY_PORT)))
 #: Name of the lab registry inside every node's /etc/hosts.
 REGISTRY_NAME = "registry.lab"
+#: A registry mirror as the nodes see it (QEMU forwards ADDR:REGISTRY_PORT to the host's
+#: loopback port HOST_MIRROR_PORT, where a test may run a pull-through cache; nothing answers
+#: there otherwise).
+GUEST_MIRROR_ADDR = "10.0.2.102"
+HOST_MIRROR_PORT = int(os.environ.get("APULL_LAB_MIRROR_PORT", str(HOST_REGISTRY_PORT + 1)))
 #: The lab's package repository as the nodes see it (QEMU forwards ADDR:80 to the host's
 #: repository server), its name in every node's /etc/hosts, and its port on the host's loopback.
 GUEST_REPO_ADDR = "10.0.2.101"

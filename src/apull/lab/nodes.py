@@ -158,9 +158,13 @@ def qemu_command(nd: NodeDir, images: LabImages) -> list[str]:
         f"-cmd:socat - TCP:{layout.host_registry()}"
     )
     repo_fwd = f"guestfwd=tcp:{layout.GUEST_REPO_ADDR}:80-cmd:socat - TCP:{layout.host_repo()}"
+    mirror_fwd = (
+        f"guestfwd=tcp:{layout.GUEST_MIRROR_ADDR}:{layout.REGISTRY_PORT}"
+        f"-cmd:socat - TCP:{layout.HOST_REGISTRY_ADDR}:{layout.HOST_MIRROR_PORT}"
+    )
     wan = (
         f"user,id=wan,restrict=on,hostfwd=tcp:127.0.0.1:{node.ssh_port}-:22,"
-        f"{registry_fwd},{repo_fwd}"
+        f"{registry_fwd},{repo_fwd},{mirror_fwd}"
     )
     return [
         binary,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apull.bundle.artefacts import Bundle, NodePlatform, UnsupportedPlatform
-from apull.containerd import config_patch
+from apull.containerd import config_patch, registry_hosts
+from apull_node.image.registry_mirrors import parse_mirrors
 
 from .probe import SERVICES
 
@@ -186,9 +187,19 @@ def _patch_args(record: dict[str, Any] | None, report: dict[str, Any]) -> dict[s
         "proxy_address": str(record.get("proxy_address", config_patch.DEFAULT_PROXY_ADDRESS)),
         "snapshotter_name": str(record.get("snapshotter_name", config_patch.DEFAULT_SNAPSHOTTER)),
         "set_default_snapshotter": bool(record.get("set_default_snapshotter", False)),
-        "insecure_registries": list(record.get("insecure_registries") or []),
+        "registry_hosts": _registry_dirs(record),
+        "hosts_dir": str(record.get("registry_hosts_dir") or registry_hosts.DEFAULT_HOSTS_DIR),
         "overrides": dict(record.get("overrides") or {}),
     }
+
+
+def _registry_dirs(record: dict[str, Any]) -> list[str]:
+    """The hosts.toml directories the recorded patch asked for (config_path is set for them)."""
+    try:
+        mirrors = parse_mirrors(record.get("registry_mirrors") or [])
+    except ValueError:
+        mirrors = ()  # a record edited by hand: judged as if it named no mirror
+    return registry_hosts.registry_dirs(record.get("insecure_registries") or [], mirrors)
 
 
 def _containerd_config(status: NodeStatus, report: dict[str, Any]) -> None:

@@ -37,8 +37,9 @@ from apull_node.daemon.file_backend import FileBackend, FileBackendConfig, FileB
 from apull_node.daemon.fscache_backend import FscacheBackend, FscacheBackendConfig
 from apull_node.daemon.http_api import ApiState, ApulldHttpServer
 from apull_node.daemon.image_warmup import ImageWarmup
-from apull_node.daemon.registry_fetch import FetchSettings, parse_mirrors
+from apull_node.daemon.registry_fetch import FetchSettings
 from apull_node.daemon.serving import BackendStartError, ServingBackend
+from apull_node.image.registry_mirrors import parse_mirrors
 from apull_node.service import sdnotify
 from apull_node.service.logs import setup_logging
 from apull_node.service.metrics_endpoint import serve_metrics

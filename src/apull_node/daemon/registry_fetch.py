@@ -5,7 +5,8 @@
   ``repository:<repo>:pull`` from the realm (anonymous, or Basic credentials from the auth
   file), or Basic directly. Tokens are cached per host and repository, renewed on a 401.
 - Mirrors (``registry_mirrors``) are tried before the origin with the same path and
-  ``?ns=<registry>``; a mirror that fails or sends bad data rests for a while.
+  ``?ns=<registry>``; a mirror that fails or sends bad data rests for a while. Connections
+  open under ``connect_timeout``: a mirror that is down costs one such wait, not one per chunk.
 - Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; errors name
   the registry, repository, digest and byte range.
 - Registries in ``registry_insecure`` (and loopback ones, like docker) may use plain HTTP
@@ -26,7 +27,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -41,6 +42,7 @@ from apull_node.image.registry_auth import (
     find_credentials,
     parse_challenges,
 )
+from apull_node.image.registry_mirrors import Mirror
 from apull_node.image.registry_session import error_text
 
 log = logging.getLogger("apulld.fetch")
@@ -81,26 +83,8 @@ class _Final(_TryFailed):
     """Trying again will not help on this endpoint."""
 
 
-@dataclass(frozen=True)
-class Mirror:
-    url: str  # scheme://host[:port][/prefix]
-    registry: str = ""  # only for this registry; "" for all
-
-
-def parse_mirrors(entries: Iterable[str]) -> tuple[Mirror, ...]:
-    """``URL`` or ``REGISTRY=URL`` entries: a bare URL mirrors every registry."""
-    mirrors = []
-    for item in (part.strip() for part in entries):
-        if not item:
-            continue
-        registry, sep, url = item.partition("=")
-        if not sep:
-            registry, url = "", item
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"mirror {item!r}: expected [REGISTRY=]http(s)://host[:port]")
-        mirrors.append(Mirror(url.rstrip("/"), registry.strip()))
-    return tuple(mirrors)
+class _Skip(_TryFailed):
+    """This endpoint cannot serve this request now but is healthy: the next one serves it."""
 
 
 def is_loopback(host: str) -> bool:
@@ -120,6 +104,9 @@ class FetchSettings:
     auth_file: Path | None = None
     retries: int = 4
     timeout: float = 30.0
+    #: Bound on opening a connection (TCP and TLS): a mirror or registry that is down costs
+    #: this once, then rests (mirrors) or fails fast, instead of `timeout` per chunk.
+    connect_timeout: float = 5.0
     backoff: float = 0.25
     backoff_max: float = 4.0
     #: Where the schemes learned by probing are kept across restarts (None: not kept).
@@ -246,6 +233,9 @@ class RangeFetcher:
                 try:
                     reply = self._get(endpoint, blob.repo, path + endpoint.query, headers, limit)
                     data = take(reply)
+                except _Skip as err:
+                    errors.append(f"{endpoint.name}: {err}")
+                    continue
                 except _Retryable as err:
                     metrics.REGISTRY_ERRORS.labels(err.status).inc()
                     errors.append(f"{endpoint.name}: {err}")
@@ -366,8 +356,16 @@ class RangeFetcher:
         for fresh in (False, True):
             conn = self._connection(parts.scheme, parts.netloc, fresh)
             try:
+                if conn.sock is None:  # a new connection: opened under the connect bound
+                    _open(conn, self.settings.timeout)
                 conn.request("GET", target, headers=headers)
                 resp = conn.getresponse()
+                if resp.status == 200 and "Range" in headers and endpoint.mirror:
+                    # A pull-through cache answers a blob it does not hold yet whole, while
+                    # it fetches it in the background: not read (it may be gigabytes), and
+                    # the mirror is not rested; its cached copy serves ranges soon after.
+                    conn.close()
+                    raise _Skip("sent the whole blob (Range ignored: not cached there yet)")
                 want = limit if resp.status < 400 else 1 << 16
                 if resp.length is not None:  # read() allocates what it is asked for
                     want = min(want, resp.length)
@@ -398,7 +396,7 @@ class RangeFetcher:
                 pool = self._pools.get((scheme, netloc))
                 if pool and pool.idle:
                     return pool.idle.pop()
-        timeout = self.settings.timeout
+        timeout = min(self.settings.connect_timeout, self.settings.timeout)
         if scheme == "https":
             host = netloc
             tls = self._unverified_tls if self._insecure(host) else self._verified_tls
@@ -459,6 +457,13 @@ class RangeFetcher:
         if not isinstance(token, str) or not token:
             raise _Final(f"token answer from {realm} has no token")
         return str(token)
+
+
+def _open(conn: http.client.HTTPConnection, read_timeout: float) -> None:
+    """Connect (under the connection's own timeout), then wait up to read_timeout per read."""
+    conn.connect()
+    if conn.sock is not None:
+        conn.sock.settimeout(read_timeout)
 
 
 def _whole(limit: int) -> _Taker:

@@ -12,6 +12,7 @@ CRI = ("plugins", "io.containerd.grpc.v1.cri", "containerd")
 # What inventory/group_vars set for the lab: config.txt's insecure registry, and apull as CRI's
 # snapshotter.
 LAB_REGISTRY = "registry.lab:5000"
+CERTS = "/etc/containerd/certs.d"
 
 
 def debian_md5(host):
@@ -39,7 +40,19 @@ def test_proxy_plugin_and_cri_settings_are_in_the_file(host):
     assert cri["discard_unpacked_layers"] is False
     assert cri["snapshotter"] == "apull"
     registry = data["plugins"]["io.containerd.grpc.v1.cri"]["registry"]
-    assert registry == {"mirrors": {LAB_REGISTRY: {"endpoint": [f"http://{LAB_REGISTRY}"]}}}
+    assert registry == {"config_path": CERTS}
+
+
+def test_the_lab_registry_is_plain_http_in_its_hosts_toml(host):
+    hosts = host.file(f"{CERTS}/{LAB_REGISTRY}/hosts.toml")
+    assert (hosts.user, hosts.group, hosts.mode) == ("root", "root", 0o644)
+    text = hosts.content_string
+    assert text.startswith("# Written by apull-deploy (roles/containerd)")
+    assert tomllib.loads(text) == {
+        "server": f"http://{LAB_REGISTRY}",
+        "host": {f"http://{LAB_REGISTRY}": {"capabilities": ["pull", "resolve", "push"]}},
+    }
+    assert host.run(f"ls -A {CERTS}").stdout.split() == [LAB_REGISTRY]
 
 
 def test_debian_settings_are_kept(host):
@@ -72,10 +85,14 @@ def test_written_in_place(host):
 def test_no_leftovers(host):
     assert not host.file(CONF + ".apull-prev").exists
     assert host.run("ls -A /etc/containerd").stdout.split() == [
+        "certs.d",
         "config.toml",
+        "config.toml.apull-hosts",
         "config.toml.apull-orig",
         "config.toml.apull-patch.json",
     ]
+    listed = host.file(CONF + ".apull-hosts").content_string.splitlines()
+    assert listed == [f"{CERTS}/{LAB_REGISTRY}/hosts.toml", f"@created {CERTS}"]
 
 
 def test_the_patch_is_recorded_for_apull_status(host):
@@ -84,6 +101,7 @@ def test_the_patch_is_recorded_for_apull_status(host):
     assert record["proxy_address"] == "/run/containerd-apull-grpc.sock"
     assert record["set_default_snapshotter"] is True
     assert record["insecure_registries"] == [LAB_REGISTRY]
+    assert record["registry_mirrors"] == [] and record["registry_hosts_dir"] == CERTS
 
 
 def test_containerd_runs_on_the_new_config(host):
@@ -94,8 +112,8 @@ def test_containerd_runs_on_the_new_config(host):
     cri = dump["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
     assert cri["disable_snapshot_annotations"] is False
     assert cri["snapshotter"] == "apull"
-    mirrors = dump["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"]
-    assert mirrors[LAB_REGISTRY] == {"endpoint": [f"http://{LAB_REGISTRY}"]}
+    registry = dump["plugins"]["io.containerd.grpc.v1.cri"]["registry"]
+    assert registry["config_path"] == CERTS and not registry.get("mirrors")
 
 
 def test_containerd_loaded_the_proxy_plugin(host):

@@ -33,6 +33,9 @@ ARGUMENT_SPEC = dict(
     set_default_snapshotter=dict(type="bool", default=False),
     snapshotter_name=dict(type="str", default="apull"),
     insecure_registries=dict(type="list", elements="str", default=[]),
+    registry_mirrors=dict(type="list", elements="str", default=[]),
+    registry_hosts_dir=dict(type="str", default="/etc/containerd/certs.d"),
+    registry_dial_timeout=dict(type="str", default="5s"),
     overrides=dict(type="dict", default={}),
 )
 
@@ -69,6 +72,12 @@ if [ "$want_backup" = 1 ] && [ -f "$b" ]; then
   echo "@@section backup"
   base64 < "$b" || exit 3
 fi
+# The registries' hosts.toml files: those under the hosts dir, and those apull listed as its own.
+if [ -f "$hl" ]; then echo "@@section hostslist"; base64 < "$hl" || exit 3; fi
+{ if [ -f "$hl" ]; then cat -- "$hl"; fi; for f in "$hd"/*/hosts.toml; do echo "$f"; done; } |
+  sort -u | while read -r f; do
+    if [ -f "$f" ]; then echo "@@section host:$f"; base64 < "$f" || exit 3; fi
+  done
 # A file without settings (empty, or blank and comment lines only) is containerd's defaults:
 # the patch starts from those (for a release: when the original was such a file).
 keyless() { ! grep -q '^[[:space:]]*[^#[:space:]]' -- "$1"; }
@@ -101,6 +110,7 @@ else
   now=$(sha256sum < "$p") || fail "cannot read $p"
   [ "${now%% *}" = "$sum" ] || fail "$p changed while it was being patched; run again"
 fi
+if [ "$cfg" = 1 ]; then
 t=$(mktemp -- "$d/.apull-config.XXXXXX") || fail "cannot create a temporary file in $d"
 trap 'rm -f -- "$t"' EXIT
 printf '%s' "$new" | base64 -d > "$t" || fail "cannot write $t"
@@ -108,6 +118,42 @@ if ! err=$(containerd --config "$t" config dump 2>&1 >/dev/null); then
   printf '%s\n' "$err" | sed 's/^/@@refused /'
   exit 2
 fi
+fi
+# The registries' hosts.toml files (each whole, by rename), the ones no longer wanted, the list
+# (with `@created DIR` when apull made the hosts directory: uninstall removes it if empty).
+made=
+if [ -n "$hosts" ] && [ ! -d "$hroot" ]; then made="@created $hroot"; fi
+# What they were, for a rollback if containerd does not come back (removed once it does).
+if [ -n "$snap" ]; then
+  rm -rf -- "$snap" && mkdir -p -- "$snap" || fail "cannot create $snap"
+  if [ -d "$hroot" ]; then cp -a -- "$hroot" "$snap/dir" || fail "cannot copy $hroot"; fi
+  if [ -f "$hl" ]; then cp -p -- "$hl" "$snap/list" || fail "cannot copy $hl"; fi
+fi
+if [ -n "$hosts" ]; then
+  printf '%s\n' "$hosts" | while read -r f data; do
+    [ -n "$f" ] || continue
+    hdir=$(dirname -- "$f")
+    mkdir -p -- "$hdir" || { echo "@@error cannot create $hdir"; exit 1; }
+    n="$f.apull-new"
+    { printf '%s' "$data" | base64 -d > "$n" && chmod 0644 -- "$n" && mv -f -- "$n" "$f"; } ||
+      { rm -f -- "$n"; echo "@@error cannot write $f"; exit 1; }
+  done || exit 1
+fi
+if [ -n "$stale" ]; then
+  printf '%s\n' "$stale" | while read -r f; do
+    [ -n "$f" ] || continue
+    rm -f -- "$f" || { echo "@@error cannot remove $f"; exit 1; }
+    rmdir -- "$(dirname -- "$f")" 2>/dev/null || true
+  done || exit 1
+fi
+if [ -n "$rmroot" ]; then rmdir -- "$rmroot" 2>/dev/null || true; fi
+if [ -n "$list" ]; then
+  { printf '%s\n' "$list"; if [ -n "$made" ]; then printf '%s\n' "$made"; fi; } > "$hl.tmp$$" &&
+    mv -f -- "$hl.tmp$$" "$hl" || fail "cannot write $hl"
+elif [ -e "$hl" ]; then
+  rm -f -- "$hl" || fail "cannot remove $hl"
+fi
+[ "$cfg" = 1 ] || { echo "@@written"; exit 0; }
 if [ "$created" = 1 ]; then
   if [ ! -e "$b" ] && [ ! -e "$m" ]; then
     printf '%s\n' "$p did not exist before apull created it; uninstall removes it." > "$m" \
@@ -137,6 +183,20 @@ echo "@@written"
 # Then the backup (or marker) and any rollback copy go.
 RESTORE_SCRIPT = r"""
 fail() { echo "@@error $*"; exit 1; }
+# The hosts.toml files apull wrote (still carrying its header), then their list.
+if [ -f "$hl" ]; then
+  while read -r f; do
+    case "$f" in @created\ *) continue ;; esac
+    [ -n "$f" ] && [ -f "$f" ] || continue
+    if [ "$(head -n 1 -- "$f")" = "$hdr" ]; then
+      rm -f -- "$f" || fail "cannot remove $f"
+      rmdir -- "$(dirname -- "$f")" 2>/dev/null || true
+    fi
+  done < "$hl"
+  sed -n 's/^@created //p' < "$hl" | while read -r dir; do rmdir -- "$dir" 2>/dev/null || true; done
+  rm -f -- "$hl" || fail "cannot remove $hl"
+  echo "@@hosts-removed"
+fi
 if [ -e "$m" ]; then
   rm -f -- "$p" || fail "cannot remove $p"
   rm -f -- "$m" "$prev"
@@ -150,6 +210,8 @@ elif [ -f "$b" ]; then
   fi
   cmp -s -- "$b" "$p" || fail "$p does not read back as $b"
   rm -f -- "$b" "$prev"
+  echo "@@done"
+elif [ -n "$hostsonly" ]; then
   echo "@@done"
 fi
 """
@@ -182,6 +244,14 @@ def _import_patch():
                 "make venv): %s" % exc
             ) from exc
     return config_patch
+
+
+def _import_hosts():
+    """apull.containerd.registry_hosts, found as _import_patch finds the patcher."""
+    _import_patch()
+    from apull.containerd import registry_hosts
+
+    return registry_hosts
 
 
 def _sh(script):
@@ -222,7 +292,14 @@ class ActionModule(ActionBase):
         _validation, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         path = args["path"]
         backup = args["backup_path"] or path + ".apull-orig"
-        self._paths = dict(p=path, b=backup, m=backup + ".absent", prev=path + ".apull-prev")
+        self._paths = dict(
+            p=path,
+            b=backup,
+            m=backup + ".absent",
+            prev=path + ".apull-prev",
+            hl=path + ".apull-hosts",
+            hd=args["registry_hosts_dir"],
+        )
         result.update(
             path=path, backup_path=backup, previous_path=None, created=False, restart_pending=False
         )
@@ -286,7 +363,17 @@ class ActionModule(ActionBase):
                 "changed." % (path, generator.group(1), path, path, generator.group(1)),
             )
 
-        patch = _import_patch()
+        patch, hosts_module = _import_patch(), _import_hosts()
+        try:
+            hosts_texts = hosts_module.hosts_files(
+                args["insecure_registries"],
+                args["registry_mirrors"],
+                dial_timeout=args["registry_dial_timeout"]
+                if hosts_module.reads_dial_timeout(result["containerd_version"])
+                else "",
+            )
+        except hosts_module.RegistryHostsError as exc:
+            return self._fail(result, "%s: %s" % (path, exc), key=exc.key)
         base, overrides, default = current, args["overrides"], args["set_default_snapshotter"]
         if "default" in sections and not _has_settings(raw):
             # A file without settings is containerd's defaults: patch those. The original
@@ -309,7 +396,8 @@ class ActionModule(ActionBase):
                 proxy_address=args["proxy_address"],
                 snapshotter_name=args["snapshotter_name"],
                 set_default_snapshotter=default,
-                insecure_registries=args["insecure_registries"],
+                registry_hosts=list(hosts_texts),
+                hosts_dir=args["registry_hosts_dir"],
                 overrides=overrides,
                 source=path if exists else "%s (containerd config default)" % path,
             )
@@ -340,28 +428,49 @@ class ActionModule(ActionBase):
         # text before it, so the caller restarts, and can roll back to that copy.
         if exists and fields.get("previous") == "1":
             result.update(restart_pending=True, previous_path=self._paths["prev"])
-        if exists and (patched.text == current if released else not patched.changed):
+        hosts = self._hosts_plan(result, sections, patched.hosts_dir, hosts_texts)
+        if hosts is None:
+            return result
+        result["registry_hosts_files"] = sorted(hosts["wanted"])
+        config_changed = not exists or (patched.text != current if released else patched.changed)
+        if not config_changed and not hosts["changed"]:
             return result
 
-        result.update(changed=True, created=not exists)
+        result.update(changed=True, created=not exists, config_changed=config_changed)
         if self._task.diff:
-            result["diff"] = dict(
-                before=current if exists else "",
-                after=patched.text,
-                before_header=path if exists else "%s (absent)" % path,
-                after_header=path,
-            )
+            diffs = hosts["diffs"]
+            if config_changed:
+                config_diff = dict(
+                    before=current if exists else "",
+                    after=patched.text,
+                    before_header=path if exists else "%s (absent)" % path,
+                    after_header=path,
+                )
+                diffs = [config_diff, *diffs]
+            result["diff"] = diffs
         if self._task.check_mode:
             return result
 
+        hosts_root = patched.hosts_dir or hosts["rmroot"] or self._paths["hd"]
+        snapshot = hosts_root.rstrip("/") + ".apull-prev" if hosts["changed"] else None
         encoded = base64.b64encode(patched.text.encode("utf-8")).decode("ascii")
         if len(encoded) > MAX_ENCODED:
             return self._fail(result, "%s: the patched file is too large to send" % path)
         res = self._run(
             WRITE_SCRIPT,
+            cfg="1" if config_changed else "0",
             created="0" if exists else "1",
             sum=hashlib.sha256(raw).hexdigest() if exists else "",
-            new=encoded,
+            new=encoded if config_changed else "",
+            hosts="\n".join(
+                "%s %s" % (f, base64.b64encode(text.encode("utf-8")).decode("ascii"))
+                for f, text in sorted(hosts["write"].items())
+            ),
+            stale="\n".join(hosts["stale"]),
+            list="\n".join(hosts["list"]),
+            rmroot=hosts["rmroot"],
+            hroot=patched.hosts_dir,
+            snap=snapshot or "",
         )
         if res["rc"] == 2:
             return self._fail(
@@ -373,9 +482,80 @@ class ActionModule(ActionBase):
             return self._fail(result, "%s: %s" % (path, _tail(res)))
         result["backup_created"] = "@@backup-created" in res["stdout"]
         result["marker_created"] = "@@marker-created" in res["stdout"]
-        if exists:
+        if snapshot:
+            result["registry_hosts_previous"] = dict(
+                snapshot=snapshot, dir=hosts_root, list=self._paths["hl"]
+            )
+        if exists and config_changed:
             result["previous_path"] = self._paths["prev"]
         return result
+
+    def _hosts_plan(self, result, sections, hosts_dir, texts):
+        """What to do with the registries' hosts.toml files: the files wanted, those to
+        (re)write, the ones apull wrote earlier that are no longer wanted, and their diffs.
+        None after filling in a failure (a file there that apull did not write)."""
+        header = _import_hosts().MANAGED_HEADER
+        wanted = dict(
+            ("%s/%s/hosts.toml" % (hosts_dir, name), text) for name, text in texts.items()
+        )
+        found = dict(
+            (name[len("host:") :], data)
+            for name, data in sections.items()
+            if name.startswith("host:")
+        )
+        missing = [f for f in wanted if f not in found]
+        if missing and hosts_dir != self._paths["hd"]:
+            # config.toml names another directory than the one read: read those files.
+            res = self._run(
+                'for f in $files; do [ -f "$f" ] && { echo "@@section host:$f"; base64 < "$f"; }; '
+                "done; exit 0",
+                files=" ".join(missing),
+            )
+            found.update(
+                (name[len("host:") :], data)
+                for name, data in _parse(res["stdout"])[1].items()
+                if name.startswith("host:")
+            )
+        lines = sections.get("hostslist", b"").decode("utf-8", "replace").splitlines()
+        listed = set(line.strip() for line in lines if line.strip() and line[:1] != "@")
+        created = [line.strip() for line in lines if line.startswith("@created ")]
+        plan = dict(wanted=wanted, write={}, stale=[], diffs=[], changed=False)
+        plan["list"] = sorted(wanted) + (created if wanted else [])
+        plan["rmroot"] = created[0][len("@created ") :] if created and not wanted else ""
+        for f, text in sorted(wanted.items()):
+            old = found.get(f)
+            if old is not None and not old.decode("utf-8", "replace").startswith(header):
+                self._fail(
+                    result,
+                    "%s exists and was not written by apull: add these lines to it yourself, "
+                    "or move it away and run again. Nothing was changed.\n%s" % (f, text),
+                    key="registry_mirrors",
+                )
+                return None
+            if old is None or old.decode("utf-8", "replace") != text:
+                plan["write"][f] = text
+                plan["diffs"].append(
+                    dict(
+                        before=old.decode("utf-8", "replace") if old is not None else "",
+                        after=text,
+                        before_header=f if old is not None else "%s (absent)" % f,
+                        after_header=f,
+                    )
+                )
+        for f in sorted(listed - set(wanted)):
+            old = found.get(f)
+            if old is not None and old.decode("utf-8", "replace").startswith(header):
+                plan["stale"].append(f)
+                plan["diffs"].append(
+                    dict(
+                        before=old.decode("utf-8", "replace"),
+                        after="",
+                        before_header=f,
+                        after_header="%s (removed)" % f,
+                    )
+                )
+        plan["changed"] = bool(plan["write"] or plan["stale"] or listed != set(wanted))
+        return plan
 
     def _restore(self, result):
         path, backup = self._paths["p"], self._paths["b"]
@@ -385,12 +565,30 @@ class ActionModule(ActionBase):
         fields, sections, _res = read
         exists = fields["exists"] == "1"
         current = sections.get("current", b"")
+        header = _import_hosts().MANAGED_HEADER
+        listed = [
+            f.strip()
+            for f in sections.get("hostslist", b"").decode("utf-8", "replace").splitlines()
+            if f.strip() and f[:1] != "@"
+        ]
+        hosts_diffs = [
+            dict(
+                before=sections["host:" + f].decode("utf-8", "replace"),
+                after="",
+                before_header=f,
+                after_header="%s (removed)" % f,
+            )
+            for f in listed
+            if sections.get("host:" + f, b"").decode("utf-8", "replace").startswith(header)
+        ]
         if fields.get("marker") == "1":
             after, after_header = None, "%s (absent: apull created it)" % path
         elif fields.get("backup") == "1":
             if "backup" not in sections:
                 return self._fail(result, "%s is not a regular file" % backup)
             after, after_header = sections["backup"], "%s (from %s)" % (path, backup)
+        elif "hostslist" in sections:
+            after, after_header = current, path  # only hosts.toml files are left to remove
         else:
             # Never patched (or already restored): nothing to do.
             return result
@@ -403,16 +601,22 @@ class ActionModule(ActionBase):
         result["config_changed"] = (after is None and exists) or (
             after is not None and (not exists or after != current)
         )
+        result["registry_hosts_removed"] = [d["before_header"] for d in hosts_diffs]
         if self._task.diff:
-            result["diff"] = dict(
-                before=current.decode("utf-8", "replace") if exists else "",
-                after=original,
-                before_header=path if exists else "%s (absent)" % path,
-                after_header=after_header,
-            )
+            diffs = hosts_diffs
+            if result["config_changed"]:
+                config_diff = dict(
+                    before=current.decode("utf-8", "replace") if exists else "",
+                    after=original,
+                    before_header=path if exists else "%s (absent)" % path,
+                    after_header=after_header,
+                )
+                diffs = [config_diff, *diffs]
+            result["diff"] = diffs
         if self._task.check_mode:
             return result
-        res = self._run(RESTORE_SCRIPT)
+        only_hosts = fields.get("marker") != "1" and fields.get("backup") != "1"
+        res = self._run(RESTORE_SCRIPT, hdr=header, hostsonly="1" if only_hosts else "")
         if res["rc"] != 0 or "@@done" not in res["stdout"]:
             return self._fail(result, "%s: restoring the original failed: %s" % (path, _tail(res)))
         return result

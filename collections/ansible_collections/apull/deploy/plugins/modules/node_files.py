@@ -22,7 +22,7 @@ description:
     tasks did, each of which costs a round trip and a Python start on the node.
   - In check mode nothing is written; the result says what would change. With C(--diff) it
     gives each changed file's old and new text, so it is not for secrets (their content is
-    a module argument too): write those with C(no_log).
+    a module argument too), so write those with C(no_log).
 options:
   directories:
     description: Directories to create or fix, in order (parents first).

@@ -17,7 +17,7 @@ description:
     - C(apulld) - apulld's C(PUT /v1.0/apulld/ping) over its socket (the answer is returned);
     - C(plugin) - C(ctr plugins ls) lists the snapshotter as C(ok);
     - C(snapshots) - C(ctr snapshots --snapshotter NAME ls) succeeds (containerd reaches the
-      snapshotter's socket: a real List call).
+      snapshotter's socket, a real List call).
   - The checks are asked in that order, each once the one before it answered.
   - On timeout it fails, naming the check that did not answer and its last error.
   - One call does what three retried tasks (C(ansible.builtin.uri) with C(unix_socket) and
