@@ -408,10 +408,13 @@ MIRROR = f"http://{layout.GUEST_MIRROR_ADDR}:{layout.REGISTRY_PORT}"
 HOSTS_TOML = f"/etc/containerd/certs.d/{layout.guest_registry()}/hosts.toml"
 
 
-def deploy_with(node: layout.LabNode, tmp_path, extra: str) -> subprocess.CompletedProcess[str]:
-    """playbooks/deploy.yml on one node, with config.txt as shipped plus `extra` lines."""
+def deploy_with(node: layout.LabNode, tmp_path, mirrors: str) -> subprocess.CompletedProcess[str]:
+    """playbooks/deploy.yml on one node, with config.txt as shipped but for REGISTRY_MIRRORS."""
     config = tmp_path / "config.txt"
-    config.write_text((ROOT / "config.txt").read_text() + extra)
+    shipped = (ROOT / "config.txt").read_text()
+    assert re.search(r"^REGISTRY_MIRRORS=$", shipped, re.M), "config.txt names no mirror slot"
+    config.write_text(re.sub(r"^REGISTRY_MIRRORS=$", f"REGISTRY_MIRRORS={mirrors}", shipped,
+                             flags=re.M))  # fmt: skip
     env = {**os.environ, "APULL_CONFIG": str(config), "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
     return subprocess.run(
         [str(Path(sys.executable).with_name("ansible-playbook")), "-i",
@@ -443,8 +446,7 @@ def test_a_mirror_in_config_txt_reaches_containerd_and_apulld(
     lazy_node, lazy_image, pull_through, tmp_path
 ):
     node = lazy_node
-    line = f"\nREGISTRY_MIRRORS={layout.guest_registry()}={MIRROR}\n"
-    result = deploy_with(node, tmp_path, line)
+    result = deploy_with(node, tmp_path, f"{layout.guest_registry()}={MIRROR}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     hosts = run_on(node, f"cat {HOSTS_TOML}").stdout
     assert f'[host."{MIRROR}"]' in hosts and f'server = "http://{layout.guest_registry()}"' in hosts
@@ -490,8 +492,11 @@ def test_the_mirror_stopped_mid_read_the_read_completes_from_the_origin(
         time.sleep(0.2)
     assert run_on(node, "test ! -e /run/mirror3.rc").returncode == 0, "read done before the stop"
     asked_before = len(pull_through.requests())
+    stopping = time.monotonic()
     pull_through.stop()
+    stopped_in = time.monotonic() - stopping
     from_mirror_at_stop = apulld_ping(node)["serving"]["stats"].get("bytes_from_mirrors", 0)
+    assert from_mirror_at_stop > 0, "the read did not go through the mirror"
     deadline = time.monotonic() + 600
     while run_on(node, "test -e /run/mirror3.rc").returncode != 0:
         assert time.monotonic() < deadline, "the reading container did not finish"
@@ -502,7 +507,8 @@ def test_the_mirror_stopped_mid_read_the_read_completes_from_the_origin(
     stats = apulld_ping(node)["serving"]["stats"]
     assert len(pull_through.requests()) == asked_before
     print(f"{node.name}: cold read of {BIG}: {baseline:.1f} s through the mirror, "
-          f"{seconds:.1f} s with the mirror stopped once 4 MiB were fetched: "
+          f"{seconds:.1f} s with the mirror stopped once 4 MiB were fetched (its shutdown took "
+          f"{stopped_in:.1f} s): "
           f"{seconds - baseline:+.1f} s; {from_mirror_at_stop} bytes from the mirror before "
           f"the stop, {stats.get('bytes_fetched', 0)} fetched in all")  # fmt: skip
 

@@ -190,9 +190,11 @@ class RangeFetcher:
 
     def mark_bad(self, endpoint: str) -> None:
         """An endpoint sent bytes that failed verification: rest it if it is a mirror."""
-        with self._lock:
-            if any(endpoint == urlsplit(m.url).netloc for m in self.settings.mirrors):
-                self._resting[endpoint] = time.monotonic() + MIRROR_REST_SECONDS
+        for mirror in self.settings.mirrors:
+            netloc = urlsplit(mirror.url).netloc
+            if endpoint == netloc:
+                self._rest(_Endpoint(netloc, mirror.url, "", True, netloc), "sent bad data")
+                return
 
     # -- retries over endpoints -----------------------------------------------------------
 
@@ -239,14 +241,14 @@ class RangeFetcher:
                 except _Retryable as err:
                     metrics.REGISTRY_ERRORS.labels(err.status).inc()
                     errors.append(f"{endpoint.name}: {err}")
-                    self._rest(endpoint)
+                    self._rest(endpoint, err)
                     continue
                 except (_Final, AuthError) as err:
                     if isinstance(err, _Final):  # an AuthError is the local auth file's
                         metrics.REGISTRY_ERRORS.labels(err.status).inc()
                     if endpoint.mirror:
                         errors.append(f"{endpoint.name}: {err}")
-                        self._rest(endpoint)
+                        self._rest(endpoint, err)
                         continue
                     raise FetchError(f"{what}: {err}") from None
                 ranged = "Range" in headers  # a chunk range, not a whole chunk table
@@ -280,10 +282,16 @@ class RangeFetcher:
             tries = f"failed {attempts} time{'s' if attempts > 1 else ''}"
         raise FetchError(f"{what}: {tries}; last: {errors[-1]}")
 
-    def _rest(self, endpoint: _Endpoint) -> None:
+    def _rest(self, endpoint: _Endpoint, why: object = "") -> None:
         if endpoint.mirror:
             with self._lock:
-                self._resting[endpoint.name] = time.monotonic() + MIRROR_REST_SECONDS
+                now = time.monotonic()
+                was_resting = self._resting.get(endpoint.name, 0.0) > now
+                self._resting[endpoint.name] = now + MIRROR_REST_SECONDS
+            if not was_resting:
+                reason = " ".join(str(why).split())[:300] or "bad data"
+                log.warning("mirror %s failed (%s): reads go to the next mirror or the origin "
+                            "for %gs", endpoint.name, reason, MIRROR_REST_SECONDS)
 
     # -- one request, with auth and redirects ---------------------------------------------
 
