@@ -290,8 +290,12 @@ class RangeFetcher:
                 self._resting[endpoint.name] = now + MIRROR_REST_SECONDS
             if not was_resting:
                 reason = " ".join(str(why).split())[:300] or "bad data"
-                log.warning("mirror %s failed (%s): reads go to the next mirror or the origin "
-                            "for %gs", endpoint.name, reason, MIRROR_REST_SECONDS)
+                log.warning(
+                    "mirror %s failed (%s): reads go to the next mirror or the origin for %gs",
+                    endpoint.name,
+                    reason,
+                    MIRROR_REST_SECONDS,
+                )
 
     # -- one request, with auth and redirects ---------------------------------------------
 

@@ -447,7 +447,7 @@ class ActionModule(ActionBase):
                     after_header=path,
                 )
                 diffs = [config_diff, *diffs]
-            result["diff"] = diffs
+            result["diff"] = diffs[0] if len(diffs) == 1 else diffs
         if self._task.check_mode:
             return result
 
@@ -612,7 +612,7 @@ class ActionModule(ActionBase):
                     after_header=after_header,
                 )
                 diffs = [config_diff, *diffs]
-            result["diff"] = diffs
+            result["diff"] = diffs[0] if len(diffs) == 1 else diffs
         if self._task.check_mode:
             return result
         only_hosts = fields.get("marker") != "1" and fields.get("backup") != "1"

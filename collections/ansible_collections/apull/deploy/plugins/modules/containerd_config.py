@@ -252,7 +252,9 @@ key:
   returned: on failure
   type: str
 diff:
-  description: Before and after text, in diff mode.
+  description: >-
+    Before and after text, in diff mode: of config.toml, or, when hosts.toml files change
+    too, a list with one entry per file.
   returned: when changed and in diff mode
   type: dict
 """
