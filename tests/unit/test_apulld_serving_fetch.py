@@ -15,6 +15,7 @@ from serving_support import Proxy
 from apull.registry.client import Blob
 from apull.testing.pull_through import PullThroughCache
 from apull_node.daemon import apulld_metrics as metrics
+from apull_node.daemon import registry_fetch
 from apull_node.daemon.counters import Counters
 from apull_node.daemon.registry_fetch import (
     BlobLocation,
@@ -184,16 +185,22 @@ def test_a_mirror_that_does_not_accept_costs_one_connect_bound(pushed, proxy) ->
 
 
 def test_a_pull_through_cache_filling_is_passed_over_not_rested(
-    pushed, registry, proxy, tmp_path
+    pushed, registry, proxy, tmp_path, monkeypatch
 ) -> None:
     """Debian's docker-registry in proxy mode sends a blob it does not hold yet whole (Range
     ignored) while it stores it: that read goes to the origin at once (the whole blob is not
-    read) and the mirror is not rested; once stored, the mirror serves the ranges."""
+    read), the mirror is not asked for that blob for a while but not rested; once stored, the
+    mirror serves the ranges."""
+    monkeypatch.setattr(registry_fetch, "MIRROR_FILLING_SECONDS", 1.0)
     with PullThroughCache(tmp_path, registry.address) as cache:
         fetch, counters = fetcher(mirrors=(Mirror(f"http://{cache.address}"),))
         where = BlobLocation(proxy.address, REPO, pushed)
         assert fetch.fetch(where, 5000, 6000) == (DATA[5000:6000], proxy.address)
         assert proxy.bytes_of(pushed) == 1000
+        asked = len(cache.requests())
+        assert fetch.fetch(where, 6000, 7000) == (DATA[6000:7000], proxy.address)
+        assert len(cache.requests()) == asked  # filling: not asked again for this blob
+        time.sleep(1.1)
         deadline = time.monotonic() + 30
         while True:  # the cache stores the blob in the background
             data, source = fetch.fetch(where, 7000, 8000)

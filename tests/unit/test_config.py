@@ -278,12 +278,14 @@ def test_registry_insecure_bad_bool(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "problem"),
     [("ftp://m:1", "expected [REGISTRY=]http(s)://host[:port]"),
-     ("http://reg:5000=http://m:1", "is not a registry (HOST[:PORT])")],
+     ("http://reg:5000=http://m:1", "is not a registry (HOST[:PORT])"),
+     ('http://m:1/a"b', "expected [REGISTRY=]http(s)://host[:port][/path]"),
+     ("docker.io=http://u:s3cret@m:1", "with a user or password in its URL")],
 )  # fmt: skip
 def test_registry_mirrors_named_in_the_problem(tmp_path: Path, value: str, problem: str) -> None:
     line = only_problem(tmp_path, f"SSH_USER=root\nREGISTRY_MIRRORS={value}\n")
     assert line.startswith(f"{tmp_path / 'config.txt'}:2: REGISTRY_MIRRORS: mirror ")
-    assert problem in line
+    assert problem in line and "s3cret" not in line
 
 
 def test_servers_defaults(tmp_path: Path) -> None:

@@ -202,3 +202,25 @@ def test_a_mirror_an_operator_wrote_in_config_toml_is_refused(tmp_path: Path) ->
     assert rc != 0
     assert "refuses beside" in out and "REGISTRY_MIRRORS" in out
     assert conf.read_text() == text and not (tmp_path / "certs.d").exists()
+
+
+def test_a_failed_hosts_write_puts_back_what_it_changed(tmp_path: Path) -> None:
+    """The second hosts.toml cannot be written (a file is in the way of its directory): the
+    first one, already written, is taken back, and config.toml is not touched."""
+    conf = tmp_path / "config.toml"
+    conf.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n')
+    before = conf.read_bytes()
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    (certs / LAB).write_text("in the way\n")  # where registry.lab:5000/ would go
+    rc, _, out = run_action(tmp_path, conf, "patched", insecure_registries=[LAB],
+                            registry_mirrors=["docker.io=http://m:1"],
+                            registry_hosts_dir=str(certs))  # fmt: skip
+    assert rc != 0 and f"cannot create {certs}/{LAB}" in out, out[-3000:]
+    assert sorted(p.name for p in certs.iterdir()) == [LAB]  # docker.io/ taken back
+    assert (certs / LAB).read_text() == "in the way\n"
+    assert conf.read_bytes() == before
+    assert not (tmp_path / "certs.d.apull-prev").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("config.toml")) == [
+        "config.toml"
+    ]

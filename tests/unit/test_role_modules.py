@@ -12,13 +12,18 @@ LEAKY = {
     "ansible.builtin.uri": "its unix_socket patch of http.client sent the next module's "
     "HTTP to that socket; use apull.deploy.stack_health (apulld) or a module of our own",
 }
-TASK_MODULE = re.compile(r"^\s*-?\s*([a-z0-9_]+\.[a-z0-9_]+\.[a-z0-9_]+):", re.M)
+#: A task's module: its fully qualified name, or a short one (`uri:`), at a task's keys.
+TASK_MODULE = re.compile(r"^\s*-?\s*((?:[a-z0-9_]+\.[a-z0-9_]+\.)?[a-z0-9_]+):", re.M)
+SHORT = {name.rsplit(".", 1)[1]: name for name in LEAKY}
 
 
 def used_modules() -> dict[str, set[Path]]:
     found: dict[str, set[Path]] = {}
-    for path in [*ROOT.glob("roles/*/tasks/*.yml"), *ROOT.glob("playbooks/*.yml")]:
+    paths = [*ROOT.glob("roles/*/tasks/*.yml"), *ROOT.glob("roles/*/handlers/*.yml"),
+             *ROOT.glob("playbooks/*.yml")]  # fmt: skip
+    for path in paths:
         for name in TASK_MODULE.findall(path.read_text()):
+            name = SHORT.get(name, name)
             found.setdefault(name, set()).add(path.relative_to(ROOT))
     return found
 

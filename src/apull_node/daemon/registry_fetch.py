@@ -49,6 +49,9 @@ log = logging.getLogger("apulld.fetch")
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 MIRROR_REST_SECONDS = 30.0
+#: A mirror that answered a range of a blob with the whole blob (a pull-through cache still
+#: storing it) is not asked for that blob again for this long: the reads go to the origin.
+MIRROR_FILLING_SECONDS = 10.0
 #: After a request failed every try, more requests to that registry within this many
 #: seconds get one try each: a registry that is down does not cost every read a full
 #: round of backoff.
@@ -159,6 +162,7 @@ class RangeFetcher:
         self._schemes = SchemeMemory(settings.schemes_file)
         self._auth: dict[tuple[str, str], str] = {}
         self._resting: dict[str, float] = {}
+        self._filling: dict[tuple[str, str], float] = {}
         self._failing: dict[str, float] = {}
         self._verified_tls = ssl.create_default_context()
         self._unverified_tls = ssl.create_default_context()
@@ -208,6 +212,8 @@ class RangeFetcher:
             with self._lock:
                 if self._resting.get(netloc, 0.0) > now:
                     continue
+                if self._filling.get((netloc, blob.digest), 0.0) > now:
+                    continue
             query = "?" + urlencode({"ns": blob.registry})
             found.append(_Endpoint(netloc, mirror.url, query, True, netloc))
         found.append(_Endpoint(blob.registry, "", "", False, blob.registry))
@@ -237,6 +243,10 @@ class RangeFetcher:
                     data = take(reply)
                 except _Skip as err:
                     errors.append(f"{endpoint.name}: {err}")
+                    with self._lock:
+                        now = time.monotonic()
+                        self._filling = {k: t for k, t in self._filling.items() if t > now}
+                        self._filling[(endpoint.name, blob.digest)] = now + MIRROR_FILLING_SECONDS
                     continue
                 except _Retryable as err:
                     metrics.REGISTRY_ERRORS.labels(err.status).inc()

@@ -10,10 +10,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 # A registry as image references name it: a host name or IPv4 address, an optional port.
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
+# A mirror: scheme, host (a name, IPv4 or [IPv6]), optional port and path. No user or password
+# (neither containerd nor apulld would use them, and they would land in files and logs), no
+# query, and nothing a TOML string or a log line would have to escape.
+_MIRROR_URL = re.compile(
+    r"https?://([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+    r"(/[A-Za-z0-9._~/-]*)?"
+)
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,13 @@ def parse_mirrors(entries: Iterable[str]) -> tuple[Mirror, ...]:
         if not sep:
             registry, url = "", item
         registry, url = registry.strip(), url.strip()
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-            raise ValueError(f"mirror {item!r}: expected [REGISTRY=]http(s)://host[:port]")
+        if "@" in url:
+            raise ValueError(
+                "mirror with a user or password in its URL: name the mirror without them "
+                "(registry credentials belong in the auth file)"
+            )
+        if not _MIRROR_URL.fullmatch(url):
+            raise ValueError(f"mirror {item!r}: expected [REGISTRY=]http(s)://host[:port][/path]")
         if sep and not REGISTRY_NAME.fullmatch(registry):
             raise ValueError(f"mirror {item!r}: {registry!r} is not a registry (HOST[:PORT])")
         mirror = Mirror(url.rstrip("/"), registry)

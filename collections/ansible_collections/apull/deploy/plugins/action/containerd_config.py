@@ -77,7 +77,7 @@ if [ -f "$hl" ]; then echo "@@section hostslist"; base64 < "$hl" || exit 3; fi
 { if [ -f "$hl" ]; then cat -- "$hl"; fi; for f in "$hd"/*/hosts.toml; do echo "$f"; done; } |
   sort -u | while read -r f; do
     if [ -f "$f" ]; then echo "@@section host:$f"; base64 < "$f" || exit 3; fi
-  done
+  done || exit 3
 # A file without settings (empty, or blank and comment lines only) is containerd's defaults:
 # the patch starts from those (for a release: when the original was such a file).
 keyless() { ! grep -q '^[[:space:]]*[^#[:space:]]' -- "$1"; }
@@ -110,9 +110,22 @@ else
   now=$(sha256sum < "$p") || fail "cannot read $p"
   [ "${now%% *}" = "$sum" ] || fail "$p changed while it was being patched; run again"
 fi
+t=
+undo=
+# On a failure after the hosts.toml files began to change, they are put back from the copy.
+finish() {
+  rc=$?
+  if [ -n "$t" ]; then rm -f -- "$t"; fi
+  if [ "$rc" != 0 ] && [ -n "$undo" ] && [ -d "$snap" ]; then
+    if [ -d "$snap/dir" ]; then rm -rf -- "$hroot" && mv -- "$snap/dir" "$hroot"
+    elif [ -e "$snap/absent" ]; then rm -rf -- "$hroot"; fi
+    if [ -f "$snap/list" ]; then mv -f -- "$snap/list" "$hl"; else rm -f -- "$hl"; fi
+    rm -rf -- "$snap"
+  fi
+}
+trap finish EXIT
 if [ "$cfg" = 1 ]; then
 t=$(mktemp -- "$d/.apull-config.XXXXXX") || fail "cannot create a temporary file in $d"
-trap 'rm -f -- "$t"' EXIT
 printf '%s' "$new" | base64 -d > "$t" || fail "cannot write $t"
 if ! err=$(containerd --config "$t" config dump 2>&1 >/dev/null); then
   printf '%s\n' "$err" | sed 's/^/@@refused /'
@@ -126,8 +139,10 @@ if [ -n "$hosts" ] && [ ! -d "$hroot" ]; then made="@created $hroot"; fi
 # What they were, for a rollback if containerd does not come back (removed once it does).
 if [ -n "$snap" ]; then
   rm -rf -- "$snap" && mkdir -p -- "$snap" || fail "cannot create $snap"
-  if [ -d "$hroot" ]; then cp -a -- "$hroot" "$snap/dir" || fail "cannot copy $hroot"; fi
+  if [ -d "$hroot" ]; then cp -a -- "$hroot" "$snap/dir" || fail "cannot copy $hroot"
+  else : > "$snap/absent" || fail "cannot write $snap/absent"; fi
   if [ -f "$hl" ]; then cp -p -- "$hl" "$snap/list" || fail "cannot copy $hl"; fi
+  undo=1
 fi
 if [ -n "$hosts" ]; then
   printf '%s\n' "$hosts" | while read -r f data; do
@@ -153,7 +168,7 @@ if [ -n "$list" ]; then
 elif [ -e "$hl" ]; then
   rm -f -- "$hl" || fail "cannot remove $hl"
 fi
-[ "$cfg" = 1 ] || { echo "@@written"; exit 0; }
+[ "$cfg" = 1 ] || { undo=; echo "@@written"; exit 0; }
 if [ "$created" = 1 ]; then
   if [ ! -e "$b" ] && [ ! -e "$m" ]; then
     printf '%s\n' "$p did not exist before apull created it; uninstall removes it." > "$m" \
@@ -174,6 +189,7 @@ else
   fi
 fi
 cmp -s -- "$t" "$p" || fail "$p does not read back as written"
+undo=
 echo "@@written"
 """
 
@@ -195,6 +211,7 @@ if [ -f "$hl" ]; then
   done < "$hl"
   sed -n 's/^@created //p' < "$hl" | while read -r dir; do rmdir -- "$dir" 2>/dev/null || true; done
   rm -f -- "$hl" || fail "cannot remove $hl"
+  rm -rf -- "${hd%/}.apull-prev"
   echo "@@hosts-removed"
 fi
 if [ -e "$m" ]; then
@@ -469,7 +486,7 @@ class ActionModule(ActionBase):
             stale="\n".join(hosts["stale"]),
             list="\n".join(hosts["list"]),
             rmroot=hosts["rmroot"],
-            hroot=patched.hosts_dir,
+            hroot=hosts_root,
             snap=snapshot or "",
         )
         if res["rc"] == 2:
@@ -507,10 +524,14 @@ class ActionModule(ActionBase):
         if missing and hosts_dir != self._paths["hd"]:
             # config.toml names another directory than the one read: read those files.
             res = self._run(
-                'for f in $files; do [ -f "$f" ] && { echo "@@section host:$f"; base64 < "$f"; }; '
-                "done; exit 0",
-                files=" ".join(missing),
+                'printf "%s\\n" "$files" | while IFS= read -r f; do\n'
+                '  if [ -f "$f" ]; then echo "@@section host:$f"; base64 < "$f" || exit 3; fi\n'
+                "done || exit 3\necho @@end",
+                files="\n".join(missing),
             )
+            if res["rc"] != 0 or "@@end" not in res["stdout"]:
+                self._fail(result, "cannot read the hosts.toml files: %s" % _tail(res))
+                return None
             found.update(
                 (name[len("host:") :], data)
                 for name, data in _parse(res["stdout"])[1].items()
@@ -598,8 +619,9 @@ class ActionModule(ActionBase):
         original = after.decode("utf-8", "replace") if after is not None else ""
         result["grpc_address"] = patch.grpc_address(original)
         result["changed"] = True
-        result["config_changed"] = (after is None and exists) or (
-            after is not None and (not exists or after != current)
+        only_hosts = fields.get("marker") != "1" and fields.get("backup") != "1"
+        result["config_changed"] = not only_hosts and (
+            (after is None and exists) or (after is not None and (not exists or after != current))
         )
         result["registry_hosts_removed"] = [d["before_header"] for d in hosts_diffs]
         if self._task.diff:
@@ -615,7 +637,6 @@ class ActionModule(ActionBase):
             result["diff"] = diffs[0] if len(diffs) == 1 else diffs
         if self._task.check_mode:
             return result
-        only_hosts = fields.get("marker") != "1" and fields.get("backup") != "1"
         res = self._run(RESTORE_SCRIPT, hdr=header, hostsonly="1" if only_hosts else "")
         if res["rc"] != 0 or "@@done" not in res["stdout"]:
             return self._fail(result, "%s: restoring the original failed: %s" % (path, _tail(res)))
