@@ -32,7 +32,13 @@ class ContentReader:
         # The channel connects at the first call; made here, at start-up, grpc's client
         # side is imported then (6 ms), not in the first pull.
         stub: Any = content_pb2_grpc.ContentStub  # generated code, untyped
-        self._content = stub(grpc.insecure_channel(f"unix://{address}"))
+        self._channel = grpc.insecure_channel(f"unix://{address}")
+        self._content = stub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel: a process that exits with it open can abort in grpc's poller
+        (Debian 11's grpcio: SIGABRT, "epoll_wait error: Bad file descriptor")."""
+        self._channel.close()
 
     def read(self, digest: str, namespace: str = CRI_NAMESPACE) -> bytes | None:
         """The blob's bytes, checked against `digest` (sha256); None when containerd cannot

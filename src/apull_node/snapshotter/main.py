@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (OSError, RuntimeError, sqlite3.Error) as err:
         log.error("cannot open %s: %s", root, err)
+        if content is not None:
+            content.close()
         return 1
     # Before containerd can start containers on them: remote layers mounted again.
     remote.restore(snapshotter)
@@ -87,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
     except (OSError, SocketInUseError) as err:
         log.error("cannot serve on %s: %s", address, err)
+        remote.close()
         snapshotter.close()
+        if content is not None:
+            content.close()
         return 1
     # Checked with the settings; an address that cannot be bound is logged, not fatal.
     metrics_address = parse_listen_address(settings.snapshotter.metrics_address)
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     server.stop()
     remote.close()
     snapshotter.close()
+    if content is not None:
+        content.close()
     return 0
 
 
