@@ -271,6 +271,13 @@ def _import_hosts():
     return registry_hosts
 
 
+def _host_files(sections):
+    """path -> bytes of the `@@section host:PATH` sections the scripts print."""
+    return dict(
+        (name[len("host:") :], data) for name, data in sections.items() if name.startswith("host:")
+    )
+
+
 def _sh(script):
     """One `sh -c` word: Ansible appends `&& sleep 0` to the command, which a multi-line
     script would not take."""
@@ -515,11 +522,7 @@ class ActionModule(ActionBase):
         wanted = dict(
             ("%s/%s/hosts.toml" % (hosts_dir, name), text) for name, text in texts.items()
         )
-        found = dict(
-            (name[len("host:") :], data)
-            for name, data in sections.items()
-            if name.startswith("host:")
-        )
+        found = _host_files(sections)
         missing = [f for f in wanted if f not in found]
         if missing and hosts_dir != self._paths["hd"]:
             # config.toml names another directory than the one read: read those files.
@@ -532,11 +535,7 @@ class ActionModule(ActionBase):
             if res["rc"] != 0 or "@@end" not in res["stdout"]:
                 self._fail(result, "cannot read the hosts.toml files: %s" % _tail(res))
                 return None
-            found.update(
-                (name[len("host:") :], data)
-                for name, data in _parse(res["stdout"])[1].items()
-                if name.startswith("host:")
-            )
+            found.update(_host_files(_parse(res["stdout"])[1]))
         lines = sections.get("hostslist", b"").decode("utf-8", "replace").splitlines()
         listed = set(line.strip() for line in lines if line.strip() and line[:1] != "@")
         created = [line.strip() for line in lines if line.startswith("@created ")]
