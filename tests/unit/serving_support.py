@@ -167,7 +167,9 @@ class ProxyState:
     delay: float = 0.0  # seconds before answering a blob GET
     waiting: threading.Event = field(default_factory=threading.Event)
     credentials: tuple[str, str] | None = None  # require a token, given for these
+    token_realm: str = ""  # the challenge's realm instead of this proxy's /token
     connections: int = 0  # accepted so far (TLS attempts too: they never become requests)
+    queries: list[str] = field(default_factory=list)  # the query of each request, as sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -207,14 +209,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         state = self.server.state
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        with state.lock:
+            state.queries.append(query)
         if path == "/token":
             pair = ":".join(state.credentials or ("", "")).encode()
             if self.headers.get("Authorization") == "Basic " + base64.b64encode(pair).decode():
                 return self._send(200, {}, json.dumps({"token": TOKEN}).encode(), False)
             return self._send(401, {}, b'{"errors":[{"code":"DENIED","message":"bad"}]}', False)
         if state.credentials and self.headers.get("Authorization") != f"Bearer {TOKEN}":
-            realm = f"http://{self.server.address}/token"
+            realm = state.token_realm or f"http://{self.server.address}/token"
             challenge = f'Bearer realm="{realm}",service="proxy"'
             return self._send(401, {"WWW-Authenticate": challenge}, b"{}", method == "HEAD")
         blob = "/blobs/sha256:" in path and method == "GET"

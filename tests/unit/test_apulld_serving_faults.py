@@ -164,4 +164,4 @@ def test_refused_credentials_are_named_in_the_log(images, proxy, make_apulld, tm
     with pytest.raises(OSError) as caught, open(path, "rb") as stream:
         stream.read(4096)
     assert caught.value.errno == errno.EIO
-    assert f"token for {layer.repo} refused as alice" in apulld.log()
+    assert f"token for repository:{layer.repo}:pull refused as alice" in apulld.log()

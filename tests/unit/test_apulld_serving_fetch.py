@@ -8,6 +8,7 @@ import random
 import socket
 import time
 from collections.abc import Iterator
+from urllib.parse import urlencode
 
 import pytest
 from serving_support import Proxy
@@ -224,6 +225,38 @@ def test_a_mirror_for_another_registry_is_not_asked(pushed, registry, proxy) -> 
         assert mirror.state.requests == [] and proxy.bytes_of(pushed) == 100
     finally:
         mirror.down()
+
+
+def test_a_mirror_of_every_registry_is_told_each_blobs_registry(pushed, registry, proxy) -> None:
+    """One repository name on two registries, one mirror for all: each request carries its
+    own registry's ns= (the mirror's sessions are kept per registry, not per repository)."""
+    mirror = Proxy(registry.address)
+    try:
+        fetch, _ = fetcher(mirrors=(Mirror(f"http://{mirror.address}"),))
+        for origin in (proxy.address, registry.address, proxy.address):
+            assert fetch.fetch(BlobLocation(origin, REPO, pushed), 0, 10)[1] == mirror.address
+        assert mirror.state.queries == [
+            urlencode({"ns": origin}) for origin in (proxy.address, registry.address, proxy.address)
+        ]
+    finally:
+        mirror.down()
+
+
+def test_a_token_server_that_does_not_answer_is_tried_again(pushed, proxy) -> None:
+    """A realm nobody answers on is a network failure (retried, counted as no answer), not
+    a refusal; once it answers, the read succeeds."""
+    proxy.state.credentials = ("alice", "pw")
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{placeholder.getsockname()[1]}"
+    proxy.state.token_realm = f"http://{dead}/token"
+    fetch, counters = fetcher(retries=2)
+    where = BlobLocation(proxy.address, REPO, pushed)
+    before = metrics.REGISTRY_ERRORS.labels(metrics.STATUS_NO_ANSWER).value
+    with pytest.raises(FetchError, match=r"failed 3 times; last: .*token request failed"):
+        fetch.fetch(where, 0, 10)
+    assert counters.get("fetch_retries") == 2
+    assert metrics.REGISTRY_ERRORS.labels(metrics.STATUS_NO_ANSWER).value == before + 3
 
 
 def test_mirror_settings_and_loopback_hosts() -> None:

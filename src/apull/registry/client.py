@@ -1,26 +1,28 @@
-"""A small registry v2 client: enough to push and inspect images without other tools.
+"""The lab's and the tests' view of one plain-HTTP registry: push and inspect images.
 
-Plain HTTP only for now (the lab registry); token auth and TLS arrive with image conversion.
+A thin layer over the product's one registry client (`registry_session.RegistrySession`,
+with `registry_read` and `registry_write`): the same connections, auth and errors as apulld
+and the converter, addressed by host:port and repository.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
+from apull.image.registry_read import MAX_MANIFEST_SIZE
+from apull.image.registry_write import has_blob, push_blob_bytes, push_manifest
 from apull_node.image.oci import sha256_digest
+from apull_node.image.registry_connections import Connections
+from apull_node.image.registry_session import RegistryError, RegistrySession, error_text
+
+__all__ = ["RegistryError"]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-class RegistryError(RuntimeError):
-    """The registry answered something we did not expect."""
 
 
 @dataclass(frozen=True)
@@ -37,85 +39,64 @@ class Blob:
 
 
 class RegistryClient:
-    """Client for one registry at host:port over plain HTTP."""
+    """One registry at host:port over plain HTTP (the lab's, a test's)."""
 
     def __init__(self, address: str, timeout: float = 30.0) -> None:
         self.address = address
         self.timeout = timeout
+        self._connections = Connections(timeout=timeout, connect_timeout=timeout)
+        self._sessions: dict[str, RegistrySession] = {}
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection(self.address, timeout=self.timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-        except OSError as exc:
-            raise RegistryError(f"registry {self.address}: {method} {path}: {exc}") from exc
-        finally:
-            conn.close()
+    def session(self, repo: str) -> RegistrySession:
+        """The session for one repository (pull and push)."""
+        session = self._sessions.get(repo)
+        if session is None:
+            session = self._sessions[repo] = RegistrySession(
+                self.address,
+                repo,
+                insecure=True,
+                push=True,
+                connections=self._connections,
+                scheme="http",
+            )
+        return session
 
     def ping(self) -> bool:
+        session = self.session("")
         try:
-            status, _, _ = self._request("GET", "/v2/")
+            with session.request("GET", f"{session.base_url}/v2/") as resp:
+                return resp.status == 200
         except RegistryError:
             return False
-        return status == 200
 
     def has_blob(self, repo: str, digest: str) -> bool:
-        status, _, _ = self._request("HEAD", f"/v2/{repo}/blobs/{digest}")
-        return status == 200
+        return has_blob(self.session(repo), digest)
 
     def push_blob(self, repo: str, blob: Blob) -> None:
-        if self.has_blob(repo, blob.digest):
-            return
-        status, headers, body = self._request("POST", f"/v2/{repo}/blobs/uploads/")
-        if status != 202 or "location" not in headers:
-            raise RegistryError(f"start upload to {repo}: HTTP {status} {body[:200]!r}")
-        location = urlsplit(headers["location"])
-        sep = "&" if location.query else "?"
-        path = f"{location.path}?{location.query}{sep}digest={blob.digest}".replace("?&", "?")
-        status, _, body = self._request(
-            "PUT",
-            path,
-            body=blob.data,
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        if status != 201:
-            raise RegistryError(f"upload {blob.digest} to {repo}: HTTP {status} {body[:200]!r}")
+        push_blob_bytes(self.session(repo), blob.data)
 
     def push_manifest(self, repo: str, tag: str, manifest: bytes, media_type: str) -> str:
-        status, _, body = self._request(
-            "PUT",
-            f"/v2/{repo}/manifests/{tag}",
-            body=manifest,
-            headers={"Content-Type": media_type},
-        )
-        if status != 201:
-            raise RegistryError(f"push manifest {repo}:{tag}: HTTP {status} {body[:200]!r}")
-        return sha256_digest(manifest)
+        return push_manifest(self.session(repo), tag, manifest, media_type)[0]
 
     def manifest_digest(self, repo: str, tag: str) -> str | None:
-        status, headers, _ = self._request(
-            "HEAD", f"/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST}
-        )
-        if status != 200:
-            return None
-        return headers.get("docker-content-digest")
+        session = self.session(repo)
+        url = session.repo_url(f"manifests/{tag}")
+        with session.request("HEAD", url, headers={"Accept": OCI_MANIFEST}) as resp:
+            if resp.status != 200:
+                return None
+            return resp.headers.get("docker-content-digest")
 
     def manifest(self, repo: str, tag: str) -> dict[str, Any]:
         """The OCI manifest behind repo:tag, decoded."""
-        status, _, body = self._request(
-            "GET", f"/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST}
-        )
-        if status != 200:
-            raise RegistryError(f"manifest {repo}:{tag}: HTTP {status} {body[:200]!r}")
-        document = json.loads(body)
+        session = self.session(repo)
+        url = session.repo_url(f"manifests/{tag}")
+        with session.request("GET", url, headers={"Accept": OCI_MANIFEST}) as resp:
+            if resp.status != 200:
+                raise RegistryError(
+                    f"manifest {repo}:{tag}: " + error_text(resp.status, resp.read())
+                )
+            raw = resp.read(MAX_MANIFEST_SIZE)
+        document = json.loads(raw)
         if not isinstance(document, dict):
             raise RegistryError(f"manifest {repo}:{tag}: not a JSON object")
         return document

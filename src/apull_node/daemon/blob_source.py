@@ -15,9 +15,9 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from apull_node.daemon.blob_registry import BlobConfig
-from apull_node.daemon.files import replace_file
 from apull_node.daemon.registry_fetch import BlobLocation, FetchError, RangeFetcher
 from apull_node.image.chunks import ChunkTable, ChunkTableError
+from apull_node.service.files import replace_file
 
 MAX_TABLE_SIZE = 64 << 20
 #: Chunk tables fetched at once in the background (see TableStore.soon).

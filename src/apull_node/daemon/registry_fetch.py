@@ -1,16 +1,18 @@
-"""Byte ranges of registry blobs over HTTP(S) for apulld (standard library only).
+"""Byte ranges of registry blobs for apulld: which endpoint, how often, and what counts.
 
-- Keep-alive connections, pooled per host, so each chunk costs one request, not a handshake.
-- Auth as the distribution spec has it: a 401 challenge; Bearer tokens for
-  ``repository:<repo>:pull`` from the realm (anonymous, or Basic credentials from the auth
-  file), or Basic directly. Tokens are cached per host and repository, renewed on a 401.
+Every request goes through the one registry client, `registry_session.RegistrySession` (one
+per endpoint and repository, sharing `registry_connections.Connections`): keep-alive
+connections, so each chunk costs one request, not a handshake; auth as the distribution spec
+has it, tokens kept per endpoint and repository and renewed on a 401, the auth file read
+anew at each challenge; redirects; the scheme of registries in ``registry_insecure`` (and
+loopback ones, like docker) learned once and kept in a file across restarts. This module adds
+apulld's policy:
 - Mirrors (``registry_mirrors``) are tried before the origin with the same path and
   ``?ns=<registry>``; a mirror that fails or sends bad data rests for a while. Connections
   open under ``connect_timeout``: a mirror that is down costs one such wait, not one per chunk.
 - Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; errors name
   the registry, repository, digest and byte range.
-- Registries in ``registry_insecure`` (and loopback ones, like docker) may use plain HTTP
-  or unverified TLS: HTTPS is tried first, HTTP when the server does not speak TLS.
+- Ranges are checked (status, Content-Range, length); metrics and counters are kept.
 """
 
 from __future__ import annotations
@@ -21,32 +23,28 @@ from __future__ import annotations
 import encodings.idna  # noqa: F401
 import http.client
 import ipaddress
-import json
 import logging
 import re
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from apull_node.daemon import apulld_metrics as metrics
 from apull_node.daemon.counters import Counters
-from apull_node.daemon.registry_schemes import SchemeMemory
 from apull_node.image.registry_auth import (
     AuthError,
     Credentials,
     find_credentials,
-    parse_challenges,
 )
-from apull_node.image.registry_mirrors import Mirror
-from apull_node.image.registry_session import error_text
+from apull_node.image.registry_connections import Connections
+from apull_node.image.registry_mirrors import Mirror as MirrorSetting
+from apull_node.image.registry_session import Mirror, RegistryError, RegistrySession, error_text
 
 log = logging.getLogger("apulld.fetch")
-_REDIRECTS = (301, 302, 303, 307, 308)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 MIRROR_REST_SECONDS = 30.0
 #: A mirror that answered a range of a blob with the whole blob (a pull-through cache still
@@ -62,6 +60,10 @@ MAX_MANIFEST = 4 << 20
 MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
+)
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
 )
 
 
@@ -102,7 +104,7 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class FetchSettings:
-    mirrors: tuple[Mirror, ...] = ()
+    mirrors: tuple[MirrorSetting, ...] = ()
     insecure: frozenset[str] = frozenset()
     auth_file: Path | None = None
     retries: int = 4
@@ -129,7 +131,7 @@ class BlobLocation:
 @dataclass(frozen=True)
 class _Endpoint:
     name: str  # what logs and stats call it: the netloc
-    base: str  # scheme://netloc[/prefix]; scheme "" = probe
+    base: str  # a mirror's scheme://netloc[/prefix]; "" for the registry itself
     query: str  # "" or "?ns=<registry>"
     mirror: bool
     credentials_host: str
@@ -146,11 +148,6 @@ class _Reply:
 _Taker = Callable[[_Reply], Union[bytes, bytearray]]
 
 
-@dataclass
-class _Pool:
-    idle: list[http.client.HTTPConnection] = field(default_factory=list)
-
-
 class RangeFetcher:
     """Shared by every blob: connection pools, tokens and mirror health live here."""
 
@@ -158,16 +155,15 @@ class RangeFetcher:
         self.settings = settings
         self.counters = counters
         self._lock = threading.Lock()
-        self._pools: dict[tuple[str, str], _Pool] = {}
-        self._schemes = SchemeMemory(settings.schemes_file)
-        self._auth: dict[tuple[str, str], str] = {}
+        self._connections = Connections(
+            timeout=settings.timeout,
+            connect_timeout=settings.connect_timeout,
+            schemes_file=settings.schemes_file,
+        )
+        self._sessions: dict[tuple[str, str, str], RegistrySession] = {}
         self._resting: dict[str, float] = {}
         self._filling: dict[tuple[str, str], float] = {}
         self._failing: dict[str, float] = {}
-        self._verified_tls = ssl.create_default_context()
-        self._unverified_tls = ssl.create_default_context()
-        self._unverified_tls.check_hostname = False
-        self._unverified_tls.verify_mode = ssl.CERT_NONE
 
     # -- public ---------------------------------------------------------------------------
 
@@ -185,9 +181,13 @@ class RangeFetcher:
         """A small blob whole (a chunk table); the caller checks its digest."""
         return bytes(self._with_retries(blob, f"{blob}", {}, _whole(limit), limit, "")[0])
 
-    def fetch_manifest(self, manifest: BlobLocation, limit: int = MAX_MANIFEST) -> bytes:
-        """An image manifest by digest (OCI or Docker v2); the caller checks its digest."""
-        headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+    def fetch_manifest(
+        self, manifest: BlobLocation, limit: int = MAX_MANIFEST, indexes: bool = False
+    ) -> bytes:
+        """An image manifest by digest (OCI or Docker v2; with `indexes`, an index too); the
+        caller checks its digest."""
+        types = MANIFEST_TYPES + (INDEX_TYPES if indexes else ())
+        headers = {"Accept": ", ".join(types)}
         what = f"manifest {manifest}"
         take = _whole(limit)
         return bytes(self._with_retries(manifest, what, headers, take, limit, "", "manifests")[0])
@@ -230,7 +230,7 @@ class RangeFetcher:
         avoid: str,
         kind: str = "blobs",
     ) -> tuple[bytes | bytearray, str]:
-        path = f"/v2/{blob.repo}/{kind}/{blob.digest}"
+        suffix = f"{kind}/{blob.digest}"
         errors: list[str] = []
         with self._lock:
             failing = self._failing.get(blob.registry, 0.0) > time.monotonic()
@@ -239,7 +239,7 @@ class RangeFetcher:
             for endpoint in self._endpoints(blob, avoid):
                 started = time.monotonic()
                 try:
-                    reply = self._get(endpoint, blob.repo, path + endpoint.query, headers, limit)
+                    reply = self._get(endpoint, blob.repo, suffix, headers, limit)
                     data = take(reply)
                 except _Skip as err:
                     errors.append(f"{endpoint.name}: {err}")
@@ -254,7 +254,7 @@ class RangeFetcher:
                     self._rest(endpoint, err)
                     continue
                 except (_Final, AuthError) as err:
-                    if isinstance(err, _Final):  # an AuthError is the local auth file's
+                    if isinstance(err, _Final):  # an AuthError here is the local auth file's
                         metrics.REGISTRY_ERRORS.labels(err.status).inc()
                     if endpoint.mirror:
                         errors.append(f"{endpoint.name}: {err}")
@@ -307,133 +307,66 @@ class RangeFetcher:
                     MIRROR_REST_SECONDS,
                 )
 
-    # -- one request, with auth and redirects ---------------------------------------------
+    # -- one request, through the endpoint's session -------------------------------------
+
+    def _session(self, endpoint: _Endpoint, repo: str) -> RegistrySession:
+        """The session of (endpoint, repository): its token and learned scheme stay there."""
+        key = (endpoint.name, endpoint.query, repo)
+        with self._lock:
+            session = self._sessions.get(key)
+        if session is not None:
+            return session
+        host = endpoint.credentials_host
+        session = RegistrySession(
+            endpoint.name,
+            repo,
+            insecure=self._insecure(endpoint.name),
+            find_credentials=lambda: self._credentials(host),
+            connections=self._connections,
+            mirror=Mirror(endpoint.base, endpoint.query) if endpoint.mirror else None,
+            insecure_host=self._insecure,
+        )
+        with self._lock:
+            return self._sessions.setdefault(key, session)
 
     def _get(
-        self, endpoint: _Endpoint, repo: str, path: str, headers: dict[str, str], limit: int
+        self, endpoint: _Endpoint, repo: str, suffix: str, headers: dict[str, str], limit: int
     ) -> _Reply:
-        url = self._base(endpoint) + path
-        key = (endpoint.name, repo)
-        for attempt in (1, 2):
-            sent = dict(headers)
-            with self._lock:
-                authorization = self._auth.get(key)
-            if authorization:
-                sent["Authorization"] = authorization
-            reply = self._follow(url, sent, endpoint, limit)
-            if reply.status != 401 or attempt == 2:
-                break
-            token = self._authenticate(endpoint, repo, reply.headers.get("www-authenticate", ""))
-            with self._lock:
-                self._auth[key] = token
-        status = str(reply.status)
-        if reply.status == 401:
-            raise _Final(f"access denied ({error_text(401, bytes(reply.body))})", status)
-        if reply.status == 429 or reply.status >= 500:
-            raise _Retryable(error_text(reply.status, bytes(reply.body)), status)
-        if reply.status == 404:
-            raise _Final(f"not found ({error_text(404, bytes(reply.body))})", status)
-        if reply.status >= 400:
-            raise _Final(error_text(reply.status, bytes(reply.body)), status)
-        return reply
-
-    def _follow(self, url: str, headers: dict[str, str], endpoint: _Endpoint, limit: int) -> _Reply:
-        origin = urlsplit(url).netloc
-        for _ in range(6):
-            reply = self._request(url, headers, endpoint, limit)
-            location = reply.headers.get("location")
-            if reply.status not in _REDIRECTS or not location:
-                return reply
-            url = urljoin(url, location)
-            if urlsplit(url).netloc != origin:
-                headers = {k: v for k, v in headers.items() if k != "Authorization"}
-        raise _Final("too many redirects")
-
-    def _base(self, endpoint: _Endpoint) -> str:
-        if endpoint.mirror:
-            return endpoint.base
-        scheme = self._schemes.get(endpoint.name)
-        if scheme is None:
-            scheme = "probe" if self._insecure(endpoint.name) else "https"
-        return f"{scheme}://{endpoint.name}"
+        session = self._session(endpoint, repo)
+        try:
+            resp = session.request("GET", session.repo_url(suffix), headers=headers)
+        except AuthError as err:
+            if isinstance(err.__cause__, RegistryError):  # the token server did not answer
+                raise _Retryable(str(err), metrics.STATUS_NO_ANSWER) from None
+            if err.status:
+                raise _Final(str(err), err.status) from None
+            raise  # the local auth file
+        except RegistryError as err:
+            raise _Retryable(str(err), metrics.STATUS_NO_ANSWER) from None
+        with resp:
+            if resp.status == 200 and "Range" in headers and endpoint.mirror:
+                # A pull-through cache answers a blob it does not hold yet whole, while it
+                # fetches it in the background: not read (it may be gigabytes), and the
+                # mirror is not rested; its cached copy serves ranges soon after.
+                raise _Skip("sent the whole blob (Range ignored: not cached there yet)")
+            try:
+                body, complete = resp.take(limit if resp.status < 400 else 1 << 16)
+            except (OSError, http.client.HTTPException) as err:
+                why = str(err) or type(err).__name__
+                raise _Retryable(f"reading the answer: {why}", metrics.STATUS_NO_ANSWER) from None
+        status = str(resp.status)
+        if resp.status == 401:
+            raise _Final(f"access denied ({error_text(401, body)})", status)
+        if resp.status == 429 or resp.status >= 500:
+            raise _Retryable(error_text(resp.status, body), status)
+        if resp.status == 404:
+            raise _Final(f"not found ({error_text(404, body)})", status)
+        if resp.status >= 400:
+            raise _Final(error_text(resp.status, body), status)
+        return _Reply(resp.status, resp.headers, body, complete)
 
     def _insecure(self, host: str) -> bool:
         return host in self.settings.insecure or is_loopback(host)
-
-    def _request(
-        self, url: str, headers: dict[str, str], endpoint: _Endpoint, limit: int
-    ) -> _Reply:
-        parts = urlsplit(url)
-        if parts.scheme == "probe":
-            for scheme in ("https", "http"):
-                try:
-                    reply = self._request(f"{scheme}{url[5:]}", headers, endpoint, limit)
-                except _Retryable as err:
-                    if scheme == "http" or not isinstance(err.__cause__, ssl.SSLError):
-                        raise
-                    continue
-                self._schemes.learned(parts.netloc, scheme)
-                return reply
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        for fresh in (False, True):
-            conn = self._connection(parts.scheme, parts.netloc, fresh)
-            try:
-                if conn.sock is None:  # a new connection: opened under the connect bound
-                    _open(conn, self.settings.timeout)
-                conn.request("GET", target, headers=headers)
-                resp = conn.getresponse()
-                if resp.status == 200 and "Range" in headers and endpoint.mirror:
-                    # A pull-through cache answers a blob it does not hold yet whole, while
-                    # it fetches it in the background: not read (it may be gigabytes), and
-                    # the mirror is not rested; its cached copy serves ranges soon after.
-                    conn.close()
-                    raise _Skip("sent the whole blob (Range ignored: not cached there yet)")
-                want = limit if resp.status < 400 else 1 << 16
-                if resp.length is not None:  # read() allocates what it is asked for
-                    want = min(want, resp.length)
-                # Received straight into the bytes it returns (io.BufferedReader reads big
-                # amounts into the result): no zeroed buffer first, no copy after.
-                body = resp.read(want)
-                complete = resp.isclosed() or not resp.read(1)
-            except (OSError, http.client.HTTPException) as err:
-                conn.close()
-                stale = isinstance(err, (http.client.RemoteDisconnected, BrokenPipeError))
-                if not fresh and stale:
-                    continue  # a pooled connection the server had closed
-                self._schemes.forget(parts.netloc, parts.scheme)  # if learned: ask again
-                why = f"{parts.scheme}: {err or type(err).__name__}"
-                raise _Retryable(why, metrics.STATUS_NO_ANSWER) from err
-            headers_got = {k.lower(): v for k, v in resp.getheaders()}
-            reply = _Reply(resp.status, headers_got, body, complete)
-            if resp.will_close or not resp.isclosed():
-                conn.close()
-            else:
-                self._release(parts.scheme, parts.netloc, conn)
-            return reply
-        raise AssertionError("unreachable")
-
-    def _connection(self, scheme: str, netloc: str, fresh: bool) -> http.client.HTTPConnection:
-        if not fresh:
-            with self._lock:
-                pool = self._pools.get((scheme, netloc))
-                if pool and pool.idle:
-                    return pool.idle.pop()
-        timeout = min(self.settings.connect_timeout, self.settings.timeout)
-        if scheme == "https":
-            host = netloc
-            tls = self._unverified_tls if self._insecure(host) else self._verified_tls
-            return http.client.HTTPSConnection(netloc, timeout=timeout, context=tls)
-        if scheme != "http":
-            raise _Final(f"unsupported scheme {scheme!r}")
-        return http.client.HTTPConnection(netloc, timeout=timeout)
-
-    def _release(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            pool = self._pools.setdefault((scheme, netloc), _Pool())
-            if len(pool.idle) < 16:
-                pool.idle.append(conn)
-                return
-        conn.close()
 
     # -- auth -----------------------------------------------------------------------------
 
@@ -442,50 +375,6 @@ class RangeFetcher:
         if path is None or not path.is_file():
             return None
         return find_credentials(host, path)
-
-    def _authenticate(self, endpoint: _Endpoint, repo: str, header: str) -> str:
-        challenges = {c.scheme: c for c in parse_challenges(header)}
-        credentials = self._credentials(endpoint.credentials_host)
-        if "bearer" in challenges:
-            return "Bearer " + self._token(endpoint, repo, challenges["bearer"].params, credentials)
-        if "basic" in challenges:
-            if credentials is None:
-                raise _Final(f"{endpoint.name} wants a password and the auth file has none", "401")
-            return credentials.basic_header()
-        raise _Final(f"HTTP 401 with an unsupported challenge {header[:120]!r}", "401")
-
-    def _token(
-        self, endpoint: _Endpoint, repo: str, params: dict[str, str], cred: Credentials | None
-    ) -> str:
-        realm = params.get("realm", "")
-        if not realm.startswith(("https://", "http://")):
-            raise _Final(f"token realm {realm!r} is not a URL")
-        query = [("service", params["service"])] if params.get("service") else []
-        query.append(("scope", f"repository:{repo}:pull"))
-        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-        headers = {"Accept": "application/json"}
-        if cred is not None:
-            headers["Authorization"] = cred.basic_header()
-        reply = self._follow(url, headers, endpoint, 1 << 20)
-        who = f"as {cred.username}" if cred else "anonymously"
-        if reply.status != 200:
-            why = error_text(reply.status, bytes(reply.body))
-            raise _Final(f"token for {repo} refused {who}: {why}", str(reply.status))
-        try:
-            document = json.loads(reply.body)
-            token = document.get("token") or document.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise _Final(f"token answer from {realm} has no token")
-        return str(token)
-
-
-def _open(conn: http.client.HTTPConnection, read_timeout: float) -> None:
-    """Connect (under the connection's own timeout), then wait up to read_timeout per read."""
-    conn.connect()
-    if conn.sock is not None:
-        conn.sock.settimeout(read_timeout)
 
 
 def _whole(limit: int) -> _Taker:

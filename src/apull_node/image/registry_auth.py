@@ -20,7 +20,12 @@ from apull_node.image.reference import DOCKER_HUB, DOCKER_HUB_ENDPOINT
 
 
 class AuthError(RuntimeError):
-    """Credentials cannot be read or a token cannot be had; the message says which and why."""
+    """Credentials cannot be read or a token cannot be had; the message says which and why.
+    `status` is the HTTP status of a refusal by the registry ("" for a local problem)."""
+
+    def __init__(self, message: str, status: str = "") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)

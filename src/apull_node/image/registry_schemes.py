@@ -1,9 +1,11 @@
-"""What a registry allowed plain HTTP speaks, learned once and kept across restarts.
+"""What a registry allowed plain HTTP speaks, learned once (and kept across restarts).
 
-apulld tries HTTPS first with registries that may speak plain HTTP (`registry_insecure`,
-loopback) and falls back to HTTP. The answer is kept in a small JSON file in apulld's state
-directory, so a restarted apulld does not pay that extra round trip again at the head of the
-next pull. A connection error with a remembered scheme forgets it: the next try asks again.
+The registry session tries HTTPS first with registries that may speak plain HTTP (apulld's
+`registry_insecure` and loopback ones, the converter's --insecure) and falls back to HTTP
+(registry_session.py). apulld keeps the answer in a small JSON file in its state directory,
+so a restarted apulld does not probe again at the head of the next pull; the converter keeps
+it in memory. A connection error with a remembered scheme forgets it: the next try asks
+again.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import logging
 import threading
 from pathlib import Path
 
-from apull_node.daemon.files import replace_file
+from apull_node.service.files import replace_file
 
-log = logging.getLogger("apulld.fetch")
+log = logging.getLogger("apull.registry")
 SCHEMES = ("http", "https")
 
 

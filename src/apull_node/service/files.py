@@ -1,4 +1,4 @@
-"""Small files apulld keeps (chunk tables, learned registry schemes), replaced whole."""
+"""Small files the services keep (chunk tables, learned registry schemes), replaced whole."""
 
 from __future__ import annotations
 
