@@ -25,7 +25,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils debootstrap vde2 docker-registry e2f
 
 .PHONY: help all deps venv config-check lab-up lab-down lab-status lab-ssh preflight check kernel site \
 	test test-no-nodes test-all lint unit unit-py39 unit-py39-arm64 integration integration-platforms \
-	integration-kernel integration-kube deps-kube status k8s-test bench-k8s chart-image molecule \
+	integration-kernel integration-kube deps-kube status k8s-test bench-k8s chart-image molecule prewarm \
 	bundle sync-bin clean convert bench bench-load
 
 help: ## list the targets
@@ -89,6 +89,14 @@ convert: deps venv ## convert images for lazy loading: make convert IMAGES="SRC=
 		$(if $(INSECURE),-e convert_source_insecure=true -e convert_target_insecure=true) \
 		$(if $(CHECK),--check --diff)
 
+# IMAGES="REF ..." on every node (NODES=... for some), STARTUP=FILE for start-up sets, CHECK=1
+# to see what is missing without changing anything.
+prewarm: deps venv ## pull and warm images on the nodes: make prewarm IMAGES="REF ..." [NODES=...] [STARTUP=FILE] [CHECK=1]
+	@test -n "$(IMAGES)" || { echo 'give IMAGES="REF ..."'; exit 2; }
+	$(APULL) run prewarm -e '$(shell $(BIN)/python -c 'import json,sys; print(json.dumps({"prewarm_images": sys.argv[1:]}))' $(IMAGES))' \
+		$(if $(STARTUP),-e prewarm_startup_file=$(abspath $(STARTUP))) \
+		$(if $(NODES),--limit $(NODES)) $(if $(CHECK),--check --diff)
+
 clean: deps venv ## take the stack off the nodes: services, binaries, data; containerd's config restored
 	$(APULL) run uninstall
 
@@ -124,11 +132,14 @@ integration: deps venv lab-up ## tests against the lab's real nodes
 # containerd (node2), apull (node1), convert (the controller only).
 MOLECULE_FIRST := preflight fscache
 MOLECULE_PARALLEL := kernel containerd apull convert
-ROLES_WITH_SCENARIOS := $(MOLECULE_FIRST) $(MOLECULE_PARALLEL)
+# Then prewarm on node1, after apull's (it deploys the stack there again).
+MOLECULE_LAST := prewarm
+ROLES_WITH_SCENARIOS := $(MOLECULE_FIRST) $(MOLECULE_PARALLEL) $(MOLECULE_LAST)
 molecule: deps venv lab-up ## each role's molecule scenarios on the lab's nodes
 	@set -e; for role in $(MOLECULE_FIRST); do $(MAKE) --no-print-directory molecule-$$role; done
 	@$(MAKE) --no-print-directory -j$(words $(MOLECULE_PARALLEL)) --output-sync=target \
 		$(addprefix molecule-,$(MOLECULE_PARALLEL))
+	@set -e; for role in $(MOLECULE_LAST); do $(MAKE) --no-print-directory molecule-$$role; done
 
 molecule-%:
 	@echo "== molecule: role $*"; cd roles/$* && molecule test --all

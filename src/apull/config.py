@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from apull.lab import layout
+from apull_node.image.reference import ImageRefError, parse_reference
 from apull_node.image.registry_mirrors import parse_mirrors
 
 TARGETS = ("lab", "servers")
@@ -48,6 +49,7 @@ KNOWN_KEYS = (
     "REGISTRY",
     "REGISTRY_INSECURE",
     "REGISTRY_MIRRORS",
+    "PREWARM_IMAGES",
 )
 #: Keys whose values are secrets: never printed, only handed out by the lookup plugin.
 SECRET_KEYS = ("SSH_PASSWORD",)
@@ -149,6 +151,8 @@ class ClusterConfig:
     lab_kubernetes: bool = False
     #: REGISTRY_MIRRORS: ``URL`` or ``REGISTRY=URL`` entries, for containerd and apulld.
     registry_mirrors: tuple[str, ...] = ()
+    #: PREWARM_IMAGES: images every node pulls and warms (make all, make prewarm).
+    prewarm_images: tuple[str, ...] = ()
 
     def secret(self, key: str) -> Secret | None:
         """The value of the secret config key ``key`` (one of :data:`SECRET_KEYS`)."""
@@ -390,6 +394,7 @@ class _Parser:
         registry = self.registry(layout.guest_registry() if lab else "")
         insecure = self.bool("REGISTRY_INSECURE", lab)
         mirrors = self.registry_mirrors()
+        prewarm = self.prewarm_images()
         if self.problems:
             # the config file's problems in line order, then those of the servers file
             raise ConfigError(sorted(self.problems, key=lambda p: (p.path != self.path, p.line)))
@@ -404,6 +409,7 @@ class _Parser:
             registry=registry,
             registry_insecure=insecure,
             registry_mirrors=mirrors,
+            prewarm_images=prewarm,
             nodes=tuple(nodes),
             warnings=tuple(self.warnings),
             lab_kubernetes=kubernetes,
@@ -530,6 +536,16 @@ class _Parser:
         except ValueError as exc:
             self.keyed_problem("REGISTRY_MIRRORS", str(exc))
             return ()
+        return entries
+
+    def prewarm_images(self) -> tuple[str, ...]:
+        entries = tuple(_split_list(self.get("PREWARM_IMAGES")))
+        for entry in entries:
+            try:
+                parse_reference(entry)
+            except ImageRefError as exc:
+                self.keyed_problem("PREWARM_IMAGES", str(exc))
+                return ()
         return entries
 
     def lab_nodes(self) -> list[Node]:

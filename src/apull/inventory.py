@@ -68,6 +68,7 @@ def build_inventory(cfg: ClusterConfig) -> dict[str, Any]:
                 "apull_registry": cfg.registry,
                 "apull_registry_insecure": cfg.registry_insecure,
                 "apull_registry_mirrors": list(cfg.registry_mirrors),
+                "apull_prewarm_images": list(cfg.prewarm_images),
                 "apull_kubeconfig_path": str(cfg.kubeconfig_path or ""),
             },
         },

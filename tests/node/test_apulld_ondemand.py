@@ -163,3 +163,23 @@ def test_open_ondemand_reports_missing_and_unusable_devices(tmp_path) -> None:
         open_ondemand(str(tmp_path), "t", str(tmp_path / "no-device"))
     with pytest.raises(DeviceError, match=r"cannot open .*EISDIR"):
         open_ondemand(str(tmp_path), "t", str(tmp_path))
+
+
+def test_a_borrowed_fd_outlives_a_close_until_it_is_given_back(device) -> None:
+    """Prewarm writes through an object's fd: a CLOSE meanwhile must not close the fd under
+    it (its number could be reused by another file)."""
+    daemon_end, kernel_end = device
+    provider = ServingProvider()
+    server = OnDemandServer(daemon_end.fileno(), provider)
+    fd = anon_fd()
+    server.handle(open_message(1, 9, fd, b"erofs,dom\0", b"blob"))
+    kernel_end.recv(1024)
+    with server.borrow(9) as borrowed:
+        assert borrowed == fd
+        server.handle(close_message(2, 9))
+        assert provider.closed == [9]
+        assert is_open(fd)
+    assert not is_open(fd)
+    with server.borrow(9) as gone:
+        assert gone is None
+    server.stop()

@@ -288,6 +288,12 @@ def test_registry_mirrors_named_in_the_problem(tmp_path: Path, value: str, probl
     assert problem in line and "s3cret" not in line
 
 
+def test_prewarm_images_named_in_the_problem(tmp_path: Path) -> None:
+    line = only_problem(tmp_path, "SSH_USER=root\nPREWARM_IMAGES=busybox Bad/Ref::x\n")
+    assert line.startswith(f"{tmp_path / 'config.txt'}:2: PREWARM_IMAGES: ")
+    assert "Bad/Ref::x" in line
+
+
 def test_servers_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, f"{SERVERS}NODES=a\n")
     assert (cfg.registry, cfg.registry_insecure, cfg.ssh_key) == ("", False, None)

@@ -57,6 +57,7 @@ def servers_config(tmp_path: Path, extra: str = "") -> ClusterConfig:
         "TARGET=servers\nSSH_USER=deploy\nSSH_KEY=id_ed25519\nKUBECONFIG_PATH=kubeconfig\n"
         "REGISTRY=registry.example.com:5000\n"
         "REGISTRY_MIRRORS=docker.io=http://10.0.0.5:5000, http://peer.local:5001\n"
+        "PREWARM_IMAGES=registry.example.com:5000/cuda-minimal:apull busybox\n"
         "NODES=a.example.com root@b.example.com:2222\n" + extra
     )
     return load_config(write_config(tmp_path, text))
@@ -73,6 +74,7 @@ def test_lab_inventory(tmp_path: Path, lab_cache: Path) -> None:
         "apull_registry": layout.guest_registry(),
         "apull_registry_insecure": True,
         "apull_registry_mirrors": [],
+        "apull_prewarm_images": [],
         "apull_kubeconfig_path": "",
     }
     assert inv["apull_nodes"]["hosts"] == ["node1", "node2", "node3"]
@@ -109,6 +111,7 @@ def test_servers_inventory(tmp_path: Path) -> None:
         "apull_registry": "registry.example.com:5000",
         "apull_registry_insecure": False,
         "apull_registry_mirrors": ["docker.io=http://10.0.0.5:5000", "http://peer.local:5001"],
+        "apull_prewarm_images": ["registry.example.com:5000/cuda-minimal:apull", "busybox"],
         "apull_kubeconfig_path": str(tmp_path / "kubeconfig"),
     }
     assert inv["apull_nodes"]["hosts"] == ["a.example.com", "b.example.com"]

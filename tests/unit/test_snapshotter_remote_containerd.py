@@ -6,6 +6,7 @@ everything down again with the layers still mounted."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -20,11 +21,14 @@ import pytest
 from remote_support import TWO_LAYER_REPO, Snapshotter, push_two_layer_image
 from serving_support import Apulld, Proxy, tar_contents
 
+from apull.lab import test_image
 from apull.registry.client import RegistryClient
 from apull.testing.cri_containerd import CriContainerd
 from apull.testing.host_containerd import containerd_binary, unmount_all
 from apull_node.cri.client import CriError, ImageClient
 from apull_node.image import format as fmt
+from apull_node.snapshotter.apulld_client import ApulldClient
+from apull_node.snapshotter.prewarm_command import Prewarm
 
 pytestmark = pytest.mark.skipif(
     containerd_binary() is None or shutil.which("runc") is None,
@@ -181,6 +185,44 @@ def test_ctr_images_pull_of_an_apull_image_fails_and_applies_nothing(stack: Stac
 
 def test_the_layer_media_type_is_one_containerd_unpacks():
     assert fmt.LAYER_MEDIA_TYPE.startswith(OCI_LAYER_PREFIX)
+
+
+def _prewarm(stack: Stack, image: str, check: bool = False) -> dict:
+    args = argparse.Namespace(
+        startup_only=False, wait=60.0, retries=0, pull_timeout=120.0, check=check
+    )
+    with ImageClient(stack.containerd.address) as cri:
+        return Prewarm(cri, ApulldClient(stack.apulld.address), args, {}).image(image)
+
+
+def test_prewarm_pulls_warms_the_rest_and_then_does_nothing(stack: Stack, converted, registry):
+    layers, _ = converted
+    total = sum(layer["size"] for layer in layers)
+    result = _prewarm(stack, stack.image)
+    assert (result["state"], result["error"], result["lazy"]) == ("warm", "", True)
+    assert result["cached"] == result["bytes"] == total
+    # Each layer byte came from the registry once, whatever the pull and runs read before.
+    assert {x["digest"]: stack.proxy.bytes_of(x["digest"]) for x in layers} == {
+        x["digest"]: x["size"] for x in layers
+    }
+    requests = len(stack.proxy.state.requests)
+    checked = _prewarm(stack, stack.image, check=True)
+    assert (checked["state"], checked["last"], checked["cached"]) == ("present", "warm", total)
+    absent = f"{stack.proxy.address}/{test_image.REPO}:{test_image.TAG}"
+    assert _prewarm(stack, absent, check=True)["state"] == "absent"
+    again = _prewarm(stack, stack.image)
+    assert (again["state"], again["pulled"], again["fetched"]) == ("warm", False, 0)
+    assert len(stack.proxy.state.requests) == requests
+    # An image that is not converted: the pull is all.
+    test_image.push(registry)
+    plain = _prewarm(stack, f"{stack.proxy.address}/{test_image.REPO}:{test_image.TAG}")
+    assert (plain["state"], plain["pulled"], plain["lazy"], plain["bytes"]) == (
+        "warm",
+        True,
+        False,
+        0,
+    )
+    assert _prewarm(stack, f"{stack.proxy.address}/none/such:tag")["error"].startswith("pull: ")
 
 
 def test_the_uninstall_script_removes_the_remote_snapshots(stack: Stack):

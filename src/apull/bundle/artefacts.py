@@ -116,7 +116,10 @@ BINARIES: tuple[BinarySpec, ...] = (
         # The CRI image client (pulls as kubelet does) rides along: it needs the same grpc
         # runtime, and a binary without a service would be a special case for every
         # installer (sync-bin, the role's restarts, uninstall).
-        commands=(("cri", "apull_node.cri.cli:node_main"),),
+        commands=(
+            ("cri", "apull_node.cri.cli:node_main"),
+            ("prewarm", "apull_node.snapshotter.prewarm_command:main"),
+        ),
         native=True,
     ),
     BinarySpec(

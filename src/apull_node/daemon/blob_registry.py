@@ -164,6 +164,59 @@ def parse_prefetch_request(raw: object, max_manifest: int) -> PrefetchRequest:
     )
 
 
+#: Most start-up ranges one warm request may name.
+MAX_STARTUP_RANGES = 65536
+
+
+@dataclass(frozen=True)
+class WarmRequest:
+    image: PrefetchRequest
+    whole: bool
+    #: layer digest -> [(offset, length), ...]: the image's start-up set.
+    startup: dict[str, list[tuple[int, int]]]
+
+
+def parse_warm_request(raw: object, max_manifest: int) -> WarmRequest:
+    """A warm request body: the prefetch request's fields, `whole` (bool, default true) and
+    `startup` ({layer digest: [[offset, length], ...]}); BlobConfigError names the field."""
+    if not isinstance(raw, dict):
+        raise BlobConfigError("body", "expected a JSON object")
+    known = ("manifest", "manifest_data", "registry", "repo", "startup", "whole")
+    for name in raw:
+        if name not in known:
+            raise BlobConfigError(name, f"unknown field (known: {', '.join(known)})")
+    image = parse_prefetch_request(
+        {k: v for k, v in raw.items() if k not in ("startup", "whole")}, max_manifest
+    )
+    whole = raw.get("whole", True)
+    if not isinstance(whole, bool):
+        raise BlobConfigError("whole", "true or false")
+    startup: dict[str, list[tuple[int, int]]] = {}
+    given = raw.get("startup", {})
+    if not isinstance(given, dict):
+        raise BlobConfigError("startup", "an object of layer digest: [[offset, length], ...]")
+    count = 0
+    for digest, ranges in given.items():
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise BlobConfigError("startup", f"{digest!r} is not a layer digest")
+        if not isinstance(ranges, list):
+            raise BlobConfigError(f"startup.{digest}", "a list of [offset, length]")
+        pairs = []
+        for pair in ranges:
+            numbers = isinstance(pair, list) and len(pair) == 2
+            numbers = numbers and all(type(n) is int and n >= 0 for n in pair)
+            if not numbers or pair[1] == 0:
+                raise BlobConfigError(
+                    f"startup.{digest}", f"{pair!r} is not [offset, length] (length > 0)"
+                )
+            pairs.append((pair[0], pair[1]))
+        count += len(pairs)
+        if count > MAX_STARTUP_RANGES:
+            raise BlobConfigError("startup", f"more than {MAX_STARTUP_RANGES} ranges")
+        startup[digest] = pairs
+    return WarmRequest(image, whole, startup)
+
+
 class BlobRegistry:
     """Thread-safe blob table persisted to `path`."""
 

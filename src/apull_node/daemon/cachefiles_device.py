@@ -24,7 +24,7 @@ import queue
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -192,6 +192,23 @@ class OnDemandServer:
     def reads_in_flight(self) -> int:
         with self._lock:
             return len(self._inflight)
+
+    @contextlib.contextmanager
+    def borrow(self, object_id: int) -> Iterator[int | None]:
+        """The object's anonymous fd, kept open while in use (None: the object is not
+        open): a CLOSE meanwhile closes it only after, so its number is never reused under
+        the borrower."""
+        with self._lock:
+            obj = self._objects.get(object_id)
+            if obj is not None and obj.closed:
+                obj = None
+            if obj is not None:
+                obj.busy += 1
+        try:
+            yield obj.fd if obj is not None else None
+        finally:
+            if obj is not None:
+                self._release(obj)
 
     def objects(self) -> dict[int, int]:
         """object_id -> anonymous fd of each open object."""

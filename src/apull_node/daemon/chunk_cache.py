@@ -250,6 +250,12 @@ class ChunkCache:
             index += 1
         return first * chunk, b"".join(parts)
 
+    def present(self, spec: BlobSpec) -> list[bool]:
+        """Which chunks of the blob are cached (all False with keep=False)."""
+        with self._lock:
+            state = self._state(spec)
+            return [state.has(index) for index in range(state.count)]
+
     def warm(self, spec: BlobSpec, source: Source, offset: int, size: int) -> int:
         """Fetch and store the missing chunks of [offset, offset + size) before anyone reads
         them (not a read: no read-ahead follows). Chunks cached, in flight or failed moments

@@ -248,6 +248,18 @@ class FileBackend:
         self._nodes.pop(node_id(config), None)
         self._names.pop(config.blob_id, None)
 
+    # -- prewarm (image_prewarm.ChunkHolder) ----------------------------------------------
+
+    def held(self, config: BlobConfig, spec: BlobSpec) -> list[bool]:
+        """Which chunks the chunk cache holds."""
+        return self.cache.present(spec)
+
+    def fill(self, config: BlobConfig, spec: BlobSpec, source: RegistrySource,
+             offset: int, size: int) -> int:  # fmt: skip
+        """Fetch, verify and keep the chunks in the chunk cache (a read no container made:
+        chunks a reader is fetching are waited for, a failure is raised)."""
+        return len(self.cache.read_span(spec, source, offset, size)[1])
+
     def describe(self) -> dict[str, Any]:
         with self._lock:
             files, opened = len(self._nodes), sum(self._open.values())

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -35,6 +36,7 @@ from apull_node.daemon.cachefiles_protocol import OpenRequest, ReadRequest
 from apull_node.daemon.chunk_cache import BlobSpec, ChunkCache, ChunkUnavailableError
 from apull_node.daemon.counters import Counters
 from apull_node.daemon.http_api import ServingError
+from apull_node.daemon.image_prewarm import NotHeldError
 from apull_node.daemon.registry_fetch import FetchSettings, RangeFetcher
 
 log = logging.getLogger("apulld.fscache")
@@ -205,6 +207,45 @@ class FscacheBackend:
                       request.offset, request.offset + request.length - 1, err)  # fmt: skip
             raise ReadFailedError(str(err)) from err
 
+    # -- prewarm (image_prewarm.ChunkHolder) ----------------------------------------------
+
+    @contextlib.contextmanager
+    def _object_fd(self, config: BlobConfig) -> Iterator[int]:
+        """The anonymous fd of an open object of the layer, borrowed; NotHeldError when the
+        layer is not mounted (no object: the kernel has no cache file open for it)."""
+        with self._lock:
+            ids = [oid for oid, c in self._objects.items() if c.digest == config.digest]
+        server = self.server
+        for object_id in ids if server is not None else []:
+            with server.borrow(object_id) as fd:  # type: ignore[union-attr]
+                if fd is not None:
+                    yield fd
+                    return
+        raise NotHeldError(
+            "not mounted on this node (no open fscache object): pull the image through the "
+            "apull snapshotter first"
+        )
+
+    def held(self, config: BlobConfig, spec: BlobSpec) -> list[bool]:
+        """Which chunks the kernel's cache file holds (its data extents, SEEK_DATA)."""
+        with self._object_fd(config) as fd:
+            extents = data_extents(fd, config.size)
+        chunk = spec.table.chunk_size
+        count = -(-config.size // chunk)
+        return [covered(extents, i * chunk, min(config.size, (i + 1) * chunk))
+                for i in range(count)]  # fmt: skip
+
+    def fill(self, config: BlobConfig, spec: BlobSpec, source: RegistrySource,
+             offset: int, size: int) -> int:  # fmt: skip
+        """Fetch and verify the chunks, and write them into the kernel's cache file."""
+        with self._object_fd(config) as fd:
+            start, data = self.cache.read_span(spec, source, offset, size)
+            self.counters.add("bytes_written", write_blocks(fd, start, data))
+        with self._lock:
+            held = self._written.get(config.blob_id, 0) + len(data)
+            self._written[config.blob_id] = min(config.size, held)
+        return len(data)
+
     def close(self, object_id: int) -> None:
         with self._lock:
             config = self._objects.pop(object_id, None)
@@ -269,6 +310,37 @@ class FscacheBackend:
             # of open objects are not linked in the cache directory: apull status reads this).
             "written_bytes": written,
         }
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of the data in the file below `size` (SEEK_DATA / SEEK_HOLE)."""
+    extents: list[tuple[int, int]] = []
+    position = 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # no data after position
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end))
+        position = end
+    return extents
+
+
+def covered(extents: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether [start, end) lies inside the extents (sorted, not overlapping)."""
+    for low, high in extents:
+        if low <= start < high:
+            if end <= high:
+                return True
+            start = high
+        elif low > start:
+            return False
+    return False
 
 
 def _content(config: BlobConfig) -> tuple[str, int, str]:

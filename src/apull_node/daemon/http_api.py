@@ -11,6 +11,14 @@ PUT        /v1.0/apulld/prefetch     -> 202 {"started": true|false} (JSON body: 
                                         bytes, base64): warm the image's layers in the
                                         background (image_warmup.py); "started" false when it
                                         was warmed moments ago or prefetch is off
+PUT        /v1.0/apulld/warm         -> 202 {"started": bool, "image": progress} (JSON body: the
+                                        prefetch fields, "whole": bool (default true),
+                                        "startup": {layer digest: [[offset, length], ...]}):
+                                        prewarm the image (image_prewarm.py), start-up set first;
+                                        "started" false when its job is running already
+GET        /v1.0/apulld/warm[?manifest=DIGEST] -> 200 {"images": [progress, ...]}: state
+                                        (warming, warm, failed), error, bytes, cached, the
+                                        start-up set's bytes and cached, per layer
 Errors are JSON {"error": "..."}: 400 bad request, 404 unknown path/blob, 405 wrong method,
 409 the blob is in use (open or mounted) and cannot be removed or replaced.
 """
@@ -37,14 +45,19 @@ from apull_node.daemon.blob_registry import (
     BlobStoreError,
     parse_blob_config,
     parse_prefetch_request,
+    parse_warm_request,
 )
+from apull_node.daemon.image_prewarm import ImagePrewarm
 from apull_node.daemon.image_warmup import ImageWarmup
 from apull_node.daemon.registry_fetch import MAX_MANIFEST, BlobLocation
 
 PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"
 PREFETCH_PATH = "/v1.0/apulld/prefetch"
+WARM_PATH = "/v1.0/apulld/warm"
 MAX_BODY = 64 * 1024
+#: A warm request may carry a start-up set of many ranges.
+MAX_WARM_BODY = 2 << 20
 log = logging.getLogger("apulld.api")
 
 
@@ -81,6 +94,8 @@ class ApiState:
     serving: Serving | None = None
     #: Image warm-ups (None: prefetch_enable is off or nothing serves blobs).
     warmup: ImageWarmup | None = None
+    #: Prewarms asked by operators (None: nothing serves blobs).
+    prewarm: ImagePrewarm | None = None
 
 
 class ApiError(Exception):
@@ -133,6 +148,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 "DELETE": self._delete_blob,
             },
             PREFETCH_PATH: {"PUT": self._prefetch},
+            WARM_PATH: {"PUT": self._warm, "GET": self._warm_progress},
         }
 
     def _dispatch(self, method: str) -> None:
@@ -165,9 +181,10 @@ class ApiHandler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-        if length < 0 or length > MAX_BODY:
+        limit = MAX_WARM_BODY if self._url.path == WARM_PATH else MAX_BODY
+        if length < 0 or length > limit:
             self.close_connection = True
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
         return self.rfile.read(length) if length else b""
 
     def _reply(self, status: HTTPStatus, payload: dict[str, Any] | None) -> None:
@@ -236,6 +253,31 @@ class ApiHandler(BaseHTTPRequestHandler):
         where = BlobLocation(asked.registry, asked.repo, asked.manifest)
         started = warmup is not None and warmup.request(where, asked.manifest_data)
         return HTTPStatus.ACCEPTED, {"started": started}
+
+    def _prewarm(self) -> ImagePrewarm:
+        prewarm = self.server.state.prewarm
+        if prewarm is None:
+            raise ApiError(HTTPStatus.CONFLICT, "no backend serves blobs: nothing to warm")
+        return prewarm
+
+    def _warm(self) -> Reply:
+        try:
+            asked = parse_warm_request(json.loads(self._body), MAX_MANIFEST)
+        except ValueError as err:  # BlobConfigError too
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        image = asked.image
+        where = BlobLocation(image.registry, image.repo, image.manifest)
+        prewarm = self._prewarm()
+        _, started = prewarm.request(where, image.manifest_data, asked.whole, asked.startup)
+        log.info("prewarm of %s %s", where, "started" if started else "already running")
+        progress = prewarm.jobs(image.manifest)
+        return HTTPStatus.ACCEPTED, {"started": started, "image": progress[0] if progress else {}}
+
+    def _warm_progress(self) -> Reply:
+        values = parse_qs(self._url.query).get("manifest", [])
+        if len(values) > 1:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "manifest: at most once in the query string")
+        return HTTPStatus.OK, {"images": self._prewarm().jobs(values[0] if values else "")}
 
     def _delete_blob(self) -> Reply:
         values = parse_qs(self._url.query).get("blob_id", [])

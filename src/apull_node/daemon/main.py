@@ -36,6 +36,7 @@ from apull_node.daemon.blob_registry import BlobRegistry, BlobStoreError
 from apull_node.daemon.file_backend import FileBackend, FileBackendConfig, FileBackendError
 from apull_node.daemon.fscache_backend import FscacheBackend, FscacheBackendConfig
 from apull_node.daemon.http_api import ApiState, ApulldHttpServer
+from apull_node.daemon.image_prewarm import ImagePrewarm
 from apull_node.daemon.image_warmup import ImageWarmup
 from apull_node.daemon.registry_fetch import FetchSettings
 from apull_node.daemon.serving import BackendStartError, ServingBackend
@@ -224,12 +225,18 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
         warmup = image_warmup(settings, backend)
         if warmup is not None:
             held.callback(warmup.close)
+        prewarm = None
+        if backend is not None:
+            prewarm = ImagePrewarm(backend.fetcher, backend.tables, backend, backend.counters)
+            held.callback(prewarm.close)
         address = parse_listen_address(settings.metrics_address)  # checked with the settings
         metrics = serve_metrics(address, apulld_metrics.REGISTRY, log)
         if metrics is not None:
             held.callback(metrics.stop)
         try:
-            state = ApiState(backend=choice, blobs=blobs, serving=backend, warmup=warmup)
+            state = ApiState(
+                backend=choice, blobs=blobs, serving=backend, warmup=warmup, prewarm=prewarm
+            )
             server = ApulldHttpServer(settings.address, state)
             restrict_socket(settings.address)
         except OSError as err:

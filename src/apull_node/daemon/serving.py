@@ -13,7 +13,10 @@ Contract, for every backend:
   service manager keeps them) is left to the fd store; anything else is unmounted or closed.
   Calling it twice is harmless.
 - `fetcher`, `tables`, `cache` and `counters` are the backend's registry client, chunk-table
-  store, chunk cache and statistics, shared with the image warm-up.
+  store, chunk cache and statistics, shared with the image warm-up and prewarm.
+- `held` and `fill` (`image_prewarm.ChunkHolder`) say which chunks of a layer the backend
+  holds and bring more in, for prewarm: the chunk cache (file), the kernel's cache files of
+  mounted layers (fscache).
 - The `http_api.Serving` hooks (`check_put`, `added`, `check_delete`, `removed`,
   `describe`) are called by the API with the blob registry's lock held.
 """
@@ -26,6 +29,7 @@ from apull_node.daemon.blob_source import TableStore
 from apull_node.daemon.chunk_cache import ChunkCache
 from apull_node.daemon.counters import Counters
 from apull_node.daemon.http_api import Serving
+from apull_node.daemon.image_prewarm import ChunkHolder
 from apull_node.daemon.registry_fetch import RangeFetcher
 
 
@@ -33,7 +37,7 @@ class BackendStartError(Exception):
     """A backend could not start; the message names the backend and the step that failed."""
 
 
-class ServingBackend(Serving, Protocol):
+class ServingBackend(Serving, ChunkHolder, Protocol):
     """A started file or fscache backend (see the module's contract)."""
 
     fetcher: RangeFetcher

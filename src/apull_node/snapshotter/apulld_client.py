@@ -2,7 +2,8 @@
 
 The snapshotter uses PUT blob_config (register a layer blob; the answer names the backend,
 and the file backend's the blob's file), ping (why no backend serves blobs), PUT prefetch
-(warm an image's layers), GET blob_config (what is registered) and DELETE blob_config.
+(warm an image's layers), GET blob_config (what is registered) and DELETE blob_config; the
+prewarm command PUT and GET warm.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ log = logging.getLogger("apull-snapshotter.apulld-client")
 PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"
 PREFETCH_PATH = "/v1.0/apulld/prefetch"
+WARM_PATH = "/v1.0/apulld/warm"
 #: Seconds for connecting and for each answer; apulld answers from memory.
 DEFAULT_TIMEOUT = 30.0
 
@@ -87,6 +89,17 @@ class ApulldClient:
             log.info("%s; asking again without the manifest's bytes", err)
             del body["manifest_data"]
             return bool(self._call("PUT", PREFETCH_PATH, body)[1].get("started"))
+
+    def warm(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start a prewarm (see http_api: registry, repo, manifest, whole, startup); the
+        answer says whether it started and where it stands."""
+        return self._call("PUT", WARM_PATH, body)[1]
+
+    def warm_progress(self, manifest: str) -> dict[str, Any]:
+        """Where the prewarm of the image stands ({} when apulld has none for it)."""
+        images = self._call("GET", f"{WARM_PATH}?{urlencode({'manifest': manifest})}")[1]
+        found = images.get("images") or [{}]
+        return found[0] if isinstance(found[0], dict) else {}
 
     def blob_ids(self) -> list[str]:
         """The blob_ids apulld has registered."""
