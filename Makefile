@@ -89,12 +89,15 @@ convert: deps venv ## convert images for lazy loading: make convert IMAGES="SRC=
 		$(if $(INSECURE),-e convert_source_insecure=true -e convert_target_insecure=true) \
 		$(if $(CHECK),--check --diff)
 
-# IMAGES="REF ..." on every node (NODES=... for some), STARTUP=FILE for start-up sets, CHECK=1
-# to see what is missing without changing anything.
+# IMAGES="REF ..." on every node (NODES=... for some); start-up sets from STARTUP=FILE or
+# STARTUP_FROM=NODE (what the images read when they started there), STARTUP_ONLY=1 to warm
+# only those; CHECK=1 to see what is missing without changing anything.
 prewarm: deps venv ## pull and warm images on the nodes: make prewarm IMAGES="REF ..." [NODES=...] [STARTUP=FILE] [CHECK=1]
 	@test -n "$(IMAGES)" || { echo 'give IMAGES="REF ..."'; exit 2; }
 	$(APULL) run prewarm -e '$(shell $(BIN)/python -c 'import json,sys; print(json.dumps({"prewarm_images": sys.argv[1:]}))' $(IMAGES))' \
 		$(if $(STARTUP),-e prewarm_startup_file=$(abspath $(STARTUP))) \
+		$(if $(STARTUP_FROM),-e prewarm_startup_from=$(STARTUP_FROM)) \
+		$(if $(STARTUP_ONLY),-e prewarm_startup_only=true) \
 		$(if $(NODES),--limit $(NODES)) $(if $(CHECK),--check --diff)
 
 clean: deps venv ## take the stack off the nodes: services, binaries, data; containerd's config restored

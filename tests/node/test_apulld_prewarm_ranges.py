@@ -52,3 +52,20 @@ def test_covered_needs_the_whole_range() -> None:
     assert not covered(extents, 150, 301)
     assert not covered(extents, 250, 260)
     assert not covered([], 0, 1)
+
+
+def test_start_up_reads_are_merged_and_kept_for_the_window_only() -> None:
+    from apull_node.daemon.startup_reads import StartupReads, merged
+
+    assert merged([(10, 5), (0, 4), (4, 2), (20, 1)]) == [(0, 6), (10, 5), (20, 1)]
+    reads = StartupReads(window=0.2)
+    reads.saw("sha256:a", 4096, 4096)
+    reads.saw("sha256:a", 0, 4096)
+    reads.saw("sha256:b", 0, 0)
+    assert reads.sets() == {"sha256:a": [[0, 8192]]}
+    import time
+
+    time.sleep(0.3)
+    reads.saw("sha256:a", 65536, 10)  # after the window: not a start-up read
+    reads.saw("sha256:c", 65536, 10)  # first read of another blob: its window starts
+    assert reads.sets() == {"sha256:a": [[0, 8192]], "sha256:c": [[65536, 10]]}

@@ -163,3 +163,36 @@ def test_an_index_is_resolved_to_this_nodes_platform_and_a_plain_image_needs_not
         assert (image["state"], image["lazy"], image["bytes"]) == ("warm", False, 0)
     finally:
         apulld.close()
+
+
+def test_a_cold_starts_reads_are_the_start_up_set_another_node_warms(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, tmp_path: Path
+) -> None:
+    multi = images["multi"]
+    chunk = multi.chunk_size
+    first = Apulld(tmp_path / "first")
+    first.root.mkdir()
+    try:
+        first.start()
+        with open(first.put(multi, proxy.address), "rb") as stream:
+            stream.seek(2 * chunk + 100)
+            stream.read(50)
+        status, recorded = first.request("GET", "/v1.0/apulld/startup")
+        assert status == 200
+        ((digest, ranges),) = recorded["layers"].items()
+        assert digest == multi.digest
+        assert all(o <= 2 * chunk + 100 and 2 * chunk + 150 <= o + n for o, n in ranges)
+        assert sum(n for _, n in ranges) < chunk
+    finally:
+        first.close()
+    second = Apulld(tmp_path / "second")
+    second.root.mkdir()
+    try:
+        second.start()
+        asked = body(proxy, registry, MULTI_REPO, whole=False, startup=recorded["layers"])
+        second.request("PUT", WARM, asked)
+        image = wait_done(second, asked["manifest"])
+        assert image["state"] == "warm"
+        assert image["startup_cached"] == image["startup_bytes"] == image["cached"] == chunk
+    finally:
+        second.close()

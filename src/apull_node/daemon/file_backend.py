@@ -46,6 +46,7 @@ from apull_node.daemon.counters import Counters
 from apull_node.daemon.fuse_server import FuseError, FuseSession
 from apull_node.daemon.http_api import ServingError
 from apull_node.daemon.registry_fetch import FetchSettings, RangeFetcher
+from apull_node.daemon.startup_reads import StartupReads
 from apull_node.daemon.whole_blob import fetch_whole
 
 log = logging.getLogger("apulld.file")
@@ -83,6 +84,7 @@ class FileBackend:
         self.blobs = blobs
         self.counters = Counters()
         self.fetcher = RangeFetcher(config.fetch, self.counters)
+        self.startup = StartupReads()
         self.cache = ChunkCache(
             config.cache_dir / "chunks", config.cache_limit_bytes, self.counters, prefetch=True
         )
@@ -325,6 +327,7 @@ class FileBackend:
     def read(self, nodeid: int, fh: int, offset: int, size: int) -> fp.Payload:
         config = self._blob(nodeid)
         self.counters.add("read_requests")
+        self.startup.saw(config.digest, offset, min(size, max(0, config.size - offset)))
         try:
             source = RegistrySource(self.fetcher, location_of(config))
             if config.size <= self.config.whole_max_bytes:

@@ -38,6 +38,7 @@ from apull_node.daemon.counters import Counters
 from apull_node.daemon.http_api import ServingError
 from apull_node.daemon.image_prewarm import NotHeldError
 from apull_node.daemon.registry_fetch import FetchSettings, RangeFetcher
+from apull_node.daemon.startup_reads import StartupReads
 
 log = logging.getLogger("apulld.fscache")
 BLOCK = 4096
@@ -92,6 +93,7 @@ class FscacheBackend:
         # keep=False: the kernel's cache file is the cache; the limit only bounds nothing.
         self.cache = ChunkCache(config.state_dir / "chunks", 1 << 62, self.counters, keep=False)
         self.tables = TableStore(config.state_dir / "tables", self.fetcher)
+        self.startup = StartupReads()
         self._lock = threading.Lock()
         self._objects: dict[int, BlobConfig] = {}
         self._written: dict[str, int] = {}  # blob id -> bytes written to its cache file
@@ -191,6 +193,7 @@ class FscacheBackend:
         if config is None:
             raise KeyError(f"object {request.object_id} is not open")
         self.counters.add("read_requests")
+        self.startup.saw(config.digest, request.offset, request.length)
         try:
             table = self.tables.get(config)
             source = RegistrySource(self.fetcher, location_of(config))

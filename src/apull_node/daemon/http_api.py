@@ -19,6 +19,9 @@ PUT        /v1.0/apulld/warm         -> 202 {"started": bool, "image": progress}
 GET        /v1.0/apulld/warm[?manifest=DIGEST] -> 200 {"images": [progress, ...]}: state
                                         (warming, warm, failed), error, bytes, cached, the
                                         start-up set's bytes and cached, per layer
+GET        /v1.0/apulld/startup      -> 200 {"layers": {blob digest: [[offset, length], ...]}}:
+                                        what each blob's first minute of reads asked for
+                                        (startup_reads.py), the start-up sets prewarm uses
 Errors are JSON {"error": "..."}: 400 bad request, 404 unknown path/blob, 405 wrong method,
 409 the blob is in use (open or mounted) and cannot be removed or replaced.
 """
@@ -50,11 +53,13 @@ from apull_node.daemon.blob_registry import (
 from apull_node.daemon.image_prewarm import ImagePrewarm
 from apull_node.daemon.image_warmup import ImageWarmup
 from apull_node.daemon.registry_fetch import MAX_MANIFEST, BlobLocation
+from apull_node.daemon.startup_reads import StartupReads
 
 PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"
 PREFETCH_PATH = "/v1.0/apulld/prefetch"
 WARM_PATH = "/v1.0/apulld/warm"
+STARTUP_PATH = "/v1.0/apulld/startup"
 MAX_BODY = 64 * 1024
 #: A warm request may carry a start-up set of many ranges.
 MAX_WARM_BODY = 2 << 20
@@ -96,6 +101,8 @@ class ApiState:
     warmup: ImageWarmup | None = None
     #: Prewarms asked by operators (None: nothing serves blobs).
     prewarm: ImagePrewarm | None = None
+    #: What images read when they started here (None: nothing serves blobs).
+    startup: StartupReads | None = None
 
 
 class ApiError(Exception):
@@ -149,6 +156,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             },
             PREFETCH_PATH: {"PUT": self._prefetch},
             WARM_PATH: {"PUT": self._warm, "GET": self._warm_progress},
+            STARTUP_PATH: {"GET": self._startup},
         }
 
     def _dispatch(self, method: str) -> None:
@@ -278,6 +286,10 @@ class ApiHandler(BaseHTTPRequestHandler):
         if len(values) > 1:
             raise ApiError(HTTPStatus.BAD_REQUEST, "manifest: at most once in the query string")
         return HTTPStatus.OK, {"images": self._prewarm().jobs(values[0] if values else "")}
+
+    def _startup(self) -> Reply:
+        startup = self.server.state.startup
+        return HTTPStatus.OK, {"layers": startup.sets() if startup is not None else {}}
 
     def _delete_blob(self) -> Reply:
         values = parse_qs(self._url.query).get("blob_id", [])

@@ -235,7 +235,12 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
             held.callback(metrics.stop)
         try:
             state = ApiState(
-                backend=choice, blobs=blobs, serving=backend, warmup=warmup, prewarm=prewarm
+                backend=choice,
+                blobs=blobs,
+                serving=backend,
+                warmup=warmup,
+                prewarm=prewarm,
+                startup=backend.startup if backend is not None else None,
             )
             server = ApulldHttpServer(settings.address, state)
             restrict_socket(settings.address)

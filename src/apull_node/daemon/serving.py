@@ -31,6 +31,7 @@ from apull_node.daemon.counters import Counters
 from apull_node.daemon.http_api import Serving
 from apull_node.daemon.image_prewarm import ChunkHolder
 from apull_node.daemon.registry_fetch import RangeFetcher
+from apull_node.daemon.startup_reads import StartupReads
 
 
 class BackendStartError(Exception):
@@ -44,6 +45,8 @@ class ServingBackend(Serving, ChunkHolder, Protocol):
     tables: TableStore
     cache: ChunkCache
     counters: Counters
+    #: What images read when they start (the start-up sets prewarm hands on).
+    startup: StartupReads
 
     def stop(self) -> None:
         """Finish the requests in hand and release what this process holds."""

@@ -22,6 +22,7 @@ PING_PATH = "/v1.0/apulld/ping"
 BLOB_CONFIG_PATH = "/v1.0/apulld/blob_config"
 PREFETCH_PATH = "/v1.0/apulld/prefetch"
 WARM_PATH = "/v1.0/apulld/warm"
+STARTUP_PATH = "/v1.0/apulld/startup"
 #: Seconds for connecting and for each answer; apulld answers from memory.
 DEFAULT_TIMEOUT = 30.0
 
@@ -100,6 +101,10 @@ class ApulldClient:
         images = self._call("GET", f"{WARM_PATH}?{urlencode({'manifest': manifest})}")[1]
         found = images.get("images") or [{}]
         return found[0] if isinstance(found[0], dict) else {}
+
+    def startup_sets(self) -> dict[str, Any]:
+        """What images read when they started on this node: {"layers": {digest: ranges}}."""
+        return self._call("GET", STARTUP_PATH)[1]
 
     def blob_ids(self) -> list[str]:
         """The blob_ids apulld has registered."""

@@ -11,7 +11,9 @@ For each image, one after the other:
    seconds; a failed prewarm is asked again (``--retries``) - it fetches only what is
    missing.
 
-An image that is not converted needs the pull alone. The result is one JSON object per
+An image that is not converted needs the pull alone. ``--show-startup`` prints what images
+read when they started on this node (apulld's start-up sets, in the --startup format), for
+the prewarm role to hand to the other nodes. The result is one JSON object per
 image on stdout: image, manifest, pulled (true when this run pulled it), state (warm,
 failed, warming when --wait ran out), error, lazy, bytes, cached, startup_bytes,
 startup_cached, fetched (bytes this run fetched), seconds. Exit status: 0 when every image
@@ -45,13 +47,19 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="apull-containerd-grpc prewarm",
         description="pull images through CRI and warm their lazily fetched layers",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="settings file")
     p.add_argument("--startup", type=Path, help="start-up sets: {layers: {digest: [[o, n]]}}")
     p.add_argument("--startup-only", action="store_true", help="warm the start-up set only")
     p.add_argument("--wait", type=float, default=1800.0, help="seconds per image (1800)")
     p.add_argument("--retries", type=int, default=2, help="prewarms again after a failure (2)")
     p.add_argument("--pull-timeout", type=float, default=DEFAULT_PULL_TIMEOUT)
+    p.add_argument(
+        "--show-startup",
+        action="store_true",
+        help="print what images read when they started on this node (apulld's start-up "
+        "sets, the --startup file's format) and exit",
+    )
     p.add_argument(
         "--check",
         action="store_true",
@@ -182,11 +190,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     try:
         settings = load_settings(args.config).snapshotter
-        startup = startup_sets(args.startup)
+        startup = {} if args.check else startup_sets(args.startup)
     except (OSError, ValueError, SettingsError) as err:
         print(f"apull-containerd-grpc prewarm: {err}", file=sys.stderr)
         return 2
     apulld = ApulldClient(settings.apulld_address)
+    if args.show_startup:
+        try:
+            print(json.dumps(apulld.startup_sets(), sort_keys=True))
+        except ApulldError as err:
+            print(f"apull-containerd-grpc prewarm: {err}", file=sys.stderr)
+            return 1
+        return 0
+    if not args.images:
+        print("apull-containerd-grpc prewarm: no IMAGE given", file=sys.stderr)
+        return 2
     results = []
     with ImageClient(settings.containerd_address) as cri:
         run = Prewarm(cri, apulld, args, startup)
