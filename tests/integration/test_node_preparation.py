@@ -527,6 +527,78 @@ def test_a_mirror_taken_out_of_config_txt_leaves_the_node(lazy_node, tmp_path):
         layout.guest_registry()]  # fmt: skip
 
 
+# -- prewarm ----------------------------------------------------------------------------------
+
+
+def prewarm(image: str, limit: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """make prewarm, as an operator runs it: the run and its report's per-(node, image) list."""
+    started = time.monotonic()
+    vars_ = json.dumps({"prewarm_images": [image]})
+    result = apull("run", "prewarm", "--no-lab", "-e", vars_, "--limit", limit, *extra)
+    print(f"prewarm --limit {limit} {' '.join(extra)}: {time.monotonic() - started:.1f} s")
+    report = json.loads((ROOT / ".apull/reports/prewarm-last.json").read_text())
+    return result, {(p["host"], p["image"]): p for p in report["prewarm"]}
+
+
+def test_prewarm_the_start_up_set_then_whole_with_a_node_cut_off(lab, lazy_node, lazy_image):
+    """node1 starts the image cold (apulld records what it read); node2 and node3 get that
+    start-up set, node3 with its registry route blocked; then node2 the whole image, a rerun
+    that does nothing, and a container whose reads need no registry at all."""
+    recorder = lazy_node
+    warm, cut = [n for n in lab if n is not recorder][:2]
+    run_lazily(recorder, lazy_image, "prewarm-record")
+    for node in (warm, cut):
+        forget_image(node, lazy_image.ref)
+    assert run_on(cut, "ip route add prohibit 10.0.2.100/32").returncode == 0
+    try:
+        result, images = prewarm(lazy_image.ref, f"{warm.name},{cut.name}",
+                                 "-e", f"prewarm_startup_from={recorder.name}",
+                                 "-e", "prewarm_startup_only=true")  # fmt: skip
+    finally:
+        run_on(cut, "ip route del prohibit 10.0.2.100/32")
+    out = result.stdout
+    assert result.returncode != 0, out[-3000:]
+    assert recap(out)[warm.name][3] == 0 and recap(out)[cut.name][3] == 1, out[-3000:]
+    assert "APULL PREWARM" in out
+    first = images[(warm.name, lazy_image.ref)]
+    assert (first["state"], first["pulled"], first["lazy"]) == ("warm", True, True), first
+    assert 0 < first["startup_cached"] == first["startup_bytes"] < first["bytes"], first
+    assert first["cached"] < first["bytes"], first
+    failed = images[(cut.name, lazy_image.ref)]
+    assert failed["state"] == "failed" and failed["error"].startswith("pull: "), failed
+    assert "registry.lab:5000" in failed["error"], failed
+    assert re.search(rf"^{cut.name}\s.*FAILED at: Pull and warm the images", out, re.M), out[-3000:]
+    print(
+        f"start-up set: {first['startup_bytes']} of {first['bytes']} bytes, "
+        f"{first['fetched']} fetched in {first['seconds']} s"
+    )
+
+    result, images = prewarm(lazy_image.ref, warm.name)
+    assert result.returncode == 0, result.stdout[-3000:]
+    whole = images[(warm.name, lazy_image.ref)]
+    assert (whole["state"], whole["pulled"]) == ("warm", False), whole
+    assert whole["cached"] == whole["bytes"] == lazy_image.erofs_bytes, whole
+    assert 0 < whole["fetched"] <= whole["bytes"] - first["cached"], whole
+    print(f"whole: {whole['fetched']} more bytes in {whole['seconds']} s")
+
+    result, images = prewarm(lazy_image.ref, warm.name)
+    assert result.returncode == 0 and recap(result.stdout)[warm.name][1] == 0, result.stdout[-3000:]
+    assert images[(warm.name, lazy_image.ref)]["fetched"] == 0
+
+    check, images = prewarm(lazy_image.ref, f"{warm.name},{cut.name}", "--check")
+    assert check.returncode == 0, check.stdout[-3000:]
+    assert images[(cut.name, lazy_image.ref)]["state"] == "absent"
+    assert images[(warm.name, lazy_image.ref)]["state"] == "present"
+    assert recap(check.stdout)[warm.name][1] == 0 and recap(check.stdout)[cut.name][1] == 1
+
+    # Every byte the container reads is in the kernel's cache files already: no fetch.
+    before = fetched(warm)
+    run = nodes.ssh(warm, f"{K8S_CTR} run --rm --snapshotter apull {lazy_image.ref} prewarmed "
+                          f"sha256sum /{BIG} /{OTHER}", timeout=600)  # fmt: skip
+    assert lazy_image.sha256(BIG) in run.stdout and lazy_image.sha256(OTHER) in run.stdout, run
+    assert fetched(warm) == before
+
+
 # -- apull status on the deployed fleet ---------------------------------------------------------
 
 CLOSED_PORT = 2299  # nothing listens here: a node that is down

@@ -303,3 +303,25 @@ def test_the_ondemand_column_names_the_source_and_the_note_explains_the_config(r
 )  # fmt: skip
 def test_ondemand_text(node: dict[str, str], shown: str) -> None:
     assert summary.ondemand_text(node) == shown
+
+
+@pytest.mark.parametrize(
+    ("entry", "row"),
+    [
+        ({"host": "n1", "image": "r/a:apull", "state": "warm", "pulled": True, "lazy": True,
+          "bytes": 1000, "cached": 1000, "startup_bytes": 200, "startup_cached": 200,
+          "fetched": 5 << 20, "seconds": 3.25, "error": ""},
+         {"host": "n1", "image": "r/a:apull", "state": "warm (pulled)", "cached": "100%",
+          "startup": "100%", "fetched": summary.size_text(5 << 20), "time": "3.2s",
+          "reason": ""}),
+        ({"host": "n3", "image": "r/a:apull", "state": "failed", "pulled": False,
+          "error": "pull: registry.lab:5000 unreachable", "seconds": 1},
+         {"host": "n3", "image": "r/a:apull", "state": "failed", "cached": "-", "startup": "-",
+          "fetched": "0", "time": "1.0s", "reason": "pull: registry.lab:5000 unreachable"}),
+        ({"host": "n2", "image": "busybox", "state": "warm", "lazy": False, "bytes": 0},
+         {"host": "n2", "image": "busybox", "state": "warm (not converted)", "cached": "-",
+          "startup": "-", "fetched": "0", "time": "0.0s", "reason": ""}),
+    ],
+)  # fmt: skip
+def test_a_prewarm_row_per_node_and_image(entry: dict[str, Any], row: dict[str, str]) -> None:
+    assert summary.prewarm_row(entry) == row

@@ -23,6 +23,9 @@ description:
     none, what a TCP connection to its address and port finds there. Passwords never appear.
   - Image conversions (M(apull.deploy.image_convert)) get a table of their own - source,
     target, status, layers, sizes, seconds - and a C(conversions) list in the JSON.
+  - Prewarms (M(apull.deploy.image_prewarm)) get one too, a row per node and image - state,
+    the share cached, the start-up set's share, bytes fetched, seconds, the reason of a
+    failure - and a C(prewarm) list in the JSON.
 requirements:
   - enable in ansible.cfg (C(callbacks_enabled))
 options:
@@ -214,6 +217,29 @@ def host_secrets(host_vars):
     return found
 
 
+def share(part, whole):
+    return "%d%%" % (100 * (part or 0) // whole) if whole else "-"
+
+
+def prewarm_row(entry):
+    """A prewarm table row: one image on one node."""
+    state = entry.get("state") or "?"
+    if entry.get("pulled"):
+        state += " (pulled)"
+    if entry.get("lazy") is False:
+        state += " (not converted)"
+    return {
+        "host": entry.get("host"),
+        "image": entry.get("image"),
+        "state": state,
+        "cached": share(entry.get("cached"), entry.get("bytes")),
+        "startup": share(entry.get("startup_cached"), entry.get("startup_bytes")),
+        "fetched": size_text(entry.get("fetched")) if entry.get("fetched") else "0",
+        "time": "%.1fs" % (entry.get("seconds") or 0),
+        "reason": entry.get("error") or "",
+    }
+
+
 def table(display, title, columns, rows):
     widths = dict((c, max(len(c), *(len(str(r[c])) for r in rows))) for c in columns)
     display.banner(title)
@@ -236,6 +262,7 @@ class CallbackModule(CallbackBase):
         self.failed = {}
         self.unreachable = {}
         self.conversions = []
+        self.prewarm = []
         self.playbook = "run"
         self.check_mode = False
         self.started = time.time()
@@ -263,10 +290,17 @@ class CallbackModule(CallbackBase):
                     self.conversions.append(
                         dict((k, item.get(k)) for k in CONVERSION_KEYS if k in item)
                     )
+        self._prewarmed(host, result)
         if result._result.get("changed") and not result._task.no_log:
             self.changed[host].append(result._task.name or result._task.action)
 
+    def _prewarmed(self, host, result):
+        if result._task.action.endswith("image_prewarm"):
+            for item in result._result.get("images") or []:
+                self.prewarm.append(dict(item, host=host))
+
     def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._prewarmed(self._host(result), result)
         facts = result._result.get("ansible_facts", {})
         if "apull_platform" in facts:  # a refused node: its platform is the reason
             self.platforms[self._host(result)] = facts["apull_platform"]
@@ -361,6 +395,13 @@ class CallbackModule(CallbackBase):
                 ("source", "target", "status", "layers(up)", "sizes", "time"),
                 conversions,
             )
+        if self.prewarm:
+            table(
+                self._display,
+                "APULL PREWARM",
+                ("host", "image", "state", "cached", "startup", "fetched", "time", "reason"),
+                [prewarm_row(p) for p in self.prewarm],
+            )
         if not rows:
             return
         # A run on the controller alone (convert.yml) has no node facts: outcome only.
@@ -407,6 +448,7 @@ class CallbackModule(CallbackBase):
             "unreachable": dict((h, self.unreachable[h]) for h in sorted(self.unreachable)),
             "rows": rows,
             "conversions": self.conversions,
+            "prewarm": self.prewarm,
         }
         try:
             os.makedirs(target, exist_ok=True)
