@@ -92,7 +92,7 @@ convert: deps venv ## convert images for lazy loading: make convert IMAGES="SRC=
 # IMAGES="REF ..." on every node (NODES=... for some); start-up sets from STARTUP=FILE or
 # STARTUP_FROM=NODE (what the images read when they started there), STARTUP_ONLY=1 to warm
 # only those; CHECK=1 to see what is missing without changing anything.
-prewarm: deps venv ## pull and warm images on the nodes: make prewarm IMAGES="REF ..." [NODES=...] [STARTUP=FILE] [CHECK=1]
+prewarm: deps venv ## pull and warm images on the nodes: make prewarm IMAGES="REF ..." [NODES=...] [STARTUP=FILE|STARTUP_FROM=NODE] [STARTUP_ONLY=1] [CHECK=1]
 	@test -n "$(IMAGES)" || { echo 'give IMAGES="REF ..."'; exit 2; }
 	$(APULL) run prewarm -e '$(shell $(BIN)/python -c 'import json,sys; print(json.dumps({"prewarm_images": sys.argv[1:]}))' $(IMAGES))' \
 		$(if $(STARTUP),-e prewarm_startup_file=$(abspath $(STARTUP))) \

@@ -69,3 +69,18 @@ def test_start_up_reads_are_merged_and_kept_for_the_window_only() -> None:
     reads.saw("sha256:a", 65536, 10)  # after the window: not a start-up read
     reads.saw("sha256:c", 65536, 10)  # first read of another blob: its window starts
     assert reads.sets() == {"sha256:a": [[0, 8192]], "sha256:c": [[65536, 10]]}
+
+
+def test_held_chunks_in_one_pass_agree_with_covered() -> None:
+    from apull_node.daemon.fscache_backend import held_chunks
+
+    size = 10 * CHUNK + 100
+    cases = [
+        [],
+        [(0, size)],
+        [(CHUNK, 3 * CHUNK), (5 * CHUNK + 4096, 7 * CHUNK), (10 * CHUNK, size)],
+        [(CHUNK // 2, 2 * CHUNK), (2 * CHUNK, 4 * CHUNK)],  # a chunk across two extents
+    ]
+    for extents in cases:
+        expected = [covered(extents, i * CHUNK, min(size, (i + 1) * CHUNK)) for i in range(11)]
+        assert held_chunks(extents, size, CHUNK) == expected, extents

@@ -196,3 +196,48 @@ def test_a_cold_starts_reads_are_the_start_up_set_another_node_warms(
         assert image["startup_cached"] == image["startup_bytes"] == image["cached"] == chunk
     finally:
         second.close()
+
+
+def test_an_image_never_prewarmed_is_surveyed_and_the_cache_limit_is_no_secret(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, tmp_path: Path
+) -> None:
+    multi = images["multi"]
+    apulld = Apulld(tmp_path, {"cache_size_limit_mb": 1})
+    try:
+        apulld.start()
+        asked = body(proxy, registry, MULTI_REPO)
+        query = f"manifest={asked['manifest']}&registry={proxy.address}&repo={MULTI_REPO}"
+        status, answer = apulld.request("GET", f"{WARM}?{query}")
+        assert status == 200, answer
+        (survey,) = answer["images"]
+        assert (survey["state"], survey["lazy"], survey["cached"]) == ("", True, 0)
+        assert survey["bytes"] == multi.size and survey["fetched"] == 0
+        assert proxy.bytes_of(multi.digest) == 0  # surveyed, nothing fetched
+        # Whole, into a cache of 1 MiB: the job says the cache cannot hold it.
+        apulld.request("PUT", WARM, asked)
+        image = wait_done(apulld, asked["manifest"])
+        assert image["state"] == "failed", image
+        assert "its limit is smaller than what it was asked to hold" in image["error"]
+        assert image["cached"] < image["bytes"]
+    finally:
+        apulld.close()
+
+
+def test_the_start_up_set_of_one_image_is_its_layers_reads_only(
+    images: dict[str, Layer], registry: RegistryClient, proxy: Proxy, tmp_path: Path
+) -> None:
+    multi, busybox = images["multi"], images["busybox"]
+    apulld = Apulld(tmp_path)
+    try:
+        apulld.start()
+        for layer in (multi, busybox):
+            with open(apulld.put(layer, proxy.address), "rb") as stream:
+                stream.read(100)
+        _, every = apulld.request("GET", "/v1.0/apulld/startup")
+        assert set(every["layers"]) == {multi.digest, busybox.digest}
+        asked = body(proxy, registry, MULTI_REPO)
+        query = f"manifest={asked['manifest']}&registry={proxy.address}&repo={MULTI_REPO}"
+        _, one = apulld.request("GET", f"/v1.0/apulld/startup?{query}")
+        assert set(one["layers"]) == {multi.digest}
+    finally:
+        apulld.close()

@@ -94,6 +94,15 @@ Buffer = Union[bytes, bytearray, memoryview]
 Pieces = dict[int, tuple[int, Buffer]]
 
 
+@dataclass(frozen=True)
+class _Sizes:
+    """A table's sizes alone (for the key of a blob and chunk size)."""
+
+    chunk_size: int
+    data_size: int
+    digests: tuple[bytes, ...] = ()
+
+
 @dataclass
 class _Flight:
     done: threading.Event = field(default_factory=threading.Event)
@@ -250,11 +259,58 @@ class ChunkCache:
             index += 1
         return first * chunk, b"".join(parts)
 
-    def present(self, spec: BlobSpec) -> list[bool]:
-        """Which chunks of the blob are cached (all False with keep=False)."""
+    def present(self, digest: str, chunk_size: int, size: int) -> list[bool]:
+        """Which chunks of the blob are cached (all False with keep=False), read without
+        taking the blob on: a blob this process has not used is read from its bitmap."""
+        count = -(-size // chunk_size)
+        key = BlobSpec(digest, size, _Sizes(chunk_size, size)).key
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None and state.data_size == size:
+                return [state.has(index) for index in range(state.count)]
+        if not self.keep:
+            return [False] * count
+        found = BlobState.load(self.root / key)
+        if found is None or found.data_size != size or found.count != count:
+            return [False] * count
+        try:
+            return [found.has(index) for index in range(count)]
+        finally:
+            found.close()
+
+    def fill(self, spec: BlobSpec, source: Source, offset: int, size: int) -> Pieces:
+        """Fetch and verify exactly the missing chunks of [offset, offset + size), for a
+        prewarm: no read-ahead, not counted as a read; chunks in flight are waited for, cached
+        ones left alone (with keep, what is fetched is stored). The pieces fetched or waited
+        for; ChunkUnavailableError when one cannot be had."""
+        end = min(offset + size, spec.size)
+        if offset >= end:
+            return {}
+        chunk = spec.table.chunk_size
+        mine: list[int] = []
+        waits: dict[int, _Flight] = {}
         with self._lock:
             state = self._state(spec)
-            return [state.has(index) for index in range(state.count)]
+            for index in range(offset // chunk, (end - 1) // chunk + 1):
+                key = (state.key, index)
+                if self.keep and state.has(index):
+                    continue
+                if key in self._flights:
+                    waits[index] = self._flights[key]
+                else:
+                    self._flights[key] = _Flight()
+                    mine.append(index)
+        pieces: Pieces = {}
+        errors = self._fetch_runs(state, spec, source, mine, pieces)
+        for index, flight in waits.items():
+            flight.done.wait()
+            if flight.error:
+                errors.append(flight.error)
+            else:
+                pieces[index] = (index * chunk, flight.data)
+        if any(index not in pieces for index in [*mine, *waits]):
+            raise ChunkUnavailableError(errors[0] if errors else "chunks missing")
+        return pieces
 
     def warm(self, spec: BlobSpec, source: Source, offset: int, size: int) -> int:
         """Fetch and store the missing chunks of [offset, offset + size) before anyone reads

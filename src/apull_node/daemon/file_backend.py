@@ -252,15 +252,15 @@ class FileBackend:
 
     # -- prewarm (image_prewarm.ChunkHolder) ----------------------------------------------
 
-    def held(self, config: BlobConfig, spec: BlobSpec) -> list[bool]:
+    def held(self, config: BlobConfig, chunk_size: int) -> list[bool]:
         """Which chunks the chunk cache holds."""
-        return self.cache.present(spec)
+        return self.cache.present(config.digest, chunk_size, config.size)
 
     def fill(self, config: BlobConfig, spec: BlobSpec, source: RegistrySource,
              offset: int, size: int) -> int:  # fmt: skip
-        """Fetch, verify and keep the chunks in the chunk cache (a read no container made:
-        chunks a reader is fetching are waited for, a failure is raised)."""
-        return len(self.cache.read_span(spec, source, offset, size)[1])
+        """Fetch, verify and keep the missing chunks in the chunk cache (no read-ahead, not
+        a read: chunks a reader is fetching are waited for, a failure is raised)."""
+        return sum(len(data) for _, data in self.cache.fill(spec, source, offset, size).values())
 
     def describe(self) -> dict[str, Any]:
         with self._lock:

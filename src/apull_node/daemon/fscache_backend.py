@@ -59,7 +59,7 @@ def block_span(start: int, length: int) -> tuple[int, int]:
     return low, high
 
 
-def write_blocks(fd: int, start: int, data: bytes | memoryview) -> int:
+def write_blocks(fd: int, start: int, data: bytes | bytearray | memoryview) -> int:
     """pwrite `data` at `start` (block-aligned) through a page-aligned buffer, the tail
     padded with zeros to a whole block (O_DIRECT rules). Returns the bytes written."""
     if start % BLOCK:
@@ -229,25 +229,27 @@ class FscacheBackend:
             "apull snapshotter first"
         )
 
-    def held(self, config: BlobConfig, spec: BlobSpec) -> list[bool]:
+    def held(self, config: BlobConfig, chunk_size: int) -> list[bool]:
         """Which chunks the kernel's cache file holds (its data extents, SEEK_DATA)."""
         with self._object_fd(config) as fd:
             extents = data_extents(fd, config.size)
-        chunk = spec.table.chunk_size
-        count = -(-config.size // chunk)
-        return [covered(extents, i * chunk, min(config.size, (i + 1) * chunk))
-                for i in range(count)]  # fmt: skip
+        return held_chunks(extents, config.size, chunk_size)
 
     def fill(self, config: BlobConfig, spec: BlobSpec, source: RegistrySource,
              offset: int, size: int) -> int:  # fmt: skip
-        """Fetch and verify the chunks, and write them into the kernel's cache file."""
+        """Fetch and verify the chunks (no read-ahead), then write them into the kernel's
+        cache file, as a READ would (the fd is borrowed for the writes only)."""
+        pieces = self.cache.fill(spec, source, offset, size)
+        written = 0
         with self._object_fd(config) as fd:
-            start, data = self.cache.read_span(spec, source, offset, size)
-            self.counters.add("bytes_written", write_blocks(fd, start, data))
+            for index in sorted(pieces):
+                start, data = pieces[index]
+                self.counters.add("bytes_written", write_blocks(fd, start, data))
+                written += len(data)
         with self._lock:
-            held = self._written.get(config.blob_id, 0) + len(data)
+            held = self._written.get(config.blob_id, 0) + written
             self._written[config.blob_id] = min(config.size, held)
-        return len(data)
+        return written
 
     def close(self, object_id: int) -> None:
         with self._lock:
@@ -332,6 +334,23 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
         extents.append((start, end))
         position = end
     return extents
+
+
+def held_chunks(extents: list[tuple[int, int]], size: int, chunk: int) -> list[bool]:
+    """Which chunks of a blob of `size` lie wholly inside the extents (sorted, not
+    overlapping): one pass over both."""
+    count = -(-size // chunk)
+    held = [False] * count
+    index = 0
+    for low, high in extents:
+        index = max(index, low // chunk)
+        while index < count:
+            start, end = index * chunk, min(size, (index + 1) * chunk)
+            if start >= high:
+                break
+            held[index] = (low <= start and end <= high) or covered(extents, start, end)
+            index += 1
+    return held
 
 
 def covered(extents: list[tuple[int, int]], start: int, end: int) -> bool:

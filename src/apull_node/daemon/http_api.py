@@ -16,12 +16,15 @@ PUT        /v1.0/apulld/warm         -> 202 {"started": bool, "image": progress}
                                         "startup": {layer digest: [[offset, length], ...]}):
                                         prewarm the image (image_prewarm.py), start-up set first;
                                         "started" false when its job is running already
-GET        /v1.0/apulld/warm[?manifest=DIGEST] -> 200 {"images": [progress, ...]}: state
-                                        (warming, warm, failed), error, bytes, cached, the
-                                        start-up set's bytes and cached, per layer
-GET        /v1.0/apulld/startup      -> 200 {"layers": {blob digest: [[offset, length], ...]}}:
-                                        what each blob's first minute of reads asked for
-                                        (startup_reads.py), the start-up sets prewarm uses
+GET        /v1.0/apulld/warm[?manifest=DIGEST[&registry=R&repo=P]] -> 200 {"images":
+                                        [progress, ...]}: state (warming, warm, failed), error,
+                                        bytes, cached, the start-up set's bytes and cached, per
+                                        layer; with registry and repo, an image never prewarmed
+                                        here is surveyed (state "": what the cache holds now)
+GET        /v1.0/apulld/startup[?registry=R&repo=P&manifest=D] -> 200 {"layers": {blob
+                                        digest: [[offset, length], ...]}}: what each blob's
+                                        first minute of reads asked for (startup_reads.py), the
+                                        start-up sets prewarm uses; of one image's layers
 Errors are JSON {"error": "..."}: 400 bad request, 404 unknown path/blob, 405 wrong method,
 409 the blob is in use (open or mounted) and cannot be removed or replaced.
 """
@@ -50,7 +53,7 @@ from apull_node.daemon.blob_registry import (
     parse_prefetch_request,
     parse_warm_request,
 )
-from apull_node.daemon.image_prewarm import ImagePrewarm
+from apull_node.daemon.image_prewarm import ImagePrewarm, PrewarmBusyError
 from apull_node.daemon.image_warmup import ImageWarmup
 from apull_node.daemon.registry_fetch import MAX_MANIFEST, BlobLocation
 from apull_node.daemon.startup_reads import StartupReads
@@ -276,20 +279,52 @@ class ApiHandler(BaseHTTPRequestHandler):
         image = asked.image
         where = BlobLocation(image.registry, image.repo, image.manifest)
         prewarm = self._prewarm()
-        _, started = prewarm.request(where, image.manifest_data, asked.whole, asked.startup)
+        try:
+            _, started = prewarm.request(where, image.manifest_data, asked.whole, asked.startup)
+        except PrewarmBusyError as err:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(err)) from None
         log.info("prewarm of %s %s", where, "started" if started else "already running")
         progress = prewarm.jobs(image.manifest)
         return HTTPStatus.ACCEPTED, {"started": started, "image": progress[0] if progress else {}}
 
+    def _image_query(self) -> BlobLocation | None:
+        """registry, repo and manifest from the query string: all three, or the manifest
+        alone (repo and registry empty), or none."""
+        query = parse_qs(self._url.query)
+        for name, values in query.items():
+            if len(values) > 1:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"{name}: at most once in the query string")
+        found = {name: values[0] for name, values in query.items()}
+        if not found.get("manifest"):
+            return None
+        return BlobLocation(found.get("registry", ""), found.get("repo", ""), found["manifest"])
+
+    def _located(self, where: BlobLocation) -> BlobLocation:
+        try:
+            image = parse_prefetch_request(
+                {"registry": where.registry, "repo": where.repo, "manifest": where.digest}, 0
+            )
+        except ValueError as err:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        return BlobLocation(image.registry, image.repo, image.manifest)
+
     def _warm_progress(self) -> Reply:
-        values = parse_qs(self._url.query).get("manifest", [])
-        if len(values) > 1:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "manifest: at most once in the query string")
-        return HTTPStatus.OK, {"images": self._prewarm().jobs(values[0] if values else "")}
+        where = self._image_query()
+        prewarm = self._prewarm()
+        images = prewarm.jobs(where.digest if where else "")
+        if not images and where is not None and where.registry:
+            # No prewarm of it here (check mode): what the cache holds of it now.
+            images = [prewarm.survey(self._located(where))]
+        return HTTPStatus.OK, {"images": images}
 
     def _startup(self) -> Reply:
         startup = self.server.state.startup
-        return HTTPStatus.OK, {"layers": startup.sets() if startup is not None else {}}
+        layers = startup.sets() if startup is not None else {}
+        where = self._image_query()
+        if where is not None:  # the image's layers only
+            keep = self._prewarm().layer_digests(self._located(where))
+            layers = {digest: ranges for digest, ranges in layers.items() if digest in keep}
+        return HTTPStatus.OK, {"layers": layers}
 
     def _delete_blob(self) -> Reply:
         values = parse_qs(self._url.query).get("blob_id", [])

@@ -72,16 +72,22 @@ class NotHeldError(Exception):
     """The backend cannot take chunks of this layer now (fscache: it is not mounted)."""
 
 
+class PrewarmBusyError(Exception):
+    """KEEP_JOBS prewarms are running: no room for another one now."""
+
+
 class ChunkHolder(Protocol):
     """Where a backend keeps chunks, as prewarm sees it."""
 
-    def held(self, config: BlobConfig, spec: BlobSpec) -> list[bool]:
-        """Which chunks of the layer are held; NotHeldError when it cannot say."""
+    def held(self, config: BlobConfig, chunk_size: int) -> list[bool]:
+        """Which chunks of the layer are held; NotHeldError (or OSError) when it cannot
+        say. Needs no chunk table."""
 
     def fill(self, config: BlobConfig, spec: BlobSpec, source: RegistrySource,
              offset: int, size: int) -> int:  # fmt: skip
-        """Fetch, verify and keep the chunks of [offset, offset + size); the bytes fetched.
-        NotHeldError, ChunkUnavailableError or OSError when it cannot."""
+        """Fetch, verify and keep exactly the missing chunks of [offset, offset + size) (no
+        read-ahead, not a read); the bytes fetched. NotHeldError, ChunkUnavailableError or
+        OSError when it cannot."""
 
 
 Ranges = dict[str, list[tuple[int, int]]]
@@ -90,7 +96,6 @@ Ranges = dict[str, list[tuple[int, int]]]
 @dataclass
 class _Layer:
     config: BlobConfig
-    spec: BlobSpec | None = None
     startup: set[int] = field(default_factory=set)  # chunk indexes of the start-up set
     error: str = ""
 
@@ -101,7 +106,6 @@ class WarmJob:
 
     manifest: BlobLocation
     whole: bool
-    startup_ranges: int
     state: str = "warming"  # warming | warm | failed
     lazy: bool = True  # False: the image has no apull layers (a pull is all it needs)
     error: str = ""
@@ -151,6 +155,7 @@ class ImagePrewarm:
         self.holder = holder
         self.counters = counters
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._jobs: dict[str, WarmJob] = {}
         self._images = ThreadPoolExecutor(2, thread_name_prefix="prewarm-image")
         self._layers = ThreadPoolExecutor(LAYER_WORKERS, thread_name_prefix="prewarm-layer")
@@ -158,17 +163,19 @@ class ImagePrewarm:
     def request(
         self, manifest: BlobLocation, data: bytes | None, whole: bool, startup: Ranges
     ) -> tuple[WarmJob, bool]:
-        """The image's job and whether it was started now (False: one is running)."""
+        """The image's job and whether it was started now (False: one is running).
+        PrewarmBusyError when KEEP_JOBS jobs are running."""
         with self._lock:
             job = self._jobs.get(manifest.digest)
             if job is not None and job.state == "warming":
                 return job, False
-            job = WarmJob(manifest, whole, sum(map(len, startup.values())))
             self._jobs.pop(manifest.digest, None)
-            self._jobs[manifest.digest] = job
-            while len(self._jobs) > KEEP_JOBS:
-                oldest = next(d for d, j in self._jobs.items() if j.state != "warming")
-                del self._jobs[oldest]
+            if len(self._jobs) >= KEEP_JOBS:
+                ended = [d for d, j in self._jobs.items() if j.state != "warming"]
+                if not ended:
+                    raise PrewarmBusyError(f"{KEEP_JOBS} prewarms are running: ask again later")
+                del self._jobs[ended[0]]
+            job = self._jobs[manifest.digest] = WarmJob(manifest, whole)
         try:
             self._images.submit(self._run, job, data, startup)
         except RuntimeError:  # shutting down
@@ -181,16 +188,37 @@ class ImagePrewarm:
             jobs = [j for d, j in self._jobs.items() if not digest or d == digest]
         return [self._describe(job) for job in jobs]
 
+    def survey(self, manifest: BlobLocation) -> dict[str, Any]:
+        """Where an image stands here without a prewarm (check mode): its layers and what
+        the backend holds of them, fetching nothing but the manifest. State "" (none)."""
+        job = WarmJob(manifest, True, state="")
+        try:
+            job.layers = [_Layer(config) for config in self._image(manifest, None)]
+        except (FetchError, ManifestError) as err:
+            job.error = f"manifest: {err}"
+        job.lazy = bool(job.layers) or bool(job.error)
+        job.ended = job.started
+        return self._describe(job)
+
+    def layer_digests(self, manifest: BlobLocation) -> set[str]:
+        """The digests of the image's apull layers (empty when it cannot be read)."""
+        try:
+            return {config.digest for config in self._image(manifest, None)}
+        except (FetchError, ManifestError) as err:
+            log.warning("layers of %s: %s", manifest, err)
+            return set()
+
     def close(self) -> None:
+        """Stop: jobs end at their next run of chunks ("apulld is stopping")."""
+        self._stopping.set()
         self._images.shutdown(wait=False, cancel_futures=True)
         self._layers.shutdown(wait=False, cancel_futures=True)
 
     # -- a job ----------------------------------------------------------------------------
 
-    def _image(self, job: WarmJob, data: bytes | None) -> list[BlobConfig]:
-        """The apull layers of the job's image; an index is resolved to this node's
-        platform (a pull's repo digest names the index of a multi-platform image)."""
-        where = job.manifest
+    def _image(self, where: BlobLocation, data: bytes | None) -> list[BlobConfig]:
+        """The apull layers of an image; an index is resolved to this node's platform (a
+        pull's repo digest names the index of a multi-platform image)."""
         if data is None or digest_of(data, where.digest.partition(":")[0]) != where.digest:
             data = self.fetcher.fetch_manifest(where, indexes=True)
         what = f"manifest {where}"
@@ -204,7 +232,17 @@ class ImagePrewarm:
 
     def _run(self, job: WarmJob, data: bytes | None, startup: Ranges) -> None:
         try:
-            configs = self._image(job, data)
+            self._warm(job, data, startup)
+        except Exception as err:  # a job never stays "warming" for good
+            log.exception("prewarm of %s failed", job.manifest)
+            self._end(job, f"internal error: {err}")
+        finally:
+            if job.state == "warming":
+                self._end(job, "ended without a result")
+
+    def _warm(self, job: WarmJob, data: bytes | None, startup: Ranges) -> None:
+        try:
+            configs = self._image(job.manifest, data)
         except (FetchError, ManifestError) as err:
             self._end(job, f"manifest: {err}")
             return
@@ -225,12 +263,31 @@ class ImagePrewarm:
             job.fetched += future.result()
         failed = [f"layer {layer.config.digest}: {layer.error}" for layer in job.layers
                   if layer.error]  # fmt: skip
-        self._end(job, "; ".join(failed))
+        self._end(job, "; ".join(failed) or self._short(job, bool(startup)))
         log.info(
             "prewarm of %s %s: %d layers, %d bytes fetched in %.1f s%s",
             job.manifest, job.state, len(job.layers), job.fetched,
             job.ended - job.started, f" ({job.error})" if job.error else "",
         )  # fmt: skip
+
+    def _short(self, job: WarmJob, asked_startup: bool) -> str:
+        """Why a job whose chunks all came is not warm after all, read from the holder:
+        what it fetched is not all held (the file backend's cache limit), or a start-up
+        set asked alone names none of the image's layers."""
+        done = self._describe(job)
+        if job.whole and done["cached"] < done["bytes"]:
+            return (
+                f"the cache holds {done['cached']} of the image's {done['bytes']} bytes after "
+                "the prewarm: its limit is smaller than what it was asked to hold"
+            )
+        if done["startup_cached"] < done["startup_bytes"]:
+            return (
+                f"the cache holds {done['startup_cached']} of the start-up set's "
+                f"{done['startup_bytes']} bytes after the prewarm"
+            )
+        if asked_startup and not job.whole and not done["startup_bytes"]:
+            return "the start-up set names none of the image's layers: nothing was warmed"
+        return ""
 
     def _end(self, job: WarmJob, error: str) -> None:
         with self._lock:
@@ -242,46 +299,51 @@ class ImagePrewarm:
         config = layer.config
         fetched = 0
         try:
-            table = self.tables.get(config)
-            spec = layer.spec = BlobSpec(config.digest, config.size, table)
-            chunk = table.chunk_size
+            chunk = config.chunk_size
             layer.startup = chunk_indexes(startup.get(config.digest, []), chunk, config.size)
-            source = RegistrySource(self.fetcher, location_of(config))
-            held = self.holder.held(config, spec)
-            order = [sorted(layer.startup)]
+            held = self.holder.held(config, chunk)
+            wanted = sorted(layer.startup)
+            order = [wanted]
             if job.whole:
                 order.append([i for i in range(len(held)) if i not in layer.startup])
-            for wanted in order:
-                missing = [i for i in wanted if not held[i]]
-                for offset, size in runs(missing, chunk, RUN_BYTES):
+            missing = [[i for i in part if not held[i]] for part in order]
+            if not any(missing):
+                return 0
+            spec = BlobSpec(config.digest, config.size, self.tables.get(config))
+            source = RegistrySource(self.fetcher, location_of(config))
+            for part in missing:
+                for offset, size in runs(part, chunk, RUN_BYTES):
+                    if self._stopping.is_set():
+                        layer.error = "apulld is stopping"
+                        return fetched
                     fetched += self.holder.fill(config, spec, source, offset, size)
         except (TableError, NotHeldError, ChunkUnavailableError, FetchError, OSError) as err:
             layer.error = str(err) or type(err).__name__
-        self.counters.add("prewarmed_bytes", fetched)
+        finally:
+            self.counters.add("prewarmed_bytes", fetched)
         return fetched
 
     def _describe(self, job: WarmJob) -> dict[str, Any]:
         total = held_bytes = startup_total = startup_held = 0
         layers = []
         for layer in list(job.layers):
-            config, spec = layer.config, layer.spec
+            config = layer.config
+            chunk = config.chunk_size
             total += config.size
             entry: dict[str, Any] = {"digest": config.digest, "size": config.size}
             if layer.error:
                 entry["error"] = layer.error
             try:
-                held = self.holder.held(config, spec) if spec is not None else []
-            except NotHeldError as err:
-                entry.setdefault("error", str(err))
+                held = self.holder.held(config, chunk)
+            except (NotHeldError, OSError) as err:
+                entry.setdefault("error", str(err) or type(err).__name__)
                 held = []
-            if spec is not None and held:
-                chunk = spec.table.chunk_size
-                sizes = [min(chunk, config.size - i * chunk) for i in range(len(held))]
-                cached = sum(s for s, h in zip(sizes, held) if h)
-                held_bytes += cached
-                entry["cached"] = cached
-                startup_total += sum(sizes[i] for i in layer.startup)
-                startup_held += sum(sizes[i] for i in layer.startup if held[i])
+            sizes = [min(chunk, config.size - i * chunk) for i in range(len(held))]
+            cached = sum(size for size, has in zip(sizes, held) if has)
+            held_bytes += cached
+            entry["cached"] = cached
+            startup_total += sum(min(chunk, config.size - i * chunk) for i in layer.startup)
+            startup_held += sum(sizes[i] for i in layer.startup if i < len(held) and held[i])
             layers.append(entry)
         return {
             "registry": job.manifest.registry,

@@ -3,11 +3,14 @@
 Each blob's reads (the kernel's READs on fscache, FUSE reads on the file backend) are kept
 for the first WINDOW_SECONDS after the first read of it this apulld serves: a container's
 start reads its layers on demand, and those ranges are what the next node should have
-before its first start. Reads served from the cache are not seen (the kernel asks nothing
-for what its cache file holds), so a node records an image only when it starts it cold,
-and prewarm's own fetches are never reads. Kept in memory, bounded (MAX_BLOBS blobs,
-MAX_RANGES ranges each, merged); `GET /v1.0/apulld/startup` hands them out and the prewarm
-command (`--show-startup`) prints them for the prewarm role to pass on.
+before its first start. The window opens at the first read, which on a pull through the
+snapshotter is the mount's (the superblock): record an image by pulling and starting it
+together, as kubelet does, on a node where it is cold. On fscache the kernel asks nothing
+for what its cache file holds, so a warm image records nothing there; the file backend sees
+every read EROFS does not find in its page cache. Prewarm's own fetches are never reads.
+Kept in memory only (an apulld restart starts afresh), bounded (MAX_BLOBS blobs,
+MAX_RANGES ranges each, merged); `GET /v1.0/apulld/startup` hands them out, per image, and
+the prewarm command (`--show-startup IMAGE...`) prints them for the prewarm role to pass on.
 """
 
 from __future__ import annotations

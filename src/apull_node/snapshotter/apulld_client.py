@@ -96,15 +96,21 @@ class ApulldClient:
         answer says whether it started and where it stands."""
         return self._call("PUT", WARM_PATH, body)[1]
 
-    def warm_progress(self, manifest: str) -> dict[str, Any]:
-        """Where the prewarm of the image stands ({} when apulld has none for it)."""
-        images = self._call("GET", f"{WARM_PATH}?{urlencode({'manifest': manifest})}")[1]
+    def warm_progress(self, manifest: str, registry: str = "", repo: str = "") -> dict[str, Any]:
+        """Where the prewarm of the image stands; with registry and repo, for an image
+        never prewarmed here, what the cache holds of it (state ""); else {} for none."""
+        query = {"manifest": manifest, **({"registry": registry, "repo": repo} if repo else {})}
+        images = self._call("GET", f"{WARM_PATH}?{urlencode(query)}")[1]
         found = images.get("images") or [{}]
         return found[0] if isinstance(found[0], dict) else {}
 
-    def startup_sets(self) -> dict[str, Any]:
-        """What images read when they started on this node: {"layers": {digest: ranges}}."""
-        return self._call("GET", STARTUP_PATH)[1]
+    def startup_sets(
+        self, registry: str = "", repo: str = "", manifest: str = ""
+    ) -> dict[str, Any]:
+        """What images read when they started on this node: {"layers": {digest: ranges}};
+        of one image's layers when it is named."""
+        query = f"?{urlencode({'registry': registry, 'repo': repo, 'manifest': manifest})}"
+        return self._call("GET", STARTUP_PATH + (query if manifest else ""))[1]
 
     def blob_ids(self) -> list[str]:
         """The blob_ids apulld has registered."""

@@ -57,8 +57,8 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--show-startup",
         action="store_true",
-        help="print what images read when they started on this node (apulld's start-up "
-        "sets, the --startup file's format) and exit",
+        help="print what the IMAGEs (all images, without any) read when they started on "
+        "this node (apulld's start-up sets, the --startup file's format) and exit",
     )
     p.add_argument(
         "--check",
@@ -105,29 +105,36 @@ class Prewarm:
         self.args = args
         self.startup = startup
 
+    def located(self, image: str, pull: bool) -> tuple[Any, str, bool]:
+        """(reference, repo digest or "" when absent, pulled now)."""
+        ref = parse_reference(image)
+        info = self.cri.status(image)
+        pulled = False
+        if info is None and pull:
+            self.cri.pull(image, timeout=self.args.pull_timeout)
+            pulled = True
+            info = self.cri.status(image)
+            if info is None:
+                raise CriError("pulled, but CRI does not know the image")
+        if info is None:
+            return ref, "", False
+        return ref, repo_digest(info.repo_digests, ref.registry, ref.repository), pulled
+
     def image(self, image: str) -> dict[str, Any]:
         started = time.monotonic()
         result: dict[str, Any] = {"image": image, "pulled": False, "state": "failed"}
         try:
-            ref = parse_reference(image)
-            info = self.cri.status(image)
-            if info is None and self.args.check:
-                result["state"] = "absent"
-                return self._done(result, started)
-            if info is None:
-                self.cri.pull(image, timeout=self.args.pull_timeout)
-                result["pulled"] = True
-                info = self.cri.status(image)
-            if info is None:
-                raise CriError("pulled, but CRI does not know the image")
-            manifest = repo_digest(info.repo_digests, ref.registry, ref.repository)
+            ref, manifest, result["pulled"] = self.located(image, not self.args.check)
         except (CriError, ImageRefError, LookupError) as err:
             result["error"] = f"pull: {err}"
+            return self._done(result, started)
+        if not manifest:
+            result["state"] = "absent"
             return self._done(result, started)
         result["manifest"] = manifest
         if self.args.check:
             try:
-                last = self.apulld.warm_progress(manifest)
+                last = self.apulld.warm_progress(manifest, ref.endpoint, ref.repository)
             except ApulldError as err:
                 last = {"error": f"apulld: {err}"}
             result.update({k: last.get(k) for k in (
@@ -163,8 +170,16 @@ class Prewarm:
         return self._done(result, started)
 
     def _warm(self, body: dict[str, Any], image: str) -> dict[str, Any]:
-        self.apulld.warm(body)
+        answer = self.apulld.warm(body)
         deadline = time.monotonic() + self.args.wait
+        if not answer.get("started"):
+            # A prewarm of the image was running already (perhaps asked otherwise): wait for
+            # it, then ask for ours; it fetches only what is still missing.
+            self._follow(body, image, deadline)
+            self.apulld.warm(body)
+        return self._follow(body, image, deadline)
+
+    def _follow(self, body: dict[str, Any], image: str, deadline: float) -> dict[str, Any]:
         shown = time.monotonic()
         while True:
             progress = self.apulld.warm_progress(body["manifest"])
@@ -186,6 +201,27 @@ class Prewarm:
         return result
 
 
+def show_startup(containerd: str, apulld: ApulldClient, args: argparse.Namespace) -> int:
+    """Print the start-up sets this node recorded: of the images' layers when images are
+    named (those absent here have none), else of every blob."""
+    layers: dict[str, Any] = {}
+    try:
+        if not args.images:
+            layers = apulld.startup_sets().get("layers", {})
+        with ImageClient(containerd) as cri:
+            run = Prewarm(cri, apulld, args, {})
+            for image in args.images:
+                ref, manifest, _ = run.located(image, pull=False)
+                if manifest:
+                    found = apulld.startup_sets(ref.endpoint, ref.repository, manifest)
+                    layers.update(found.get("layers", {}))
+    except (ApulldError, CriError, ImageRefError, LookupError) as err:
+        print(f"apull-containerd-grpc prewarm: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"layers": layers}, sort_keys=True))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     try:
@@ -196,12 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     apulld = ApulldClient(settings.apulld_address)
     if args.show_startup:
-        try:
-            print(json.dumps(apulld.startup_sets(), sort_keys=True))
-        except ApulldError as err:
-            print(f"apull-containerd-grpc prewarm: {err}", file=sys.stderr)
-            return 1
-        return 0
+        return show_startup(settings.containerd_address, apulld, args)
     if not args.images:
         print("apull-containerd-grpc prewarm: no IMAGE given", file=sys.stderr)
         return 2

@@ -121,13 +121,16 @@ def _line(entry):
 
 
 def _would_change(entry, startup_only):
-    """In check mode: whether a run would pull or fetch (what the cache holds is read live,
-    so an image warmed once and evicted since counts)."""
-    if entry.get("state") == "absent" or entry.get("last") not in ("warm",):
+    """In check mode: whether a run would pull or fetch. What the cache holds is read live
+    by apulld (an image warmed once and evicted since counts); the start-up set of an image
+    never prewarmed here is not known, so a cache short of the whole image counts."""
+    if entry.get("state") == "absent":
         return True
     if entry.get("lazy") is False:
         return False
-    if startup_only:
+    if entry.get("error"):
+        return True
+    if startup_only and entry.get("last") == "warm":
         return entry.get("startup_cached") != entry.get("startup_bytes")
     return entry.get("cached") != entry.get("bytes")
 
