@@ -52,8 +52,9 @@ def _hostvars(cfg: ClusterConfig, node: Node) -> dict[str, Any]:
             hostvars["ansible_become_password"] = PASSWORD_LOOKUP
     if node.lab_variant is not None:
         hostvars["apull_lab_variant"] = node.lab_variant
-    if node.lan_addr is not None:
-        hostvars["apull_lan_addr"] = node.lan_addr
+    # The node's address on the cluster network (peers reach each other there): the lab's
+    # LAN address, else the address config.txt names.
+    hostvars["apull_lan_addr"] = node.lan_addr if node.lan_addr is not None else node.host
     return hostvars
 
 

@@ -20,7 +20,7 @@ PASSWORD = "s3cr3t-Pa55word-never-logged"
 
 PLAY = """
 - name: Render the apull role's settings on the controller
-  hosts: localhost
+  hosts: {hosts}
   connection: local
   gather_facts: false
   tasks:
@@ -37,9 +37,11 @@ PLAY = """
 """
 
 
-def playbook(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def playbook(
+    tmp_path: Path, *extra: str, hosts: str = "localhost"
+) -> subprocess.CompletedProcess[str]:
     play = tmp_path / "play.yml"
-    play.write_text(PLAY.format(root=ROOT, out=tmp_path))
+    play.write_text(PLAY.format(root=ROOT, out=tmp_path, hosts=hosts))
     env = {
         **os.environ,
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
@@ -128,3 +130,17 @@ def test_registry_credentials_are_written_but_never_shown(tmp_path):
     )  # fmt: skip
     assert play.returncode != 0
     assert "apull_registry_auths[r.example] needs a username and a password" in play.stdout
+
+
+def test_peer_sharing_names_the_node_and_every_other_node_as_peers(tmp_path):
+    from apull.lab import layout
+
+    playbook(tmp_path, "-e", "apull_peer_sharing=true", hosts="node1")
+    apulld = load_settings(tmp_path / "config.toml").apulld
+    others = [layout.node_lan_addr(2), layout.node_lan_addr(3)]
+    assert apulld.peer_address == f"{layout.node_lan_addr(1)}:5050"
+    assert list(apulld.peer_allow) == others
+    assert list(apulld.peers) == [f"http://{address}:5050" for address in others]
+    playbook(tmp_path, hosts="node1")
+    off = load_settings(tmp_path / "config.toml").apulld
+    assert (off.peer_address, off.peer_allow, off.peers) == ("", (), ())

@@ -125,6 +125,7 @@ def test_servers_inventory(tmp_path: Path) -> None:
         "ansible_password": PASSWORD_LOOKUP,
         "ansible_become": True,
         "ansible_become_password": PASSWORD_LOOKUP,
+        "apull_lan_addr": "a.example.com",
     }
     assert (b["ansible_port"], b["ansible_user"]) == (2222, "root")
     assert "ansible_become_password" not in b

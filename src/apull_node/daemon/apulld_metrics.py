@@ -81,3 +81,15 @@ VERIFY_FAILURES = REGISTRY.counter(
 )
 VERIFY_FAILURES_REGISTRY = VERIFY_FAILURES.labels("registry")
 VERIFY_FAILURES_CACHE = VERIFY_FAILURES.labels("cache")
+
+PEER_REQUESTS = REGISTRY.counter(
+    "apull_peer_requests_total",
+    "Range requests from other nodes (peer_address), by outcome: served (every chunk held "
+    "and checked here), missing (404: the peer asks elsewhere), refused (not on the "
+    "allow-list).",
+    ("outcome",),
+)
+PEER_SERVED_BYTES = REGISTRY.counter(
+    "apull_peer_served_bytes_total",
+    "Verified chunk bytes sent to other nodes.",
+)

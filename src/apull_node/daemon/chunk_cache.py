@@ -242,6 +242,34 @@ class ChunkCache:
         self.counters.add("bytes_from_cache", len(data))
         return data
 
+    def held_range(self, digest: str, offset: int, end: int) -> bytes | None:
+        """Bytes [offset, end) of the blob for a peer: only when every chunk of it is cached
+        and was checked by this process (else None: the peer asks elsewhere); no fetch, no
+        read-ahead, not a read of ours."""
+        if not self.keep or offset < 0 or end <= offset:
+            return None
+        prefix = digest.replace(":", "-", 1) + "-c"
+        with self._lock:
+            states = [st for key, st in self._states.items() if key.startswith(prefix)]
+            for state in states:
+                first, last = offset // state.chunk_size, (end - 1) // state.chunk_size
+                if end > state.data_size or state.data_fd < 0:
+                    continue
+                indexes = range(first, last + 1)
+                if all(state.has(i) and state.trusted[i] for i in indexes):
+                    for index in indexes:
+                        self._pins[(state.key, index)] += 1
+                    break
+            else:
+                return None
+        try:
+            data = os.pread(state.data_fd, end - offset, offset)
+        finally:
+            with self._lock:
+                for index in indexes:
+                    self._unpin((state.key, index))
+        return data if len(data) == end - offset else None
+
     def read_span(
         self, spec: BlobSpec, source: Source, offset: int, size: int
     ) -> tuple[int, bytes]:

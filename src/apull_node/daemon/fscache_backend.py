@@ -33,7 +33,7 @@ from apull_node.daemon.blob_registry import BlobConfig, BlobRegistry
 from apull_node.daemon.blob_source import RegistrySource, TableError, TableStore, location_of
 from apull_node.daemon.cachefiles_device import OnDemandServer, ReadFailedError
 from apull_node.daemon.cachefiles_protocol import OpenRequest, ReadRequest
-from apull_node.daemon.chunk_cache import BlobSpec, ChunkCache, ChunkUnavailableError
+from apull_node.daemon.chunk_cache import BlobSpec, ChunkCache, ChunkUnavailableError, Pieces
 from apull_node.daemon.counters import Counters
 from apull_node.daemon.http_api import ServingError
 from apull_node.daemon.image_prewarm import NotHeldError
@@ -50,6 +50,9 @@ class FscacheBackendConfig:
     state_dir: Path  # apulld's own files: chunk tables
     fetch: FetchSettings
     threads: int = 4
+    #: Keep verified chunks in apulld's own chunk cache too, up to this many bytes (0: not;
+    #: the kernel's cache files keep them): what peers are served from.
+    keep_limit_bytes: int = 0
 
 
 def block_span(start: int, length: int) -> tuple[int, int]:
@@ -91,7 +94,10 @@ class FscacheBackend:
         self.counters = Counters()
         self.fetcher = RangeFetcher(config.fetch, self.counters)
         # keep=False: the kernel's cache file is the cache; the limit only bounds nothing.
-        self.cache = ChunkCache(config.state_dir / "chunks", 1 << 62, self.counters, keep=False)
+        # With peers to serve, verified chunks are kept in apulld's own cache as well.
+        keep = config.keep_limit_bytes > 0
+        limit = config.keep_limit_bytes if keep else 1 << 62
+        self.cache = ChunkCache(config.state_dir / "chunks", limit, self.counters, keep=keep)
         self.tables = TableStore(config.state_dir / "tables", self.fetcher)
         self.startup = StartupReads()
         self._lock = threading.Lock()
@@ -239,13 +245,20 @@ class FscacheBackend:
              offset: int, size: int) -> int:  # fmt: skip
         """Fetch and verify the chunks (no read-ahead), then write them into the kernel's
         cache file, as a READ would (the fd is borrowed for the writes only)."""
-        pieces = self.cache.fill(spec, source, offset, size)
+        pieces: Pieces
+        if self.cache.keep:
+            # Chunks apulld's own cache holds (kept for peers) are written from there:
+            # what is fetched is kept, so nothing is fetched twice.
+            first, span = self.cache.read_span(spec, source, offset, size)
+            pieces = {first: (first, span)} if span else {}
+        else:
+            pieces = self.cache.fill(spec, source, offset, size)
         written = 0
         with self._object_fd(config) as fd:
             for index in sorted(pieces):
-                start, data = pieces[index]
-                self.counters.add("bytes_written", write_blocks(fd, start, data))
-                written += len(data)
+                at, piece = pieces[index]
+                self.counters.add("bytes_written", write_blocks(fd, at, piece))
+                written += len(piece)
         with self._lock:
             held = self._written.get(config.blob_id, 0) + written
             self._written[config.blob_id] = min(config.size, held)

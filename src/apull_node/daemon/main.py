@@ -38,6 +38,7 @@ from apull_node.daemon.fscache_backend import FscacheBackend, FscacheBackendConf
 from apull_node.daemon.http_api import ApiState, ApulldHttpServer
 from apull_node.daemon.image_prewarm import ImagePrewarm
 from apull_node.daemon.image_warmup import ImageWarmup
+from apull_node.daemon.peer_server import PeerServer, resolve_allowed
 from apull_node.daemon.registry_fetch import FetchSettings
 from apull_node.daemon.serving import BackendStartError, ServingBackend
 from apull_node.image.registry_mirrors import parse_mirrors
@@ -94,6 +95,7 @@ def fetch_settings(settings: ApulldSettings) -> FetchSettings:
     insecure = frozenset(h.strip() for h in settings.registry_insecure if h.strip())
     return FetchSettings(
         mirrors=parse_mirrors(settings.registry_mirrors),
+        peers=tuple(settings.peers),
         insecure=insecure,
         auth_file=Path(settings.registry_auth_file) if settings.registry_auth_file else None,
         retries=max(0, settings.fetch_retries),
@@ -156,6 +158,11 @@ def _fscache_backend(
         state_dir=state_dir(settings.cache_dir),
         fetch=fetch_settings(settings),
         threads=max(1, settings.thread_num),
+        # Peers are served from apulld's own chunk cache: the kernel's cache files of
+        # mounted layers cannot be read back.
+        keep_limit_bytes=(max(1, settings.cache_size_limit_mb) << 20)
+        if settings.peer_address
+        else 0,
     )
     backend = FscacheBackend(config, blobs)
     backend.start(choice.device_fd, choice.inherited, objects)
@@ -190,6 +197,23 @@ def image_warmup(settings: ApulldSettings, backend: ServingBackend | None) -> Im
     return ImageWarmup(
         backend.fetcher, backend.tables, backend.cache, backend.counters, whole_max_bytes(settings)
     )
+
+
+def serve_peers(
+    settings: ApulldSettings, backend: ServingBackend | None, log: logging.Logger
+) -> PeerServer | None:
+    """The peer server on [apulld] peer_address (None: off, or no backend to serve from);
+    a bind failure is logged and sharing stays off (reads still work)."""
+    address = parse_listen_address(settings.peer_address)  # checked with the settings
+    if address is None or backend is None:
+        return None
+    try:
+        server = PeerServer(address, resolve_allowed(settings.peer_allow), backend.cache)
+    except OSError as err:
+        log.error("cannot serve peers on %s: %s; chunk sharing is off", settings.peer_address, err)
+        return None
+    server.start()
+    return server
 
 
 def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
@@ -229,6 +253,9 @@ def serve(settings: ApulldSettings, log: logging.Logger, started: float) -> int:
         if backend is not None:
             prewarm = ImagePrewarm(backend.fetcher, backend.tables, backend, backend.counters)
             held.callback(prewarm.close)
+        peers = serve_peers(settings, backend, log)
+        if peers is not None:
+            held.callback(peers.stop)
         address = parse_listen_address(settings.metrics_address)  # checked with the settings
         metrics = serve_metrics(address, apulld_metrics.REGISTRY, log)
         if metrics is not None:

@@ -50,6 +50,9 @@ MIRROR_REST_SECONDS = 30.0
 #: A mirror that answered a range of a blob with the whole blob (a pull-through cache still
 #: storing it) is not asked for that blob again for this long: the reads go to the origin.
 MIRROR_FILLING_SECONDS = 10.0
+#: A peer that does not hold a range of a blob (404) is not asked for that blob again for
+#: this long: the reads go on to the mirrors or the origin.
+PEER_MISS_SECONDS = 5.0
 #: After a request failed every try, more requests to that registry within this many
 #: seconds get one try each: a registry that is down does not cost every read a full
 #: round of backoff.
@@ -89,7 +92,12 @@ class _Final(_TryFailed):
 
 
 class _Skip(_TryFailed):
-    """This endpoint cannot serve this request now but is healthy: the next one serves it."""
+    """This endpoint cannot serve this request now but is healthy: the next one serves it.
+    It is not asked for this blob again for `seconds`."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
 
 
 def is_loopback(host: str) -> bool:
@@ -105,6 +113,8 @@ def is_loopback(host: str) -> bool:
 @dataclass(frozen=True)
 class FetchSettings:
     mirrors: tuple[MirrorSetting, ...] = ()
+    #: Other nodes' apulld (http://host:port), asked first for every registry's blobs.
+    peers: tuple[str, ...] = ()
     insecure: frozenset[str] = frozenset()
     auth_file: Path | None = None
     retries: int = 4
@@ -135,6 +145,7 @@ class _Endpoint:
     query: str  # "" or "?ns=<registry>"
     mirror: bool
     credentials_host: str
+    peer: bool = False
 
 
 @dataclass
@@ -193,11 +204,12 @@ class RangeFetcher:
         return bytes(self._with_retries(manifest, what, headers, take, limit, "", "manifests")[0])
 
     def mark_bad(self, endpoint: str) -> None:
-        """An endpoint sent bytes that failed verification: rest it if it is a mirror."""
-        for mirror in self.settings.mirrors:
-            netloc = urlsplit(mirror.url).netloc
+        """An endpoint sent bytes that failed verification: rest it if it is a peer or a
+        mirror (the origin is asked again: it is the last word)."""
+        for url in (*self.settings.peers, *(m.url for m in self.settings.mirrors)):
+            netloc = urlsplit(url).netloc
             if endpoint == netloc:
-                self._rest(_Endpoint(netloc, mirror.url, "", True, netloc), "sent bad data")
+                self._rest(_Endpoint(netloc, url, "", True, netloc), "sent bad data")
                 return
 
     # -- retries over endpoints -----------------------------------------------------------
@@ -205,6 +217,15 @@ class RangeFetcher:
     def _endpoints(self, blob: BlobLocation, avoid: str) -> list[_Endpoint]:
         now = time.monotonic()
         found: list[_Endpoint] = []
+        query = "?" + urlencode({"ns": blob.registry})
+        for peer in self.settings.peers:
+            netloc = urlsplit(peer).netloc
+            with self._lock:
+                if self._resting.get(netloc, 0.0) > now:
+                    continue
+                if self._filling.get((netloc, blob.digest), 0.0) > now:
+                    continue
+            found.append(_Endpoint(netloc, peer, query, True, netloc, peer=True))
         for mirror in self.settings.mirrors:
             if mirror.registry and mirror.registry != blob.registry:
                 continue
@@ -246,7 +267,7 @@ class RangeFetcher:
                     with self._lock:
                         now = time.monotonic()
                         self._filling = {k: t for k, t in self._filling.items() if t > now}
-                        self._filling[(endpoint.name, blob.digest)] = now + MIRROR_FILLING_SECONDS
+                        self._filling[(endpoint.name, blob.digest)] = now + err.seconds
                     continue
                 except _Retryable as err:
                     metrics.REGISTRY_ERRORS.labels(err.status).inc()
@@ -273,7 +294,9 @@ class RangeFetcher:
                     metrics.FETCHED_TABLE_BYTES.inc(len(data))
                 self.counters.add(counter, len(data))
                 self.counters.add("fetch_requests")
-                if endpoint.mirror and ranged:
+                if endpoint.peer and ranged:
+                    self.counters.add("bytes_from_peers", len(data))
+                elif endpoint.mirror and ranged:
                     self.counters.add("bytes_from_mirrors", len(data))
                 with self._lock:
                     self._failing.pop(blob.registry, None)
@@ -348,7 +371,12 @@ class RangeFetcher:
                 # A pull-through cache answers a blob it does not hold yet whole, while it
                 # fetches it in the background: not read (it may be gigabytes), and the
                 # mirror is not rested; its cached copy serves ranges soon after.
-                raise _Skip("sent the whole blob (Range ignored: not cached there yet)")
+                raise _Skip(
+                    "sent the whole blob (Range ignored: not cached there yet)",
+                    MIRROR_FILLING_SECONDS,
+                )
+            if resp.status == 404 and endpoint.peer:
+                raise _Skip("does not hold it", PEER_MISS_SECONDS)
             try:
                 body, complete = resp.take(limit if resp.status < 400 else 1 << 16)
             except (OSError, http.client.HTTPException) as err:

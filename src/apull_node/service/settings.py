@@ -95,6 +95,12 @@ class ApulldSettings:
     fuse_mountpoint: str = ""
     # Prometheus metrics at GET /metrics on this host:port ("": off).
     metrics_address: str = ""
+    # Node-to-node sharing: serve the verified chunks this node holds on this host:port
+    # ("": off) to the addresses of peer_allow, and ask `peers` (http://host:port) for
+    # chunks before any mirror or registry.
+    peer_address: str = ""
+    peer_allow: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,4 +236,16 @@ def load_settings(path: Path = DEFAULT_CONFIG_PATH) -> Settings:
                 f"{path}: [{name}] metrics_address: {table.metrics_address!r}: {err} "
                 '(e.g. "127.0.0.1:9810"; "" turns metrics off)'
             ) from None
+    try:
+        parse_listen_address(settings.apulld.peer_address)
+    except ValueError as err:
+        raise SettingsError(
+            f"{path}: [apulld] peer_address: {settings.apulld.peer_address!r}: {err} "
+            '(e.g. "10.0.0.5:5050"; "" turns sharing off)'
+        ) from None
+    for peer in settings.apulld.peers:
+        if not re.fullmatch(r"http://[A-Za-z0-9.\-\[\]:]+", peer):
+            raise SettingsError(
+                f"{path}: [apulld] peers: {peer!r} is not http://host:port (a peer's peer_address)"
+            )
     return settings
