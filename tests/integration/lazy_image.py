@@ -111,10 +111,12 @@ def fetched(node: layout.LabNode) -> int:
 
 
 def forget_image(node: layout.LabNode, ref: str) -> None:
-    """The image gone, its snapshots collected (a synchronous GC), apulld's cache wiped."""
+    """The image gone, its snapshots collected (a synchronous GC), apulld's caches wiped (the
+    kernel's cache files, and apulld's own chunks)."""
     run_on(node, f"{CRI} rmi {ref} >/dev/null; {K8S_CTR} leases create --id lazy-gc >/dev/null "
                  f"&& {K8S_CTR} leases rm --sync lazy-gc")  # fmt: skip
-    wiped = run_on(node, "systemctl stop apulld && rm -rf /var/lib/containerd-apull/cachefiles "
+    data = "/var/lib/containerd-apull"
+    wiped = run_on(node, f"systemctl stop apulld && rm -rf {data}/cachefiles {data}/apulld/chunks "
                          "&& systemctl start apulld")  # fmt: skip
     assert wiped.returncode == 0, wiped.stderr
 

@@ -599,6 +599,66 @@ def test_prewarm_the_start_up_set_then_whole_with_a_node_cut_off(lab, lazy_node,
     assert fetched(warm) == before
 
 
+# -- node-to-node sharing -------------------------------------------------------------------
+
+
+def first_output_and_read(node: layout.LabNode, image: LazyImage, name: str) -> tuple[float, float]:
+    """A cold container: seconds to its first output (a small file), then to read and hash
+    the big file (checked)."""
+    pull = nodes.ssh(node, f"{CRI} pull --json {image.ref}", timeout=300)
+    assert pull.returncode == 0, pull.stderr
+    started = time.monotonic()
+    run = run_on(
+        node, f"{K8S_CTR} run --rm --snapshotter apull {image.ref} {name}-a cat /data/hello"
+    )
+    first = time.monotonic() - started
+    assert run.stdout == image.files["data/hello"].decode(), run.stderr
+    started = time.monotonic()
+    big = nodes.ssh(node, f"{K8S_CTR} run --rm --snapshotter apull {image.ref} {name}-b "
+                          f"sha256sum /{BIG}", timeout=600)  # fmt: skip
+    assert lazy_image_sha(image) in big.stdout, big
+    return first, time.monotonic() - started
+
+
+def lazy_image_sha(image: LazyImage) -> str:
+    return image.sha256(BIG)
+
+
+def registry_bytes(node: layout.LabNode) -> int:
+    """Chunk bytes this node's apulld got from the registry (not from its peers)."""
+    stats = apulld_ping(node)["serving"]["stats"]
+    return int(stats.get("bytes_fetched", 0)) - int(stats.get("bytes_from_peers", 0))
+
+
+def test_three_nodes_one_after_another_the_registry_serves_about_one(lab, lazy_image):
+    deploy = apull("run", "deploy", "--no-lab", "-e", "apull_peer_sharing=true")
+    assert deploy.returncode == 0, deploy.stdout[-4000:]
+    try:
+        for node in lab:
+            forget_image(node, lazy_image.ref)
+        offset = access_log().stat().st_size
+        rows = []
+        for index, node in enumerate(lab):
+            first, read = first_output_and_read(node, lazy_image, f"peer{index}")
+            rows.append((node.name, first, read, registry_bytes(node)))
+        served = _served_to_apulld(offset)
+        for name, first, read, got in rows:
+            print(
+                f"{name}: first output {first:.2f} s, big file {read:.1f} s, "
+                f"{got} bytes from the registry"
+            )
+        print(f"registry: {served} bytes to the nodes' apulld in all")
+        one = rows[0][3]
+        assert one > 40 << 20  # the first node read the big file from the registry
+        assert all(got < one // 10 for _, _, _, got in rows[1:]), rows
+        assert served < 1.2 * one, (served, one)
+        # First output no worse for the later nodes (noise allowed).
+        assert all(first <= 1.5 * rows[0][1] + 1.0 for _, first, _, _ in rows[1:]), rows
+    finally:
+        off = apull("run", "deploy", "--no-lab")
+        assert off.returncode == 0, off.stdout[-4000:]
+
+
 # -- apull status on the deployed fleet ---------------------------------------------------------
 
 CLOSED_PORT = 2299  # nothing listens here: a node that is down
