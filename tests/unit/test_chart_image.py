@@ -60,3 +60,18 @@ def test_the_python_layer_has_ansible_and_what_it_needs_and_no_dev_tools() -> No
     names = {d.metadata["Name"].lower().replace("_", "-") for d in image.python_distributions()}
     assert {"ansible-core", "jinja2", "pyyaml", "cryptography", "resolvelib", "tomlkit"} <= names
     assert not names & {"pytest", "ruff", "mypy", "molecule", "ansible-lint"}
+
+
+def test_the_pods_playbook_runs_with_a_strategy_the_image_can_load() -> None:
+    """ansible.cfg names the Mitogen strategy (the suite's own runs), which the image does
+    not carry: the pod's unit must name one that ships with ansible-core (a chart install
+    failed in the lab with 'No module named ansible_mitogen' before this)."""
+    from ansible.plugins.loader import strategy_loader
+
+    from apull.chart import pod
+
+    names = {d.metadata["Name"].lower() for d in image.python_distributions()}
+    assert "mitogen" not in names
+    strategy = pod.unit_env()["ANSIBLE_STRATEGY"]
+    found = strategy_loader.find_plugin(strategy)
+    assert found is not None and "/ansible/plugins/strategy/" in found, found

@@ -34,6 +34,8 @@ MOUNT = Path(os.environ.get("APULL_CHART_MOUNT", "/host/apull-chart"))
 HOST_DIR = os.environ.get("APULL_CHART_HOST_DIR", "/var/lib/apull-chart")
 #: The chart's settings: role variables as JSON (its Secret).
 SETTINGS = Path(os.environ.get("APULL_CHART_SETTINGS", "/etc/apull-chart/vars.json"))
+#: The strategy the pod's playbook runs with: one that ships with ansible-core.
+CHART_STRATEGY = "linear"
 READY = Path("/tmp/apull-chart-ready")
 #: The image's top-level entries the host root needs (bin, lib, sbin are links into usr).
 COPIED = ("bin", "etc", "lib", "lib64", "opt", "sbin", "usr", "var")
@@ -108,6 +110,22 @@ def _unit_state(unit: str) -> str:
     return res.stdout.strip()
 
 
+def unit_env() -> dict[str, str]:
+    """The environment of the transient unit that runs the playbook on the host."""
+    return {
+        "PYTHONPATH": "/opt/apull/lib:/opt/apull/suite/src",
+        "ANSIBLE_CONFIG": f"{SUITE}/ansible.cfg",
+        "ANSIBLE_LOCAL_TEMP": "/tmp/ansible-local",
+        "HOME": "/root",
+        "PYTHONUNBUFFERED": "1",
+        # The modules' own "Invoked with ..." syslog lines would land in the unit's journal.
+        "ANSIBLE_NO_TARGET_SYSLOG": "True",
+        # ansible.cfg's Mitogen strategy saves ssh round trips; the pod's connection is
+        # local (nsenter) and the image carries no Mitogen: Ansible's own strategy.
+        "ANSIBLE_STRATEGY": CHART_STRATEGY,
+    }
+
+
 def run_on_host(build: str, action: str) -> int:
     """ansible-playbook in a transient unit on the host, rooted in this build's copy. One unit
     name for every action: an uninstall waits for an install an earlier pod left running."""
@@ -121,15 +139,7 @@ def run_on_host(build: str, action: str) -> int:
         time.sleep(10)
     subprocess.run([*NSENTER, "systemctl", "reset-failed", unit],
                    capture_output=True, check=False)  # fmt: skip
-    env = {
-        "PYTHONPATH": "/opt/apull/lib:/opt/apull/suite/src",
-        "ANSIBLE_CONFIG": f"{SUITE}/ansible.cfg",
-        "ANSIBLE_LOCAL_TEMP": "/tmp/ansible-local",
-        "HOME": "/root",
-        "PYTHONUNBUFFERED": "1",
-        # The modules' own "Invoked with ..." syslog lines would land in the unit's journal.
-        "ANSIBLE_NO_TARGET_SYSLOG": "True",
-    }
+    env = unit_env()
     # No --pipe: the unit's output goes to the journal and this pod follows it there, so
     # the unit runs on whatever happens to the pod (the uninstall stops this very container).
     command = [
