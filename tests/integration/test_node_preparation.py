@@ -567,7 +567,9 @@ def test_prewarm_the_start_up_set_then_whole_with_a_node_cut_off(lab, lazy_node,
     failed = images[(cut.name, lazy_image.ref)]
     assert failed["state"] == "failed" and failed["error"].startswith("pull: "), failed
     assert "registry.lab:5000" in failed["error"], failed
-    assert re.search(rf"^{cut.name}\s.*FAILED at: Pull and warm the images", out, re.M), out[-3000:]
+    assert re.search(rf"^{cut.name}\s.*FAILED at: prewarm : Pull and warm the images", out, re.M), (
+        out[-3000:]
+    )
     print(
         f"start-up set: {first['startup_bytes']} of {first['bytes']} bytes, "
         f"{first['fetched']} fetched in {first['seconds']} s"
