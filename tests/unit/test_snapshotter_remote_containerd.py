@@ -198,6 +198,11 @@ def _prewarm(stack: Stack, image: str, check: bool = False) -> dict:
 def test_prewarm_pulls_warms_the_rest_and_then_does_nothing(stack: Stack, converted, registry):
     layers, _ = converted
     total = sum(layer["size"] for layer in layers)
+    # The original pulled too: it shares its config (the image id) with the converted one,
+    # so CRI gives both manifests' digests for the converted tag.
+    with ImageClient(stack.containerd.address) as cri:
+        cri.pull(stack.image.replace(":apull", ":latest"))
+        assert len(cri.status(stack.image).repo_digests) == 2
     result = _prewarm(stack, stack.image)
     assert (result["state"], result["error"], result["lazy"]) == ("warm", "", True)
     assert result["cached"] == result["bytes"] == total

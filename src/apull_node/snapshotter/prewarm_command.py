@@ -80,16 +80,20 @@ def startup_sets(path: Path | None) -> dict[str, list[list[int]]]:
     return layers
 
 
-def repo_digest(repo_digests: Sequence[str], registry: str, repository: str) -> str:
-    """The digest CRI recorded for the image's repository (registry/repo@sha256:...)."""
+def repo_digests(found: Sequence[str], registry: str, repository: str) -> list[str]:
+    """The digests CRI recorded for the image's repository (registry/repo@sha256:...), in
+    its order; LookupError when there is none."""
     names = {f"{registry}/{repository}"}
     if registry == "docker.io":
         names |= {f"docker.io/{repository}", repository, repository.removeprefix("library/")}
-    for entry in repo_digests:
+    digests = []
+    for entry in found:
         name, _, digest = entry.rpartition("@")
-        if name in names and digest:
-            return digest
-    raise LookupError(f"CRI has no repo digest for {registry}/{repository}: {list(repo_digests)}")
+        if name in names and digest and digest not in digests:
+            digests.append(digest)
+    if not digests:
+        raise LookupError(f"CRI has no repo digest for {registry}/{repository}: {list(found)}")
+    return digests
 
 
 class Prewarm:
@@ -118,7 +122,25 @@ class Prewarm:
                 raise CriError("pulled, but CRI does not know the image")
         if info is None:
             return ref, "", False
-        return ref, repo_digest(info.repo_digests, ref.registry, ref.repository), pulled
+        if ref.reference.startswith("sha256:"):
+            return ref, ref.reference, pulled
+        return ref, self._converted(ref, info.repo_digests), pulled
+
+    def _converted(self, ref: Any, found: Sequence[str]) -> str:
+        """The repo digest to warm. CRI names an image by its config, which a converted
+        image shares with its original: with both pulled, CRI gives the digests of both for
+        the one tag. The one whose manifest has apull layers is the one to warm (apulld
+        reads each manifest; nothing is fetched), else the first."""
+        digests = repo_digests(found, ref.registry, ref.repository)
+        if len(digests) > 1:
+            for digest in digests:
+                try:
+                    seen = self.apulld.warm_progress(digest, ref.endpoint, ref.repository)
+                except ApulldError:
+                    break
+                if seen.get("lazy") and not seen.get("error"):
+                    return digest
+        return digests[0]
 
     def image(self, image: str) -> dict[str, Any]:
         started = time.monotonic()
