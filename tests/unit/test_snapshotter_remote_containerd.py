@@ -218,6 +218,9 @@ def test_prewarm_pulls_warms_the_rest_and_then_does_nothing(stack: Stack, conver
     again = _prewarm(stack, stack.image)
     assert (again["state"], again["pulled"], again["fetched"]) == ("warm", False, 0)
     assert len(stack.proxy.state.requests) == requests
+    # Its original, by its own tag: the registry's digest for the tag tells the twins apart.
+    twin = _prewarm(stack, stack.image.replace(":apull", ":latest"))
+    assert (twin["state"], twin["pulled"], twin["lazy"]) == ("warm", False, False), twin
     # An image that is not converted: the pull is all.
     test_image.push(registry)
     plain = _prewarm(stack, f"{stack.proxy.address}/{test_image.REPO}:{test_image.TAG}")

@@ -25,6 +25,7 @@ status 0.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 import time
@@ -33,8 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from apull_node.cri.client import DEFAULT_PULL_TIMEOUT, CriError, ImageClient
+from apull_node.image.oci import MANIFEST_ACCEPT
 from apull_node.image.reference import ImageRefError, parse_reference
-from apull_node.service.settings import DEFAULT_CONFIG_PATH, SettingsError, load_settings
+from apull_node.image.registry_auth import AuthError, Credentials, find_credentials
+from apull_node.image.registry_session import RegistryError, RegistrySession
+from apull_node.service.settings import (
+    DEFAULT_CONFIG_PATH,
+    ApulldSettings,
+    SettingsError,
+    load_settings,
+)
 from apull_node.snapshotter.apulld_client import ApulldClient, ApulldError
 
 #: Seconds between progress reads (and lines on stderr).
@@ -80,6 +89,20 @@ def startup_sets(path: Path | None) -> dict[str, list[list[int]]]:
     return layers
 
 
+def _credentials(host: str, auth: Path | None) -> Credentials | None:
+    return find_credentials(host, auth) if auth is not None and auth.is_file() else None
+
+
+def _loopback(host: str) -> bool:
+    name = host.rsplit(":", 1)[0].strip("[]") if not host.endswith("]") else host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def repo_digests(found: Sequence[str], registry: str, repository: str) -> list[str]:
     """The digests CRI recorded for the image's repository (registry/repo@sha256:...), in
     its order; LookupError when there is none."""
@@ -103,11 +126,13 @@ class Prewarm:
         apulld: ApulldClient,
         args: argparse.Namespace,
         startup: dict[str, list[list[int]]],
+        apulld_settings: ApulldSettings | None = None,
     ) -> None:
         self.cri = cri
         self.apulld = apulld
         self.args = args
         self.startup = startup
+        self.apulld_settings = apulld_settings or ApulldSettings()
 
     def located(self, image: str, pull: bool) -> tuple[Any, str, bool]:
         """(reference, repo digest or "" when absent, pulled now)."""
@@ -129,9 +154,12 @@ class Prewarm:
     def _converted(self, ref: Any, found: Sequence[str]) -> str:
         """The repo digest to warm. CRI names an image by its config, which a converted
         image shares with its original: with both pulled, CRI gives the digests of both for
-        the one tag. The one whose manifest has apull layers is the one to warm (apulld
-        reads each manifest; nothing is fetched), else the first."""
+        either tag. The tag's digest in the registry settles it when it is one of them;
+        else the one whose manifest has apull layers (apulld reads each manifest; nothing
+        is fetched), else the first."""
         digests = repo_digests(found, ref.registry, ref.repository)
+        if len(digests) > 1 and (tagged := self._tag_digest(ref)) in digests:
+            return tagged
         if len(digests) > 1:
             for digest in digests:
                 try:
@@ -141,6 +169,29 @@ class Prewarm:
                 if seen.get("lazy") and not seen.get("error"):
                     return digest
         return digests[0]
+
+    def _tag_digest(self, ref: Any) -> str:
+        """The digest the registry gives the tag now (HEAD, with apulld's insecure hosts and
+        credentials); "" when it cannot be had."""
+        settings = self.apulld_settings
+        auth = Path(settings.registry_auth_file) if settings.registry_auth_file else None
+        host = ref.endpoint
+        session = RegistrySession(
+            host,
+            ref.repository,
+            insecure=host in settings.registry_insecure or _loopback(host),
+            find_credentials=lambda: (
+                find_credentials(host, auth) if auth and auth.is_file() else None
+            ),
+            timeout=30.0,
+        )
+        try:
+            url = session.repo_url(f"manifests/{ref.reference}")
+            with session.request("HEAD", url, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+                digest = resp.headers.get("docker-content-digest", "")
+                return digest if resp.status == 200 else ""
+        except (RegistryError, AuthError):
+            return ""
 
     def image(self, image: str) -> dict[str, Any]:
         started = time.monotonic()
@@ -223,7 +274,9 @@ class Prewarm:
         return result
 
 
-def show_startup(containerd: str, apulld: ApulldClient, args: argparse.Namespace) -> int:
+def show_startup(
+    containerd: str, apulld: ApulldClient, args: argparse.Namespace, settings: ApulldSettings
+) -> int:
     """Print the start-up sets this node recorded: of the images' layers when images are
     named (those absent here have none), else of every blob."""
     layers: dict[str, Any] = {}
@@ -231,7 +284,7 @@ def show_startup(containerd: str, apulld: ApulldClient, args: argparse.Namespace
         if not args.images:
             layers = apulld.startup_sets().get("layers", {})
         with ImageClient(containerd) as cri:
-            run = Prewarm(cri, apulld, args, {})
+            run = Prewarm(cri, apulld, args, {}, settings)
             for image in args.images:
                 ref, manifest, _ = run.located(image, pull=False)
                 if manifest:
@@ -247,20 +300,21 @@ def show_startup(containerd: str, apulld: ApulldClient, args: argparse.Namespace
 def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     try:
-        settings = load_settings(args.config).snapshotter
+        loaded = load_settings(args.config)
+        settings = loaded.snapshotter
         startup = {} if args.check else startup_sets(args.startup)
     except (OSError, ValueError, SettingsError) as err:
         print(f"apull-containerd-grpc prewarm: {err}", file=sys.stderr)
         return 2
     apulld = ApulldClient(settings.apulld_address)
     if args.show_startup:
-        return show_startup(settings.containerd_address, apulld, args)
+        return show_startup(settings.containerd_address, apulld, args, loaded.apulld)
     if not args.images:
         print("apull-containerd-grpc prewarm: no IMAGE given", file=sys.stderr)
         return 2
     results = []
     with ImageClient(settings.containerd_address) as cri:
-        run = Prewarm(cri, apulld, args, startup)
+        run = Prewarm(cri, apulld, args, startup, loaded.apulld)
         for image in args.images:
             results.append(run.image(image))
     if args.check:
