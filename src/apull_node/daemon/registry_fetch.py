@@ -22,7 +22,6 @@ from __future__ import annotations
 # boots and pulls at once. Imported with apulld instead.
 import encodings.idna  # noqa: F401
 import http.client
-import ipaddress
 import logging
 import re
 import threading
@@ -40,7 +39,7 @@ from apull_node.image.registry_auth import (
     Credentials,
     find_credentials,
 )
-from apull_node.image.registry_connections import Connections
+from apull_node.image.registry_connections import Connections, is_loopback
 from apull_node.image.registry_mirrors import Mirror as MirrorSetting
 from apull_node.image.registry_session import Mirror, RegistryError, RegistrySession, error_text
 
@@ -98,16 +97,6 @@ class _Skip(_TryFailed):
     def __init__(self, message: str, seconds: float) -> None:
         super().__init__(message)
         self.seconds = seconds
-
-
-def is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0].strip("[]") if not host.endswith("]") else host.strip("[]")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def _proxy_for(scheme: str, netloc: str) -> str:
     hosts never go through one (as in Go, hence containerd); a proxy's user and password
     are not used (a proxy that wants them is not supported)."""
     host = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
-    if _loopback(host.strip("[]")) or urllib.request.proxy_bypass(host):
+    if is_loopback(netloc) or urllib.request.proxy_bypass(host):
         return ""
     proxy = urllib.request.getproxies().get(scheme, "")
     if not proxy:
@@ -130,7 +130,10 @@ def _proxy_for(scheme: str, netloc: str) -> str:
     return parts.netloc.rpartition("@")[2]
 
 
-def _loopback(name: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether host[:port] (or [v6]:port) names this machine: localhost or a loopback
+    address (such registries may speak plain HTTP, like docker's, and skip proxies)."""
+    name = host.rsplit(":", 1)[0].strip("[]") if not host.endswith("]") else host.strip("[]")
     if name == "localhost":
         return True
     try:

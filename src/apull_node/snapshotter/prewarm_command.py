@@ -25,7 +25,6 @@ status 0.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import sys
 import time
@@ -37,6 +36,7 @@ from apull_node.cri.client import DEFAULT_PULL_TIMEOUT, CriError, ImageClient
 from apull_node.image.oci import MANIFEST_ACCEPT
 from apull_node.image.reference import ImageRefError, parse_reference
 from apull_node.image.registry_auth import AuthError, Credentials, find_credentials
+from apull_node.image.registry_connections import is_loopback
 from apull_node.image.registry_session import RegistryError, RegistrySession
 from apull_node.service.settings import (
     DEFAULT_CONFIG_PATH,
@@ -91,16 +91,6 @@ def startup_sets(path: Path | None) -> dict[str, list[list[int]]]:
 
 def _credentials(host: str, auth: Path | None) -> Credentials | None:
     return find_credentials(host, auth) if auth is not None and auth.is_file() else None
-
-
-def _loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0].strip("[]") if not host.endswith("]") else host.strip("[]")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def repo_digests(found: Sequence[str], registry: str, repository: str) -> list[str]:
@@ -179,7 +169,7 @@ class Prewarm:
         session = RegistrySession(
             host,
             ref.repository,
-            insecure=host in settings.registry_insecure or _loopback(host),
+            insecure=host in settings.registry_insecure or is_loopback(host),
             find_credentials=lambda: (
                 find_credentials(host, auth) if auth and auth.is_file() else None
             ),
