@@ -16,6 +16,7 @@ def test_the_node_side_modules_are_the_ones_expected() -> None:
     assert [p.stem for p in ON_NODE] == [
         "boot_loader",
         "fs_ctl",
+        "image_prewarm",
         "kernel_modules",
         "node_facts",
         "node_files",

@@ -83,6 +83,25 @@ def test_sequential_reads_fetch_ahead_in_growing_windows(tmp_path: Path, monkeyp
     assert source.calls == [(5 * CHUNK, 6 * CHUNK, ""), (2 * CHUNK, 3 * CHUNK, "")]
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_kernel_like_reader_that_stores_what_it_gets_keeps_its_read_ahead(
+    tmp_path: Path, monkeypatch, keep: bool
+) -> None:
+    """The fscache backend writes all a read returns (the chunks fetched ahead included)
+    into the kernel's cache file, and the kernel then asks for the first byte it lacks:
+    with or without apulld's own copy (keep, for peers), the windows keep growing."""
+    monkeypatch.setattr(chunk_cache, "READ_AHEAD_BYTES", 4 * CHUNK)
+    cache = ChunkCache(tmp_path, 1 << 30, Counters(), keep=keep, caller_stores=True)
+    source = FakeSource()
+    offset = 0
+    while offset < len(DATA):
+        start, data = cache.read_span(SPEC, source, offset, CHUNK)
+        assert data == DATA[start : start + len(data)] and start <= offset
+        offset = start + len(data)  # the first byte the kernel's file lacks
+    ranges = [(start // CHUNK, -(-end // CHUNK)) for start, end, _ in source.calls]
+    assert ranges == [(0, 1), (1, 3), (3, 6), (6, 11)]
+
+
 def test_prefetch_fetches_whole_windows_ahead_in_the_background(
     tmp_path: Path, monkeypatch
 ) -> None:

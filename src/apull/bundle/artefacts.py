@@ -112,7 +112,7 @@ BINARIES: tuple[BinarySpec, ...] = (
         "/usr/bin/apull-containerd-grpc",
         "0550",
         "apull-snapshotter.service",
-        "apull_node.snapshotter.main:main",
+        "apull_node.snapshotter.main:run",
         # The CRI image client (pulls as kubelet does) rides along: it needs the same grpc
         # runtime, and a binary without a service would be a special case for every
         # installer (sync-bin, the role's restarts, uninstall).

@@ -113,12 +113,16 @@ class _Flight:
 class ChunkCache:
     def __init__(
         self, root: Path, limit_bytes: int, counters: Counters, keep: bool = True,
-        prefetch: bool = False,
+        prefetch: bool = False, caller_stores: bool = False,
     ) -> None:  # fmt: skip
+        """`caller_stores`: the caller stores what a read returns, the chunks fetched ahead
+        included (the fscache backend writes them into the kernel's cache file), so the
+        chunks fetched ahead count as read (with keep=False they always do)."""
         self.root = root
         self.limit = limit_bytes
         self.counters = counters
         self.keep = keep
+        self.caller_stores = caller_stores or not keep
         self.used = 0
         self._lock = threading.Lock()
         self._states: dict[str, BlobState] = {}
@@ -390,7 +394,7 @@ class ChunkCache:
                 ahead = self._advance(state, first, last)
             else:
                 mine += self._read_ahead(state, first, last, mine)
-            if not self.keep and mine:
+            if self.caller_stores and mine:
                 state.last_read = max(state.last_read, mine[-1])
         self._start_prefetch(state, spec, source, ahead)
         if missed:
@@ -645,9 +649,13 @@ class ChunkCache:
             return
         start, _ = state.bounds(index)
         try:
-            os.pwrite(state.data_fd, data, start)
+            wrote = os.pwrite(state.data_fd, data, start)
         except OSError as err:
             log.warning("cannot cache chunk %d of %s: %s", index, state.key, err)
+            return
+        if wrote != len(data):  # a full disk: the chunk is not cached (its bit stays off)
+            log.warning("cannot cache chunk %d of %s: %d of %d bytes written",
+                        index, state.key, wrote, len(data))  # fmt: skip
             return
         with self._lock:
             if state.has(index):

@@ -97,7 +97,9 @@ class FscacheBackend:
         # With peers to serve, verified chunks are kept in apulld's own cache as well.
         keep = config.keep_limit_bytes > 0
         limit = config.keep_limit_bytes if keep else 1 << 62
-        self.cache = ChunkCache(config.state_dir / "chunks", limit, self.counters, keep=keep)
+        self.cache = ChunkCache(
+            config.state_dir / "chunks", limit, self.counters, keep=keep, caller_stores=True
+        )
         self.tables = TableStore(config.state_dir / "tables", self.fetcher)
         self.startup = StartupReads()
         self._lock = threading.Lock()

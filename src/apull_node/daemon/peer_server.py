@@ -9,8 +9,13 @@ node checks every chunk against its own table as it does a registry's, so a peer
 inject data; one that sends bad data rests like a mirror.
 
 - Read-only: GET and HEAD, that path alone; nothing is fetched for a peer, nothing listed.
-- Only peers on the allow-list (``peer_allow``: addresses, resolved at start) are answered;
-  others get 403 and nothing is read.
+- Only peers on the allow-list (``peer_allow``: addresses, resolved at start) are answered:
+  a connection from any other address is closed before a thread is started for it (the
+  refusal is counted, nothing is read). The allow-list is the only authentication: any
+  process at an allowed address (a host-network pod there, say) can read any blob this
+  node holds by its digest.
+- At most MAX_ACTIVE connections are served at once, each request of at most MAX_RANGE
+  bytes, an idle connection closed after 10 s.
 - The repository and ``?ns=`` are not looked at: a blob is its digest.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import socketserver
 import threading
 from collections.abc import Iterable
 from http import HTTPStatus
@@ -29,9 +35,11 @@ from apull_node.daemon import apulld_metrics as metrics
 
 log = logging.getLogger("apulld.peers")
 _BLOB_PATH = re.compile(r"/v2/(?:[a-z0-9._/-]+)/blobs/(sha256:[0-9a-f]{64})")
-_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
-#: Largest range one request may ask (a fetch run is a few MiB).
-MAX_RANGE = 64 << 20
+_RANGE = re.compile(r"bytes=(\d{1,15})-(\d{1,15})")
+#: Largest range one request may ask (apulld's own runs are at most a few MiB).
+MAX_RANGE = 16 << 20
+#: Connections served at once; more wait for a free slot (queued by the kernel).
+MAX_ACTIVE = 16
 
 
 class HeldChunks(Protocol):
@@ -60,9 +68,40 @@ class PeerServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], allowed: frozenset[str], held: HeldChunks) -> None:
         self.allowed = allowed
         self.held = held
+        self.slots = threading.BoundedSemaphore(MAX_ACTIVE)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _PeerHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks DNS for this host's name (getfqdn); not needed here.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Off the allow-list: closed at once, before any thread or read."""
+        peer = str(client_address[0])
+        if peer.startswith("::ffff:"):
+            peer = peer[7:]
+        if peer in self.allowed:
+            return True
+        metrics.PEER_REQUESTS.labels("refused").inc()
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, args=(0.2,), name="peers")
@@ -80,7 +119,7 @@ class PeerServer(ThreadingHTTPServer):
 class _PeerHandler(BaseHTTPRequestHandler):
     server: PeerServer
     protocol_version = "HTTP/1.1"
-    timeout = 30
+    timeout = 10
 
     def do_GET(self) -> None:
         self._serve(head=False)
@@ -89,13 +128,6 @@ class _PeerHandler(BaseHTTPRequestHandler):
         self._serve(head=True)
 
     def _serve(self, head: bool) -> None:
-        peer = self.client_address[0]
-        if peer.startswith("::ffff:"):
-            peer = peer[7:]
-        if peer not in self.server.allowed:
-            metrics.PEER_REQUESTS.labels("refused").inc()
-            self._send(HTTPStatus.FORBIDDEN, b"not a peer\n", head)
-            return
         match = _BLOB_PATH.fullmatch(self.path.split("?", 1)[0])
         wanted = _RANGE.fullmatch(self.headers.get("Range", "").strip())
         if match is None or wanted is None or head:

@@ -254,8 +254,9 @@ class RegistrySession:
     def _scheme(self) -> str:
         """https, or for an insecure endpoint the scheme it was found to speak: HTTP only
         when HTTPS fails as a server that does not speak TLS does (a TLS error, or nothing
-        listening), and HTTP answers like a registry (200 or 401). A timeout or reset says
-        nothing about the scheme: it is raised, and nothing is learned."""
+        listening), and HTTP answers with anything but 400 (what an HTTPS-only server says
+        to plain HTTP). A timeout or reset says nothing about the scheme: it is raised, and
+        nothing is learned."""
         if self._fixed_scheme:
             return self._fixed_scheme
         if not self.insecure:
@@ -277,7 +278,7 @@ class RegistrySession:
                     f"registry {self.endpoint} answers neither HTTPS ({tls_error.__cause__}) "
                     f"nor HTTP ({plain_error.__cause__})"
                 ) from plain_error
-            if status not in (200, 401):
+            if status == 400:  # an HTTPS-only server's answer to plain HTTP
                 raise RegistryError(
                     f"registry {self.endpoint}: HTTPS failed ({tls_error.__cause__}) and "
                     f"plain HTTP answers GET /v2/ with HTTP {status}, not like a registry"

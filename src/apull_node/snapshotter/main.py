@@ -9,10 +9,13 @@ systemd (Type=notify) once the socket is bound and restricted to 0600.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sqlite3
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from apull_node.service import sdnotify
 from apull_node.service.logs import setup_logging
@@ -112,5 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """main(), then exit at once: the binary's entry. At interpreter teardown grpc's event
+    engine thread (Debian 11's grpcio) can abort the process (SIGABRT, "epoll_wait error:
+    Bad file descriptor") after main() returned: everything main() opened is closed by
+    then, so the output is flushed and the process ends without that teardown."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
