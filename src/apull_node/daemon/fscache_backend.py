@@ -6,8 +6,9 @@ writes into the object's cache file (its anonymous fd).
 
 What the kernel's cache file holds it never asks for again (across remounts and apulld
 restarts too), so chunks are verified but not kept a second time in apulld's chunk cache
-(``ChunkCache(keep=False)``); whole chunks are written, with the chunks fetched ahead of a
-sequential reader, so the cache file fills in chunk-sized pieces.
+(``ChunkCache(keep=False)``) unless peers are served from it (``keep_limit_bytes``); whole
+chunks are written, with the chunks fetched ahead of a sequential reader, so the cache file
+fills in chunk-sized pieces.
 
 The cache file is opened O_DIRECT: writes go from a page-aligned buffer (an anonymous mmap)
 at 4096-aligned offsets with 4096-multiple lengths (a blob's tail is padded with zeros).
