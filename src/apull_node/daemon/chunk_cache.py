@@ -233,13 +233,8 @@ class ChunkCache:
                 self._lru.move_to_end(key)
             ahead = self._advance(state, first, last)
         self._start_prefetch(state, spec, source, ahead)
-        try:
-            data = os.pread(state.data_fd, end - offset, offset)
-        finally:
-            with self._lock:
-                for index in indexes:
-                    self._unpin((state.key, index))
-        if len(data) != end - offset:
+        data = self._pread_pinned(state, indexes, offset, end)
+        if data is None:
             return None
         metrics.CACHE_HITS.inc(len(indexes))
         self.counters.add("chunks_from_cache", len(indexes))
@@ -266,6 +261,13 @@ class ChunkCache:
                     break
             else:
                 return None
+        return self._pread_pinned(state, indexes, offset, end)
+
+    def _pread_pinned(
+        self, state: BlobState, indexes: range, offset: int, end: int
+    ) -> bytes | None:
+        """[offset, end) of the blob's data file, its chunks pinned by the caller (unpinned
+        here); None when the file is short."""
         try:
             data = os.pread(state.data_fd, end - offset, offset)
         finally:
