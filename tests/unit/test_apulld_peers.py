@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,23 @@ def sharing(root: Path, port: int, allow: list[str]) -> Apulld:
     return daemon
 
 
-def asking(root: Path, peers: list[str]) -> Apulld:
-    daemon = Apulld(root, {"peers": peers})
+def asking(root: Path, peers: list[str], **settings: Any) -> Apulld:
+    daemon = Apulld(root, {"peers": peers, **settings})
     root.mkdir()
     daemon.start()
     return daemon
+
+
+def scrape(address: str) -> dict[str, float]:
+    """The samples of apulld's GET /metrics (name with labels: value)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
 
 
 def test_a_second_node_reads_from_the_first_and_the_registry_serves_one(
@@ -49,7 +62,10 @@ def test_a_second_node_reads_from_the_first_and_the_registry_serves_one(
     multi = images["multi"]
     port = free_port()
     first = sharing(tmp_path / "first", port, ["127.0.0.1", "localhost"])
-    second = asking(tmp_path / "second", [f"http://127.0.0.1:{port}"])
+    metrics_address = f"127.0.0.1:{free_port()}"
+    second = asking(
+        tmp_path / "second", [f"http://127.0.0.1:{port}"], metrics_address=metrics_address
+    )
     try:
         data = read_all(first, multi, proxy.address)
         assert "sha256:" + hashlib.sha256(data).hexdigest() == multi.digest
@@ -60,6 +76,10 @@ def test_a_second_node_reads_from_the_first_and_the_registry_serves_one(
         assert proxy.bytes_of(multi.digest) == from_registry  # not one byte more
         assert second.stats()["bytes_from_peers"] == multi.size
         assert first.stats().get("bytes_fetched", 0) == multi.size
+        # The peer's bytes are counted as a peer's, not as a registry's.
+        samples = scrape(metrics_address)
+        assert samples["apull_peer_fetched_bytes_total"] == multi.size
+        assert samples.get('apull_registry_fetched_bytes_total{kind="layer"}', 0) == 0
     finally:
         second.close()
         first.close()
@@ -153,3 +173,44 @@ def test_a_peer_that_lacks_the_chunks_sends_the_read_to_the_registry(
     finally:
         second.close()
         first.close()
+
+
+class _Recording(BaseHTTPRequestHandler):
+    """A peer that holds nothing (404) and notes what it was asked."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.asked.append((self.path, self.headers.get("Range")))  # type: ignore[attr-defined]
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_peer_is_asked_for_chunk_ranges_only(
+    images: dict[str, Layer], proxy: Proxy, tmp_path: Path
+) -> None:
+    """A peer serves chunk ranges and nothing else: chunk tables and manifests are not asked
+    of it (each would cost a 404 round trip)."""
+    multi = images["multi"]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    server.lock = threading.Lock()  # type: ignore[attr-defined]
+    server.asked = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    second = asking(tmp_path / "second", [f"http://127.0.0.1:{server.server_port}"])
+    try:
+        data = read_all(second, multi, proxy.address)
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == multi.digest
+        asked = list(server.asked)  # type: ignore[attr-defined]
+        assert asked, "the peer was never asked"
+        assert all(wanted and wanted.startswith("bytes=") for _, wanted in asked), asked
+        assert all(f"/blobs/{multi.digest}" in path for path, _ in asked), asked
+    finally:
+        second.close()
+        server.shutdown()
+        server.server_close()

@@ -93,3 +93,8 @@ PEER_SERVED_BYTES = REGISTRY.counter(
     "apull_peer_served_bytes_total",
     "Verified chunk bytes sent to other nodes.",
 )
+PEER_FETCHED_BYTES = REGISTRY.counter(
+    "apull_peer_fetched_bytes_total",
+    "Layer bytes received from other nodes (peers) instead of a registry; not in "
+    "apull_registry_fetched_bytes_total.",
+)

@@ -203,11 +203,13 @@ class RangeFetcher:
 
     # -- retries over endpoints -----------------------------------------------------------
 
-    def _endpoints(self, blob: BlobLocation, avoid: str) -> list[_Endpoint]:
+    def _endpoints(self, blob: BlobLocation, avoid: str, ranged: bool) -> list[_Endpoint]:
+        """Where to ask, in order: peers (chunk ranges only: a peer serves nothing else),
+        mirrors for this registry, the origin; resting ones left out, `avoid` last."""
         now = time.monotonic()
         found: list[_Endpoint] = []
         query = "?" + urlencode({"ns": blob.registry})
-        for peer in self.settings.peers:
+        for peer in self.settings.peers if ranged else ():
             netloc = urlsplit(peer).netloc
             with self._lock:
                 if self._resting.get(netloc, 0.0) > now:
@@ -245,8 +247,9 @@ class RangeFetcher:
         with self._lock:
             failing = self._failing.get(blob.registry, 0.0) > time.monotonic()
         attempts = 1 if failing else max(1, self.settings.retries + 1)
+        ranged = "Range" in headers and kind == "blobs"  # a chunk range, not a whole table
         for attempt in range(attempts):
-            for endpoint in self._endpoints(blob, avoid):
+            for endpoint in self._endpoints(blob, avoid, ranged):
                 started = time.monotonic()
                 try:
                     reply = self._get(endpoint, blob.repo, suffix, headers, limit)
@@ -271,11 +274,12 @@ class RangeFetcher:
                         self._rest(endpoint, err)
                         continue
                     raise FetchError(f"{what}: {err}") from None
-                ranged = "Range" in headers  # a chunk range, not a whole chunk table
                 counter = "bytes_fetched" if ranged else "table_bytes_fetched"
                 if kind == "manifests":
                     counter = "manifest_bytes_fetched"
                     metrics.FETCHED_MANIFEST_BYTES.inc(len(data))
+                elif ranged and endpoint.peer:
+                    metrics.PEER_FETCHED_BYTES.inc(len(data))
                 elif ranged:
                     metrics.FETCHED_LAYER_BYTES.inc(len(data))
                     metrics.REGISTRY_FETCH_SECONDS.observe(time.monotonic() - started)
