@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from apull.lab import (
+    boot_snapshots,
     kernel_packages,
     kube_cluster,
     kube_control,
@@ -67,6 +68,7 @@ def up(wanted: list[layout.LabNode], log: Log, kubernetes: bool = False) -> UpRe
                 kube_cluster.forget(stale.node.name, log)
 
     booted: list[nodes.NodeDir] = []
+    fresh_boots: list[nodes.NodeDir] = []
     kept: list[str] = []
     boot_start = time.monotonic()
     for node in wanted:
@@ -81,11 +83,16 @@ def up(wanted: list[layout.LabNode], log: Log, kubernetes: bool = False) -> UpRe
         log(f"{node.name}: booting ({node.variant}, ssh 127.0.0.1:{node.ssh_port})")
         nodes.start_node(nd, images, fresh=fresh)
         booted.append(nd)
+        if fresh:
+            fresh_boots.append(nd)
     if booted:
         log(f"waiting for ssh on {', '.join(nd.node.name for nd in booted)}")
         took = nodes.wait_for_ssh(booted, BOOT_TIMEOUT)
         for name, seconds in sorted(took.items()):
             log(f"{name}: ssh answered after {seconds:.0f} s")
+    # Later resets (tests, molecule) resume these instead of booting again.
+    for nd in fresh_boots:
+        boot_snapshots.save(nd, images, log)
     boot_seconds = time.monotonic() - boot_start
     cluster = kube_cluster.up(wanted, client, log) if kubernetes else None
     if not kubernetes and layout.kube_dir().exists():
@@ -119,9 +126,10 @@ def build_package_repo(images: LabImages, log: Log) -> None:
 def reset(
     wanted: layout.LabNode | Sequence[layout.LabNode], log: Log, power_cycle: bool = False
 ) -> dict[str, float]:
-    """Boot nodes afresh from their variant's image: stop each, drop its disk overlay, start
-    it anew (all of them at once), then wait for ssh on all. Returns the seconds each took
-    to answer ssh. Whatever was installed or changed on the nodes is gone.
+    """Bring nodes back to their variant's fresh boot: stop each, drop its disk overlay and
+    resume its boot snapshot (boot_snapshots.py), or boot it afresh where it has none (all at
+    once), then wait for ssh on all. Returns the seconds each took to answer ssh. Whatever was
+    installed or changed on the nodes is gone.
 
     With power_cycle, each node's disk is kept: its VM is stopped at once, as pulling the
     plug would, and started again, so its boot loader decides what it boots."""
@@ -131,21 +139,65 @@ def reset(
     images = build_images(log, frozenset(n.variant for n in targets))
     layout.state_dir().mkdir(parents=True, exist_ok=True)
     nodes.ensure_switch()
-    started: list[nodes.NodeDir] = []
+    resumed: list[nodes.NodeDir] = []
     for node in targets:
         nd = nodes.NodeDir(node)
         if power_cycle and not nd.disk.exists():
             raise LabError(f"{node.name} has no disk to power-cycle; reset it without it")
         if nodes.stop_node(nd):
             log(f"{node.name}: {'powered off' if power_cycle else 'stopped'}")
+        if not power_cycle and boot_snapshots.BootSnapshot(nd).usable(images):
+            log(f"{node.name}: resuming its boot snapshot ({node.variant})")
+            try:
+                boot_snapshots.resume(nd, images)
+            except LabError as exc:
+                log(f"{node.name}: {exc}")
+            resumed.append(nd)
+    took = _settle_resumed(resumed, log)
+    booted: list[nodes.NodeDir] = []
+    for node in targets:
+        if node.name in took:
+            continue
+        nd = nodes.NodeDir(node)
         how = "powering on (its disk kept" if power_cycle else f"booting fresh ({node.variant}"
         log(f"{node.name}: {how}, ssh 127.0.0.1:{node.ssh_port})")
         # A fresh start makes the disk overlay anew; a power cycle boots the one it has.
         nodes.start_node(nd, images, fresh=not power_cycle)
-        started.append(nd)
-    took = nodes.wait_for_ssh(started, BOOT_TIMEOUT)
+        booted.append(nd)
+    took.update(nodes.wait_for_ssh(booted, BOOT_TIMEOUT) if booted else {})
     for name, seconds in sorted(took.items()):
         log(f"{name}: ssh answered after {seconds:.0f} s")
+    if not power_cycle:
+        for nd in booted:
+            boot_snapshots.save(nd, images, log)
+    return took
+
+
+def _settle_resumed(resumed: list[nodes.NodeDir], log: Log) -> dict[str, float]:
+    """Wait for the resumed nodes and set their clocks; a node that does not answer is
+    stopped and its snapshot dropped (the caller boots it). Seconds to ssh per good node."""
+    took: dict[str, float] = {}
+    if not resumed:
+        return took
+    try:
+        took = nodes.wait_for_ssh(resumed, boot_snapshots.RESUME_TIMEOUT)
+    except LabError as exc:
+        log(f"resuming: {exc}")
+        took = {}
+        for nd in resumed:
+            if nd.running() and nodes.ssh(nd.node, "true", timeout=20).returncode == 0:
+                took[nd.node.name] = boot_snapshots.RESUME_TIMEOUT
+    for nd in resumed:
+        if nd.node.name in took:
+            try:
+                boot_snapshots.set_clock(nd.node)
+                continue
+            except (LabError, subprocess.SubprocessError) as exc:
+                log(str(exc))
+                del took[nd.node.name]
+        log(f"{nd.node.name}: its boot snapshot did not resume; booting it instead")
+        nodes.stop_node(nd)
+        boot_snapshots.BootSnapshot(nd).discard()
     return took
 
 

@@ -7,6 +7,7 @@ the package repository forwarded to it, nothing else reachable) and one on the l
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import socket
 import subprocess
@@ -88,6 +89,11 @@ class NodeDir:
     @property
     def variant_file(self) -> Path:
         return self.path / "variant"
+
+    @property
+    def monitor(self) -> Path:
+        """QEMU's QMP socket (qmp.py)."""
+        return self.path / "qmp.sock"
 
     def running(self) -> bool:
         return processes.is_alive(self.pidfile)
@@ -181,44 +187,63 @@ def qemu_command(nd: NodeDir, images: LabImages) -> list[str]:
         "-device", f"virtio-net-pci,netdev=lan,mac=52:54:00:0a:00:{node.index:02x}",
         "-display", "none",
         "-serial", f"file:{nd.serial_log}",
+        "-qmp", f"unix:{nd.monitor},server=on,wait=off",
         "-pidfile", str(nd.pidfile),
         "-daemonize",
     ]  # fmt: skip
 
 
-def start_node(nd: NodeDir, images: LabImages, fresh: bool) -> None:
-    """Boot a node; with fresh=True its disk overlay is created anew first."""
+def start_node(
+    nd: NodeDir, images: LabImages, fresh: bool, restore: tuple[Path, Path] | None = None
+) -> None:
+    """Boot a node; with fresh=True its disk overlay is created anew first. With restore, a
+    (disk overlay, machine state) pair saved from this node's command line (boot_snapshots.py):
+    the overlay is copied in and QEMU resumes the saved machine instead of booting."""
     if not _port_free(nd.node.ssh_port):
         raise LabError(
             f"{nd.node.name}: port 127.0.0.1:{nd.node.ssh_port} is taken by another process"
         )
     nd.path.mkdir(parents=True, exist_ok=True)
-    if fresh or not nd.disk.exists():
+    if restore is not None or fresh or not nd.disk.exists():
         nd.disk.unlink(missing_ok=True)
-        run_logged(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-             "-b", images.disk(nd.node.variant), nd.disk],
-            nd.path / "qemu.log", "qemu-img create",
-        )  # fmt: skip
+        if restore is not None:
+            shutil.copyfile(restore[0], nd.disk)
+        else:
+            run_logged(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                 "-b", images.disk(nd.node.variant), nd.disk],
+                nd.path / "qemu.log", "qemu-img create",
+            )  # fmt: skip
         nd.image_link.unlink(missing_ok=True)
         nd.image_link.symlink_to(images.directory)
         nd.variant_file.write_text(nd.node.variant + "\n")
     nd.serial_log.unlink(missing_ok=True)
-    run_logged(qemu_command(nd, images), nd.path / "qemu.log", f"start {nd.node.name}")
+    nd.monitor.unlink(missing_ok=True)
+    command = qemu_command(nd, images)
+    if restore is not None:
+        command += ["-incoming", f"exec:cat {shlex.quote(str(restore[1]))}"]
+    run_logged(command, nd.path / "qemu.log", f"start {nd.node.name}")
 
 
 def stop_node(nd: NodeDir) -> bool:
     return processes.stop(nd.pidfile)
 
 
-def ssh_command(node: layout.LabNode, *remote: str) -> list[str]:
-    """ssh to a node, sharing one connection per node: a handshake costs seconds under TCG."""
-    control = layout.state_dir() / "ssh-%p.sock"
+def ssh_command(node: layout.LabNode, *remote: str, control: str = "") -> list[str]:
+    """ssh to a node, sharing one connection per node: a handshake costs seconds under TCG.
+    control (-O exit, ...) talks to that shared connection instead of running a command."""
+    socket_path = layout.state_dir() / "ssh-%p.sock"
     return [
         "ssh", *SSH_OPTIONS, "-i", str(layout.ssh_key_path()),
-        "-o", "ControlMaster=auto", "-o", f"ControlPath={control}", "-o", "ControlPersist=60",
+        "-o", "ControlMaster=auto", "-o", f"ControlPath={socket_path}", "-o", "ControlPersist=60",
+        *(["-O", control] if control else []),
         "-p", str(node.ssh_port), "root@127.0.0.1", *remote,
     ]  # fmt: skip
+
+
+def close_ssh(node: layout.LabNode) -> None:
+    """End the shared connection to the node, if there is one."""
+    subprocess.run(ssh_command(node, control="exit"), capture_output=True, timeout=20, check=False)
 
 
 def ssh(
