@@ -99,6 +99,7 @@ def test_a_peer_off_the_allow_list_is_refused(
         assert proxy.bytes_of(busybox.digest) == before + busybox.size
         assert second.stats().get("bytes_from_peers", 0) == 0
         # The peer closed the connection unanswered: it rests, named in the log.
+        assert f"peer 127.0.0.1:{port} failed" in second.log()
         assert "reads go to the next mirror or the origin" in second.log()
     finally:
         second.close()
@@ -150,7 +151,7 @@ def test_a_peer_that_sends_corrupted_chunks_is_refused_and_nothing_wrong_is_read
         # peer was asked no more once it had sent bad data (it rests).
         assert proxy.bytes_of(multi.digest) == multi.size
         assert bad.served == stats["bytes_from_peers"] < multi.size  # type: ignore[attr-defined]
-        assert "sent bad data" in second.log()
+        assert f"peer 127.0.0.1:{bad.server_address[1]} failed (sent bad data)" in second.log()
     finally:
         second.close()
         bad.shutdown()

@@ -198,7 +198,8 @@ class RangeFetcher:
         for url in (*self.settings.peers, *(m.url for m in self.settings.mirrors)):
             netloc = urlsplit(url).netloc
             if endpoint == netloc:
-                self._rest(_Endpoint(netloc, url, "", True, netloc), "sent bad data")
+                peer = url in self.settings.peers
+                self._rest(_Endpoint(netloc, url, "", True, netloc, peer=peer), "sent bad data")
                 return
 
     # -- retries over endpoints -----------------------------------------------------------
@@ -317,7 +318,8 @@ class RangeFetcher:
             if not was_resting:
                 reason = " ".join(str(why).split())[:300] or "bad data"
                 log.warning(
-                    "mirror %s failed (%s): reads go to the next mirror or the origin for %gs",
+                    "%s %s failed (%s): reads go to the next mirror or the origin for %gs",
+                    "peer" if endpoint.peer else "mirror",
                     endpoint.name,
                     reason,
                     MIRROR_REST_SECONDS,
