@@ -460,8 +460,9 @@ def test_a_mirror_in_config_txt_reaches_containerd_and_apulld(
     asked = pull_through.requests()
     assert any(u.startswith(f"/v2/{LAZY_REPO}/manifests/") for u in asked), asked
     # A cold pull-through cache answers a range with the whole blob while it stores it;
-    # apulld then reads that blob from the origin for MIRROR_FILLING_SECONDS. A read over
-    # within that window got nothing from the mirror: a second cold read after it must.
+    # apulld then reads that blob from the origin for MIRROR_FILLING_SECONDS. A read whose
+    # ranges all fell within that window got nothing from the mirror (CI: reads of 9.3 and
+    # 10.1 s): a second cold read, by a restarted apulld after the window, must.
     for attempt in (1, 2):
         seconds = read_big_file(node, lazy_image, f"mirror{attempt}")
         stats = apulld_ping(node)["serving"]["stats"]
@@ -470,7 +471,7 @@ def test_a_mirror_in_config_txt_reaches_containerd_and_apulld(
               f"{seconds:.1f} s; {stats.get('bytes_from_mirrors', 0)} of "
               f"{stats.get('bytes_fetched', 0)} bytes from the mirror; {len(blobs)} blob "
               f"requests in its log")  # fmt: skip
-        if stats.get("bytes_from_mirrors", 0) > 0 or seconds > MIRROR_FILLING_SECONDS:
+        if stats.get("bytes_from_mirrors", 0) > 0 or attempt == 2:
             break
         time.sleep(MIRROR_FILLING_SECONDS)
         forget_image(node, lazy_image.ref)
