@@ -164,7 +164,7 @@ def reset(
         # A fresh start makes the disk overlay anew; a power cycle boots the one it has.
         nodes.start_node(nd, images, fresh=not power_cycle)
         booted.append(nd)
-    took.update(nodes.wait_for_ssh(booted, BOOT_TIMEOUT) if booted else {})
+    took.update(nodes.wait_for_ssh(booted, BOOT_TIMEOUT))  # {} for none
     for name, seconds in sorted(took.items()):
         log(f"{name}: ssh answered after {seconds:.0f} s")
     if not power_cycle:
@@ -183,7 +183,6 @@ def _settle_resumed(resumed: list[nodes.NodeDir], log: Log) -> dict[str, float]:
         took = nodes.wait_for_ssh(resumed, boot_snapshots.RESUME_TIMEOUT)
     except LabError as exc:
         log(f"resuming: {exc}")
-        took = {}
         for nd in resumed:
             if nd.running() and nodes.ssh(nd.node, "true", timeout=20).returncode == 0:
                 took[nd.node.name] = boot_snapshots.RESUME_TIMEOUT
